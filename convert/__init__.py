@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint -> Orbax conversion (installed as ``jaxdebias.convert``)."""

@@ -1,0 +1,40 @@
+"""jaxdebias: debiased visual token pruning for LLaVA-style VLMs, as jitted pure JAX functions.
+
+Everything here works on arrays you already have (attention rows, scores, hidden states); nothing depends on the
+model ports in ``jaxdebias.models``.
+"""
+
+from jaxdebias.curves import (
+    RELEASED_EXP_B,
+    RELEASED_POLY3_INVERSE,
+    ExpConstCurve,
+    ExpCurve,
+    PolyInverseCurve,
+    curve_from_dict,
+    curve_to_dict,
+    released_curve,
+)
+from jaxdebias.fitting import Calibration, bias_strength, fit_curve, fit_exp_curve, fit_online
+from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square
+from jaxdebias.prune import DEFAULT_BUCKETS, bucket, debias, debias_and_select, gather_tokens, select_topk
+from jaxdebias.scores import query_mask, visual_positions, visual_scores
+from jaxdebias.sinks import (
+    KNOWN_SINK_DIMS,
+    discover_sink_dims,
+    image_centric_heads,
+    known_sink_dims,
+    sink_dim_value,
+    sink_tokens,
+    var_redistribute,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnyresMask", "Calibration", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
+    "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
+    "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
+    "fit_online", "gather_tokens", "image_centric_heads", "known_sink_dims", "pad_mask_anyres",
+    "pad_mask_expand2square", "query_mask", "released_curve", "select_topk", "sink_dim_value", "sink_tokens",
+    "var_redistribute", "visual_positions", "visual_scores",
+]

@@ -1,0 +1,165 @@
+"""Static-shape top-k selection of visual tokens, and the debias step in front of it.
+
+Axes: B batch, N visual tokens, K kept slots (a static bucket size), ``...`` trailing feature axes.
+
+Shapes that depend on how many tokens are kept are static; ``bucket`` rounds a requested keep count up to one of
+a few sizes so that any request compiles into one of a few programs. When a sample has fewer valid tokens than
+the bucket, the extra slots are reported in ``slot_mask`` (False) and must be masked downstream: they are never
+filled with padding tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxdebias import _checks
+from jaxdebias.curves import Curve
+from jaxdebias.fitting import fit_online
+
+DEFAULT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 576)
+
+
+def bucket(k: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= k.
+
+    Raises:
+      ValueError: k <= 0, or k larger than the largest bucket (add a bucket or lower k).
+    """
+    k = _checks.check_positive_int("k", k)
+    fitting = [b for b in sorted(buckets) if b >= k]
+    if not fitting:
+        raise ValueError(f"k={k} is larger than the largest bucket {max(buckets)}; add a bucket >= {k} "
+                         f"to buckets={tuple(buckets)} or keep fewer tokens.")
+    return fitting[0]
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _select_topk(scores, valid, k):
+    n = scores.shape[-1]
+    key = jnp.where(valid, scores, -jnp.inf)
+    _, idx = jax.lax.top_k(key, k)  # ties: lower index first
+    slot = jnp.take_along_axis(valid, idx, axis=-1)
+    # Kept slots in ascending original order; empty slots after them.
+    order = jnp.sort(jnp.where(slot, idx, n + idx), axis=-1)
+    slot_sorted = order < n
+    return jnp.where(slot_sorted, order, order - n).astype(jnp.int32), slot_sorted
+
+
+def select_topk(scores, k: int, *, valid=None):
+    """The ``k`` highest-scoring valid tokens of each row, in ascending original order.
+
+    Args:
+      scores: float[B, N] (or float[N]); must not contain NaN at valid positions (an error says so, eagerly,
+        or under ``jax.experimental.checkify`` when traced).
+      k: static number of slots K, 1 <= K <= N.
+      valid: bool[B, N] tokens that may be kept (e.g. content & real-slot mask); default all.
+
+    Returns:
+      (idx int32[B, K], slot_mask bool[B, K]). Kept tokens come first, ascending; when a row has fewer than K
+      valid tokens the remaining slots have slot_mask False (their idx points at an unselected token and must
+      be masked). Ties go to the lower index.
+    """
+    _checks.check_rank("scores", scores, (1, 2), "float[B, N]")
+    scores = jnp.asarray(scores)
+    k = _checks.check_positive_int("k", k)
+    n = scores.shape[-1]
+    if k > n:
+        raise ValueError(f"k={k} exceeds the number of tokens N={n}; keep at most N tokens.")
+    valid = jnp.ones(scores.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    _checks.check_same_shape("scores", scores, "valid", valid)
+    _checks.check_no_nan("scores", scores, valid)
+    return _select_topk(scores.astype(jnp.float32), valid, k)
+
+
+def gather_tokens(x, idx):
+    """x[b, idx[b, k], ...] for every b, k.
+
+    Args:
+      x: [B, N, ...] token features (any trailing axes); idx: int[B, K].
+
+    Returns:
+      [B, K, ...].
+    """
+    _checks.check_rank("idx", idx, 2, "int[B, K]")
+    if jnp.ndim(x) < 2 or jnp.shape(x)[0] != jnp.shape(idx)[0]:
+        raise ValueError(f"x must be [B, N, ...] with B = {jnp.shape(idx)[0]} (from idx), got {jnp.shape(x)}.")
+    expand = idx.reshape(idx.shape + (1,) * (jnp.ndim(x) - 2))
+    return jnp.take_along_axis(x, expand, axis=1)
+
+
+def debias(scores, *, curve: Curve | str | None = None, pad_mask=None, valid=None, grid: int | None = None):
+    """``s * w * m``: positional weights and padding suppression, multiplicative as published.
+
+    Args:
+      scores: float[..., N] token scores (raster order).
+      curve: None (no positional correction), a curve (``ExpCurve``, ``PolyInverseCurve``, ``ExpConstCurve``,
+        e.g. ``released_curve(...)`` or a ``Calibration`` fit) or "online" (fit this sample's trend on the
+        grid's row means, see ``fit_online``, and divide it out).
+      pad_mask: bool[..., N], True = content (``pad_mask_expand2square``); padding scores become 0.
+      valid: bool[..., N] positions the online fit may use (default all); padding is excluded automatically.
+      grid: grid side for the online fit (default sqrt(N)).
+
+    Returns:
+      float32[..., N].
+    """
+    _checks.check_rank("scores", scores, tuple(range(1, 8)), "float[..., N]")
+    s = jnp.asarray(scores, jnp.float32)
+    n = s.shape[-1]
+    if pad_mask is not None:
+        pad_mask = jnp.asarray(pad_mask, bool)
+        if pad_mask.shape[-1] != n:
+            raise ValueError(f"pad_mask has {pad_mask.shape[-1]} positions but scores have N={n}.")
+    if isinstance(curve, str):
+        if curve != "online":
+            raise ValueError(f"curve must be None, a curve object or 'online', got {curve!r}. For a published "
+                             "curve use jaxdebias.released_curve(method, task).")
+        fit_valid = jnp.ones(s.shape, bool) if valid is None else jnp.asarray(valid, bool)
+        if pad_mask is not None:
+            fit_valid = fit_valid & pad_mask
+        curve = fit_online(s, fit_valid, grid=grid)
+    if curve is not None:
+        if not hasattr(curve, "weights"):
+            raise TypeError(f"curve must have .weights(n), got {type(curve).__name__}.")
+        s = s * curve.weights(n)
+    if pad_mask is not None:
+        s = jnp.where(pad_mask, s, 0.0)
+    return s
+
+
+def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, grid: int | None = None):
+    """The whole per-request step, jitted once per (k, shapes): ``select_topk(debias(scores, ...), k)``.
+
+    Padding patches are excluded from the candidates (not only zeroed), so they are never kept while content
+    remains, and never fill a slot when content runs out (the slot is masked instead); with ``valid``, slots
+    past a sample's tokens are excluded too. ``curve`` is None, a curve pytree or "online"; ``k`` should come
+    from ``bucket``.
+
+    Args:
+      scores: float[B, N]; pad_mask, valid: bool[B, N] or None.
+
+    Returns:
+      (idx int32[B, K], slot_mask bool[B, K], debiased scores float32[B, N]).
+    """
+    _checks.check_rank("scores", scores, 2, "float[B, N]")
+    k = _checks.check_positive_int("k", k)
+    if k > jnp.shape(scores)[-1]:
+        raise ValueError(f"k={k} exceeds the number of tokens N={jnp.shape(scores)[-1]}; keep at most N tokens.")
+    online = isinstance(curve, str) and curve == "online"
+    if isinstance(curve, str) and not online:
+        raise ValueError(f"curve must be None, a curve object or 'online', got {curve!r}.")
+    _checks.check_no_nan("scores", scores)
+    return _debias_and_select(scores, None if online else curve, pad_mask, valid, k=k, grid=grid, online=online)
+
+
+@partial(jax.jit, static_argnames=("k", "grid", "online"))
+def _debias_and_select(scores, curve, pad_mask, valid, *, k, grid, online):
+    d = debias(scores, curve="online" if online else curve, pad_mask=pad_mask, valid=valid, grid=grid)
+    candidates = jnp.ones(d.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    if pad_mask is not None:
+        candidates = candidates & pad_mask
+    idx, slot = _select_topk(d, candidates, k)
+    return idx, slot, d

@@ -1,0 +1,137 @@
+"""Language-to-vision attention reduced to one importance score per visual token.
+
+Axes: B batch, H heads, Q query rows (a subset of the sequence), T sequence (keys), N visual tokens.
+
+The methods differ in which query rows they read:
+  FastV         the last token of the prompt                       ``query_mask(..., kind="last")``
+  PyramidDrop   the last instruction token                         ``query_mask(..., kind="position")``
+  SparseVLM     selected text "raters"                             a boolean mask of your own
+  HiMAP, VTW    all text after the image (mean or sum)             ``query_mask(..., kind="after_image")``
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxdebias import _checks
+
+_REDUCE = {"mean", "sum", "max"}
+
+
+def visual_positions(visual_mask, n: int):
+    """Indices of the first ``n`` visual positions of each row, in sequence order.
+
+    Args:
+      visual_mask: bool[B, T], True at image-token positions.
+      n: static number of visual tokens per sample.
+
+    Returns:
+      (positions int32[B, N], valid bool[B, N]); ``valid`` is False for slots past a sample's visual count
+      (their position is 0 and must be masked).
+    """
+    _checks.check_rank("visual_mask", visual_mask, 2, "bool[B, T]")
+    n = _checks.check_positive_int("n", n)
+
+    def one(mask_t):
+        (pos,) = jnp.nonzero(mask_t, size=n, fill_value=0)
+        return pos.astype(jnp.int32), jnp.arange(n) < jnp.sum(mask_t)
+
+    return jax.vmap(one)(visual_mask.astype(bool))
+
+
+def _reduce(x, mask, how: str, axis: int):
+    if how == "sum":
+        return jnp.sum(jnp.where(mask, x, 0.0), axis=axis)
+    if how == "mean":
+        count = jnp.maximum(jnp.sum(mask, axis=axis), 1)
+        return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / count
+    return jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis)
+
+
+@partial(jax.jit, static_argnames=("n", "head_reduce", "query_reduce"))
+def _visual_scores(attn, visual_mask, query_mask, *, n, head_reduce, query_reduce):
+    attn = attn.astype(jnp.float32)
+    qmask = query_mask[:, None, :, None]  # [B, 1, Q, 1]
+    per_head = _reduce(attn, qmask, query_reduce, axis=2)  # [B, H, T]
+    per_tok = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[head_reduce](per_head, axis=1)  # [B, T]
+    pos, valid = visual_positions(visual_mask, n)
+    scores = jnp.take_along_axis(per_tok, pos, axis=1)
+    any_query = jnp.any(query_mask, axis=1, keepdims=True)
+    return jnp.where(valid & any_query, scores, 0.0)
+
+
+def visual_scores(attn, visual_mask, query_mask=None, *, n: int | None = None, head_reduce: str = "mean",
+                  query_reduce: str = "mean"):
+    """Per-visual-token importance from attention rows.
+
+    Args:
+      attn: float[B, H, Q, T] attention probabilities of Q query rows over all T keys.
+      visual_mask: bool[B, T], True at the image-token positions (keys).
+      query_mask: bool[B, Q] or bool[Q], which of the Q rows vote (default: all).
+      n: static number of visual tokens per sample N. Defaults to the largest count in ``visual_mask``, which
+        needs concrete values; pass it explicitly under jit.
+      head_reduce, query_reduce: "mean", "sum" or "max" over heads / voting rows.
+
+    Returns:
+      float[B, N] scores in image-token order; 0 for slots past a sample's visual count and for samples
+      with no voting row.
+    """
+    _checks.check_rank("attn", attn, 4, "float[B, H, Q, T]")
+    _checks.check_rank("visual_mask", visual_mask, 2, "bool[B, T]")
+    B, _, Q, T = attn.shape
+    if visual_mask.shape != (B, T):
+        raise ValueError(f"visual_mask must be bool[B, T] = {(B, T)} to match attn {attn.shape}, got "
+                         f"{visual_mask.shape}.")
+    if query_mask is None:
+        query_mask = jnp.ones((B, Q), bool)
+    query_mask = jnp.asarray(query_mask, bool)
+    if query_mask.ndim == 1:
+        query_mask = jnp.broadcast_to(query_mask, (B, Q))
+    if query_mask.shape != (B, Q):
+        raise ValueError(f"query_mask must be bool[B, Q] = {(B, Q)} or bool[Q], got {query_mask.shape}.")
+    for name, how in (("head_reduce", head_reduce), ("query_reduce", query_reduce)):
+        if how not in _REDUCE:
+            raise ValueError(f"{name} must be one of {sorted(_REDUCE)}, got {how!r}.")
+    if n is None:
+        if not _checks.is_concrete(visual_mask):
+            raise ValueError("visual_scores under jit needs the static number of visual tokens: pass n=...")
+        n = int(jnp.max(jnp.sum(visual_mask, axis=1)))
+        if n == 0:
+            raise ValueError("visual_mask marks no visual token in any sample; nothing to score.")
+    return _visual_scores(attn, jnp.asarray(visual_mask, bool), query_mask, n=n, head_reduce=head_reduce,
+                          query_reduce=query_reduce)
+
+
+def query_mask(kind: str, *, attention_mask, visual_mask=None, position=None):
+    """Boolean query-row masks over the sequence for the usual query sets.
+
+    Args:
+      kind: "last" (last real token, FastV), "after_image" (every real token after the last image token,
+        HiMAP/VTW), or "position" (the given per-sample ``position``, e.g. PyramidDrop's last instruction token).
+      attention_mask: bool/int[B, T], 1 for real tokens (left or right padding both work).
+      visual_mask: bool[B, T], needed for "after_image".
+      position: int[B], needed for "position".
+
+    Returns:
+      bool[B, T], True at the voting rows. Use it to pick the rows to tap, or as ``query_mask`` when the
+      attention you hold covers all T rows.
+    """
+    _checks.check_rank("attention_mask", attention_mask, 2, "int[B, T]")
+    real = jnp.asarray(attention_mask).astype(bool)
+    idx = jnp.arange(real.shape[1])
+    if kind == "last":
+        last = jnp.max(jnp.where(real, idx, -1), axis=1)
+        return idx[None, :] == last[:, None]
+    if kind == "after_image":
+        if visual_mask is None:
+            raise ValueError("query_mask(kind='after_image') needs visual_mask (bool[B, T]).")
+        last_img = jnp.max(jnp.where(visual_mask, idx, -1), axis=1)
+        return real & (idx[None, :] > last_img[:, None]) & (last_img[:, None] >= 0)
+    if kind == "position":
+        if position is None:
+            raise ValueError("query_mask(kind='position') needs position (int[B]).")
+        return idx[None, :] == jnp.asarray(position)[:, None]
+    raise ValueError(f"kind must be 'last', 'after_image' or 'position', got {kind!r}.")

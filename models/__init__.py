@@ -1,0 +1,1 @@
+"""Flax NNX ports of LLaVA-style models (installed as ``jaxdebias.models``)."""
