@@ -1,0 +1,89 @@
+"""Conversion as data: how each checkpoint layout names its tensors, and where each tensor goes in our model.
+
+Two steps, each a table of regular expressions:
+1. ``LAYOUTS[layout]``: (pattern, replacement) rules that rewrite a source key into a canonical key
+   (``text.*`` decoder body, ``lm_head.*``, ``vision.*`` CLIP vision transformer, ``projector.*``); the first
+   matching rule wins. A key no rule matches is unknown.
+2. ``LLAVA``: (canonical pattern, our parameter path template, transform). A path template of ``None`` marks a
+   tensor the port knows and deliberately does not use (CLIP's post-layernorm, position-id buffers ...).
+
+Transforms receive the numpy array and return it in our layout: Linear weights [out, in] become kernels [in, out];
+the CLIP patch convolution [D, C, p, p] becomes [p, p, C, D].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.T)
+
+
+def conv_to_hwio(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+
+
+LAYOUTS: dict[str, list[tuple[str, str]]] = {
+    # llava-hf/* on the Hub (transformers 4.x save format)
+    "hub": [
+        (r"^language_model\.model\.", "text."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+        (r"^vision_tower\.vision_model\.", "vision."),
+        (r"^multi_modal_projector\.", "projector."),
+    ],
+    # transformers 5.x: save_pretrained drops CLIP's inner `vision_model.`; in-memory names are `model.`-prefixed
+    "transformers5": [
+        (r"^(?:language_model\.)?lm_head\.", "lm_head."),
+        (r"^(?:model\.)?language_model\.(?:model\.)?", "text."),
+        (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision."),
+        (r"^(?:model\.)?multi_modal_projector\.", "projector."),
+    ],
+    # liuhaotian/llava-v1.5-*: LLaMA names, `mm_projector.{0,2}`, CLIP from a separate checkpoint (`--vision`)
+    "original": [
+        (r"^model\.mm_projector\.0\.", "projector.linear_1."),
+        (r"^model\.mm_projector\.2\.", "projector.linear_2."),
+        (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision."),
+        (r"^lm_head\.", "lm_head."),
+        (r"^model\.", "text."),
+        # the separate CLIP checkpoint (CLIPModel or CLIPVisionModel)
+        (r"^vision_model\.", "vision."),
+        (r"^(text_model\.|logit_scale|text_projection\.|visual_projection\.)", "unused.clip_text."),
+    ],
+    # a text-only LlamaForCausalLM / Qwen2ForCausalLM checkpoint
+    "causal_lm": [
+        (r"^lm_head\.", "lm_head."),
+        (r"^model\.", "text."),
+    ],
+}
+
+_LN = [("weight", "scale"), ("bias", "bias")]
+
+# canonical key pattern -> (parameter path template or None, transform or None). Paths are dotted; integers index
+# lists. `{text}` is replaced by the decoder's prefix ("language_model" in LLaVA, "model" in a causal LM).
+CANONICAL: list[tuple[str, str | None, object]] = [
+    (r"vision\.embeddings\.patch_embedding\.weight", "vision_tower.patch_embedding", conv_to_hwio),
+    (r"vision\.embeddings\.class_embedding", "vision_tower.class_embedding", None),
+    (r"vision\.embeddings\.position_embedding\.weight", "vision_tower.position_embedding", None),
+    (r"vision\.embeddings\.position_ids", None, None),
+    *[(rf"vision\.pre_layrnorm\.{a}", f"vision_tower.pre_layrnorm.{b}", None) for a, b in _LN],
+    (r"vision\.post_layernorm\.(weight|bias)", None, None),
+    *[(rf"vision\.encoder\.layers\.(\d+)\.(layer_norm[12])\.{a}", rf"vision_tower.layers.\1.\2.{b}", None)
+      for a, b in _LN],
+    (r"vision\.encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.weight",
+     r"vision_tower.layers.\1.\2.kernel", transpose),
+    (r"vision\.encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.bias",
+     r"vision_tower.layers.\1.\2.bias", None),
+    (r"projector\.(linear_[12])\.weight", r"multi_modal_projector.\1.kernel", transpose),
+    (r"projector\.(linear_[12])\.bias", r"multi_modal_projector.\1.bias", None),
+    (r"text\.embed_tokens\.weight", "{text}.embed_tokens.embedding", None),
+    (r"text\.norm\.weight", "{text}.norm.weight", None),
+    (r"text\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"{text}.layers.\1.\2.weight", None),
+    (r"text\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
+     r"{text}.layers.\1.\2.kernel", transpose),
+    (r"text\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.bias", r"{text}.layers.\1.\2.bias",
+     None),
+    (r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", None, None),
+    (r"lm_head\.weight", "{text}.lm_head.kernel", transpose),
+    (r"unused\..*", None, None),
+]

@@ -1,0 +1,61 @@
+"""Small pieces shared by the model files: sharded layers, RMSNorm, the output record."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Partition specs on a ("data", "model") mesh: column-parallel splits the output features, row-parallel the input.
+SHARDING = {"col": (None, "model"), "row": ("model", None), "embed": ("model", None), None: (None, None)}
+
+
+def linear(din, dout, *, bias, shard=None, dtype, param_dtype, rngs):
+    """nnx.Linear whose kernel [in, out] and bias carry partition specs (applied when placed on a mesh)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.Linear(
+            din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), SHARDING[shard]),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
+                                            (SHARDING[shard][1],) if shard else (None,)))
+
+
+def embed(num, dim, dtype, param_dtype, rngs):
+    with nnx.use_eager_sharding(False):
+        return nnx.Embed(num, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), SHARDING["embed"]))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+        with nnx.use_eager_sharding(False):
+            self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(None,))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def default_positions(attention_mask):
+    """Position ids from a bool[B, T] mask: count of real tokens before, 0 on padding (as HF generate)."""
+    am = attention_mask.astype(jnp.int32)
+    return jnp.where(attention_mask, jnp.cumsum(am, axis=1) - 1, 0).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Output:
+    """logits float32[B, T, V]; attentions {layer: float32[B, N, Q, S]}; hidden_states {layer: float32[B, T, D]};
+    image_features [num_images, P, D] when the model saw images."""
+
+    logits: Any
+    attentions: dict = dataclasses.field(default_factory=dict)
+    hidden_states: dict = dataclasses.field(default_factory=dict)
+    image_features: Any = None

@@ -1,0 +1,151 @@
+"""CLIP ViT vision tower (as LLaVA uses it) in Flax NNX.
+
+Axes: B images, C channels, G patch-grid side, P patches (+1 with CLS), D width, F MLP width, N heads, Hd head dim.
+
+LLaVA reads ``hidden_states[vision_feature_layer]`` of the tower (default -2: the input of the last layer), so
+only the layers up to that one are built and run; the last layer and ``post_layernorm`` are never used and are
+not parameters of this port. The CLS token is dropped for ``vision_feature_select_strategy="default"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdebias.models import _common as C
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipVisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    feature_layer: int = -2
+    select_strategy: str = "default"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def layers_run(self) -> int:
+        """Encoder layers LLaVA runs: hidden_states has num_layers + 1 entries (the first is the embeddings)."""
+        return self.feature_layer % (self.num_layers + 1)
+
+    @property
+    def num_features(self) -> int:
+        """Visual tokens per image fed to the projector."""
+        return self.grid**2 + (self.select_strategy == "full")
+
+    @classmethod
+    def clip_vit_large_336(cls, **kw) -> ClipVisionConfig:
+        """openai/clip-vit-large-patch14-336, LLaVA-1.5's tower."""
+        return cls(**kw)
+
+    @classmethod
+    def from_hf_config(cls, hf, *, feature_layer=-2, select_strategy="default", **kw) -> ClipVisionConfig:
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        if d.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
+            raise ValueError(f"Unsupported vision tower {d.get('model_type')!r}: this port runs CLIP ViT "
+                             "(model_type 'clip_vision_model').")
+        if d.get("hidden_act", "quick_gelu") != "quick_gelu":
+            raise ValueError(f"Unsupported vision hidden_act {d.get('hidden_act')!r}; CLIP uses 'quick_gelu'.")
+        if not isinstance(feature_layer, int):
+            raise ValueError(f"vision_feature_layer={feature_layer!r}: only a single int layer is supported.")
+        if select_strategy not in ("default", "full"):
+            raise ValueError(f"Unsupported vision_feature_select_strategy {select_strategy!r}; "
+                             "expected 'default' or 'full'.")
+        return cls(hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+                   num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+                   image_size=d["image_size"], patch_size=d["patch_size"], num_channels=d.get("num_channels", 3),
+                   layer_norm_eps=d.get("layer_norm_eps", 1e-5), feature_layer=feature_layer,
+                   select_strategy=select_strategy, **kw)
+
+
+def _layernorm(dim, eps, cfg, rngs):
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+class ClipAttention(nnx.Module):
+    def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
+        kw = dict(bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        D = cfg.hidden_size
+        self.q_proj = C.linear(D, D, shard="col", **kw)
+        self.k_proj = C.linear(D, D, shard="col", **kw)
+        self.v_proj = C.linear(D, D, shard="col", **kw)
+        self.out_proj = C.linear(D, D, shard="row", **kw)
+        self.heads = cfg.num_heads
+
+    def __call__(self, x):
+        B, P, D = x.shape
+        q, k, v = (p(x).reshape(B, P, self.heads, D // self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(jax.nn.dot_product_attention(q, k, v).reshape(B, P, D))
+
+
+class ClipMLP(nnx.Module):
+    def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
+        kw = dict(bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.fc1 = C.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
+        self.fc2 = C.linear(cfg.intermediate_size, cfg.hidden_size, shard="row", **kw)
+
+    def __call__(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * jax.nn.sigmoid(1.702 * h))  # quick_gelu
+
+
+class ClipEncoderLayer(nnx.Module):
+    def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
+        self.layer_norm1 = _layernorm(cfg.hidden_size, cfg.layer_norm_eps, cfg, rngs)
+        self.self_attn = ClipAttention(cfg, rngs=rngs)
+        self.layer_norm2 = _layernorm(cfg.hidden_size, cfg.layer_norm_eps, cfg, rngs)
+        self.mlp = ClipMLP(cfg, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipVisionTower(nnx.Module):
+    """pixel_values float[B, C, H, W] (NCHW, as the HF processor gives) -> features float[B, P', D]."""
+
+    def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
+        init = nnx.initializers.normal(0.02)
+        self.patch_embedding = nnx.Param(init(rngs.params(), (p, p, c, d), cfg.param_dtype))  # [p, p, C, D]
+        self.class_embedding = nnx.Param(init(rngs.params(), (d,), cfg.param_dtype))
+        self.position_embedding = nnx.Param(init(rngs.params(), (cfg.grid**2 + 1, d), cfg.param_dtype))
+        self.pre_layrnorm = _layernorm(d, cfg.layer_norm_eps, cfg, rngs)
+        self.layers = nnx.List([ClipEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.layers_run)])
+
+    def embed(self, pixel_values):
+        cfg = self.cfg
+        B = pixel_values.shape[0]
+        G, p = cfg.grid, cfg.patch_size
+        x = pixel_values.astype(cfg.dtype).reshape(B, cfg.num_channels, G, p, G, p)
+        patches = jnp.einsum("bcgphq,pqcd->bghd", x, self.patch_embedding[...].astype(cfg.dtype))
+        patches = patches.reshape(B, G * G, -1)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(cfg.dtype), (B, 1, patches.shape[-1]))
+        return jnp.concatenate([cls, patches], 1) + self.position_embedding[...].astype(cfg.dtype)
+
+    def __call__(self, pixel_values):
+        cfg = self.cfg
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"pixel_values must be float[B, {cfg.num_channels}, {cfg.image_size}, "
+                             f"{cfg.image_size}] (NCHW, as the HF image processor returns), got "
+                             f"{pixel_values.shape}.")
+        x = self.pre_layrnorm(self.embed(pixel_values))
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 1:] if cfg.select_strategy == "default" else x

@@ -1,0 +1,305 @@
+"""Llama / Vicuna decoder (also Qwen2's qkv-bias variant) in Flax NNX, with attention taps and a KV cache.
+
+Axes: B batch, T query tokens, S key slots (T at prefill, the cache length at decode), D model dim, N query heads,
+K key/value heads, Hd head dim, F MLP dim, V vocab, L layers, Q tapped query rows.
+
+Parameter names follow transformers (``layers[i].self_attn.q_proj.kernel`` ...) so that conversion is a table.
+Kernels are stored [in, out] and carry partition specs for a ("data", "model") mesh: column-parallel
+projections split their output over "model", row-parallel ones their input.
+
+Masks are built from slots, not positions: slot j is visible to query slot i when j <= i and slot j holds a real
+token (plus i == j, so that a padding row never sees an empty set). Positions only feed RoPE. This keeps left and
+right padding, KV caches and pruned (gathered) sequences on one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdebias.models import _common as C
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, float], ...] | None = None  # llama3: factor, low/high_freq_factor, original_max
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @classmethod
+    def llama2_7b(cls, **kw) -> LlamaConfig:
+        """Llama-2-7B / Vicuna-7B-v1.5 (the LLaVA-1.5-7B decoder; llava-hf pads the vocab to 32064)."""
+        return cls(**kw)
+
+    @classmethod
+    def llama2_13b(cls, **kw) -> LlamaConfig:
+        return cls(**{"hidden_size": 5120, "intermediate_size": 13824, "num_layers": 40, "num_heads": 40,
+                      "num_kv_heads": 40, **kw})
+
+    @classmethod
+    def from_hf_config(cls, hf, **kw) -> LlamaConfig:
+        """From a transformers LlamaConfig / Qwen2Config (object or dict, transformers 4 or 5 style)."""
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        model_type = d.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2"):
+            raise ValueError(f"Unsupported text model_type {model_type!r}: this port runs 'llama' and 'qwen2'.")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"Unsupported hidden_act {act!r} in the text config: the Llama MLP here is SwiGLU (silu).")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = tuple((k, float(rope[k])) for k in
+                            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+        elif rope_type not in ("default", None):
+            raise ValueError(f"Unsupported rope_type {rope_type!r}: supported are 'default' and 'llama3'.")
+        if d.get("sliding_window") and d.get("use_sliding_window"):
+            raise ValueError("Sliding-window attention (use_sliding_window=True) is not supported by this port.")
+        qwen = model_type == "qwen2"
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if qwen else bool(d.get("attention_bias", False)),
+            o_bias=False if qwen else bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)), **kw)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """float32[Hd / 2] inverse frequencies (default or llama3-scaled), as transformers computes them."""
+    dim = cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    if cfg.rope_scaling is None:
+        return inv.astype(np.float32)
+    s = dict(cfg.rope_scaling)
+    factor, low, high, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s[
+        "original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x: [B, T, heads, Hd]; positions: int[B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Hd/2]
+    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Fixed-size cache, one array per layer so that a donated cache is updated in place.
+
+    k, v: L-tuples of [B, S, K, Hd]; valid: bool[B, S] (slot holds a real token); next_pos: int32[B] the position
+    id the next token gets; length: int32[] the next free slot (shared by the batch).
+    """
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    next_pos: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: LlamaConfig, batch: int, size: int, dtype=None) -> KVCache:
+        shape = (batch, size, cfg.num_kv_heads, cfg.hd)
+        dtype = dtype or cfg.dtype
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   jnp.zeros((batch, size), bool), jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
+
+    @property
+    def size(self) -> int:
+        return self.valid.shape[1]
+
+
+def slot_mask(q_slots, key_valid):
+    """bool[B, T, S]: causal over slots, real keys only, and always the diagonal."""
+    k_slots = jnp.arange(key_valid.shape[1])
+    causal = k_slots[None, None, :] <= q_slots[:, :, None]
+    return (causal & key_valid[:, None, :]) | (k_slots[None, None, :] == q_slots[:, :, None])
+
+
+def attention_rows(q, k, mask, rows):
+    """Exact softmax probabilities of a few query rows, fp32.
+
+    q: [B, T, N, Hd]; k: [B, S, K, Hd]; mask: bool[B, T, S]; rows: int[B, Q] query indices into T.
+    Returns float32[B, N, Q, S].
+    """
+    qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)  # [B, Q, N, Hd]
+    mr = jnp.take_along_axis(mask, rows[:, :, None], axis=1)  # [B, Q, S]
+    B, Q, N, Hd = qr.shape
+    K = k.shape[2]
+    qr = qr.reshape(B, Q, K, N // K, Hd)
+    logits = jnp.einsum("bqkgh,bskh->bkgqs", qr, k.astype(jnp.float32)) / math.sqrt(Hd)
+    logits = logits.reshape(B, N, Q, -1)
+    logits = jnp.where(mr[:, None], logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        D, N, K, Hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.hd
+        col = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.q_proj = C.linear(D, N * Hd, bias=cfg.qkv_bias, shard="col", **col)
+        self.k_proj = C.linear(D, K * Hd, bias=cfg.qkv_bias, shard="col", **col)
+        self.v_proj = C.linear(D, K * Hd, bias=cfg.qkv_bias, shard="col", **col)
+        self.o_proj = C.linear(N * Hd, D, bias=cfg.o_bias, shard="row", **col)
+        self.shape = (N, K, Hd)
+
+    def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None):
+        """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, K, Hd] cache of this layer,
+        written at ``slot``; tap_rows: int[B, Q] rows whose probabilities are returned.
+
+        Returns (out [B, T, D], (k, v) written cache or this step's keys, probs float32[B, N, Q, S] or None).
+        """
+        B, T, _ = x.shape
+        N, K, Hd = self.shape
+        q = rope(self.q_proj(x).reshape(B, T, N, Hd), positions, inv_freq)
+        k = rope(self.k_proj(x).reshape(B, T, K, Hd), positions, inv_freq)
+        v = self.v_proj(x).reshape(B, T, K, Hd)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), slot, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), slot, axis=1)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None])
+        probs = None if tap_rows is None else attention_rows(q, k, mask, tap_rows)
+        return self.o_proj(out.reshape(B, T, N * Hd)), (k, v), probs
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        kw = dict(bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.gate_proj = C.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
+        self.up_proj = C.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
+        self.down_proj = C.linear(cfg.intermediate_size, cfg.hidden_size, shard="row", **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = C.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = C.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, **kw):
+        a, kv, probs = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, **kw)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv, probs
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+    """What to return beside the logits.
+
+    attn_layers: decoder layers whose attention rows are returned (static);
+    rows: int[B, Q] query indices into the current sequence for those rows (traced);
+    hidden_layers: layers whose residual-stream *input* is returned ([B, T, D], fp32).
+    """
+
+    attn_layers: tuple[int, ...] = ()
+    rows: Any = None
+    hidden_layers: tuple[int, ...] = ()
+
+
+jax.tree_util.register_dataclass(Taps, data_fields=["rows"], meta_fields=["attn_layers", "hidden_layers"])
+
+
+class LlamaModel(nnx.Module):
+    """Embedding, decoder layers, final norm and LM head."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = C.embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = C.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = C.linear(cfg.hidden_size, cfg.vocab_size, bias=False, shard="col", dtype=cfg.dtype,
+                                    param_dtype=cfg.param_dtype, rngs=rngs)
+
+    def logits(self, h):
+        """h: [B, T, D] final-layer states -> float32[B, T, V]."""
+        h = self.norm(h)
+        if self.cfg.tie_word_embeddings:
+            return jnp.einsum("btd,vd->btv", h, self.embed_tokens.embedding[...].astype(h.dtype)).astype(
+                jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, slot=None, taps=Taps()):
+        """Runs layers [start, stop). h: [B, T, D]; positions int[B, T]; mask bool[B, T, S].
+
+        With ``cache`` (a KVCache) each layer writes its keys/values at ``slot`` and attends over the cache.
+        Returns (h, cache or None, {"attn": {layer: float32[B, N, Q, S]}, "hidden": {layer: float32[B, T, D]}}).
+        """
+        stop = self.cfg.num_layers if stop is None else stop
+        inv_freq = jnp.asarray(rope_inv_freq(self.cfg))  # a constant of the config, not a parameter
+        taps_out = {"attn": {}, "hidden": {}}
+        ks, vs = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
+        for i in range(start, stop):
+            if i in taps.hidden_layers:
+                taps_out["hidden"][i] = h.astype(jnp.float32)
+            kw = {"tap_rows": taps.rows if i in taps.attn_layers else None}
+            if cache is not None:
+                kw.update(kv=(cache.k[i], cache.v[i]), slot=slot)
+            h, (k, v), probs = self.layers[i](h, positions, inv_freq, mask, **kw)
+            if probs is not None:
+                taps_out["attn"][i] = probs
+            if cache is not None:
+                ks[i], vs[i] = k, v
+        if cache is not None:
+            cache = dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
+        return h, cache, taps_out
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The decoder as a plain language model (``model.model`` holds the LlamaModel, as in transformers)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.model = LlamaModel(cfg, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, taps: Taps = Taps()):
+        ids = jnp.asarray(input_ids)
+        am = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        pos = C.default_positions(am) if position_ids is None else jnp.asarray(position_ids)
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
+        h = self.model.embed_tokens(ids)
+        h, _, t = self.model.run_layers(h, pos, mask, taps=taps)
+        return C.Output(logits=self.model.logits(h), attentions=t["attn"], hidden_states=t["hidden"])

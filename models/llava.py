@@ -1,0 +1,281 @@
+"""LLaVA-1.5 in Flax NNX: CLIP tower, 2-layer GELU projector, Llama decoder; taps, KV cache, generation.
+
+Axes: B batch, T prompt tokens, S cache slots, I images, P visual tokens per image, D text width, V vocab.
+
+Usage::
+
+    model = Llava(LlavaConfig.llava_1_5_7b(), rngs=nnx.Rngs(0))          # or load(...) / from_hf(...)
+    out = model(input_ids, pixel_values, attention_mask)                   # out.logits float32[B, T, V]
+    out = model(ids, px, am, taps=Taps(attn_layers=(1,), rows=last_bq))    # + out.attentions[1] [B, H, Q, T]
+    tokens = generate(model, ids, px, am, max_new_tokens=32)               # int32[B, 32]
+
+Image features go to the positions of the image placeholder token (``image_token_id``) in ``input_ids``, in
+order; the offset of the image in the sequence is never assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdebias.models import _common as C
+from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
+from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps, slot_mask
+
+Output = C.Output
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    vision: ClipVisionConfig = ClipVisionConfig()
+    text: LlamaConfig = LlamaConfig(vocab_size=32064)
+    image_token_id: int = 32000
+    projector_bias: bool = True
+    pad_token_id: int = 0
+    eos_token_id: int = 2
+
+    @classmethod
+    def llava_1_5_7b(cls, dtype=jnp.bfloat16) -> LlavaConfig:
+        """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B-v1.5 (vocab padded to 32064)."""
+        return cls(ClipVisionConfig(dtype=dtype, param_dtype=dtype),
+                   LlamaConfig.llama2_7b(vocab_size=32064, dtype=dtype, param_dtype=dtype))
+
+    @classmethod
+    def llava_1_5_13b(cls, dtype=jnp.bfloat16) -> LlavaConfig:
+        """llava-hf/llava-1.5-13b-hf: CLIP ViT-L/14-336 + Vicuna-13B-v1.5."""
+        return cls(ClipVisionConfig(dtype=dtype, param_dtype=dtype),
+                   LlamaConfig.llama2_13b(vocab_size=32064, dtype=dtype, param_dtype=dtype))
+
+    @classmethod
+    def from_hf_config(cls, hf, dtype=jnp.float32) -> LlavaConfig:
+        """From a transformers LlavaConfig, its dict, or a path to a config.json / checkpoint directory."""
+        if isinstance(hf, (str, os.PathLike)):
+            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
+            with open(path) as f:
+                hf = json.load(f)
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        if d.get("model_type") != "llava":
+            raise ValueError(f"Not a LLaVA config: model_type is {d.get('model_type')!r}, expected 'llava' "
+                             "(LLaVA-NeXT, Video-LLaVA and OneVision are separate ports).")
+        act = d.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"Unsupported projector_hidden_act {act!r}: this port's projector is Linear-GELU-Linear "
+                             "(exact erf GELU, 'gelu').")
+        vision = ClipVisionConfig.from_hf_config(
+            d["vision_config"], feature_layer=d.get("vision_feature_layer", -2),
+            select_strategy=d.get("vision_feature_select_strategy", "default"), dtype=dtype, param_dtype=dtype)
+        text = LlamaConfig.from_hf_config(d["text_config"], dtype=dtype, param_dtype=dtype)
+        token = d.get("image_token_id", d.get("image_token_index", 32000))
+        tc = d["text_config"]
+        return cls(vision, text, image_token_id=int(token),
+                   projector_bias=bool(d.get("multimodal_projector_bias", True)),
+                   pad_token_id=int(tc.get("pad_token_id") or d.get("pad_token_id") or 0),
+                   eos_token_id=int(tc.get("eos_token_id") or 2) if not isinstance(tc.get("eos_token_id"), list)
+                   else int(tc["eos_token_id"][0]))
+
+
+class Projector(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
+        kw = dict(bias=cfg.projector_bias, dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype, rngs=rngs)
+        self.linear_1 = C.linear(cfg.vision.hidden_size, cfg.text.hidden_size, shard="col", **kw)
+        self.linear_2 = C.linear(cfg.text.hidden_size, cfg.text.hidden_size, shard="row", **kw)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+
+
+class Llava(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision_tower = ClipVisionTower(cfg.vision, rngs=rngs)
+        self.multi_modal_projector = Projector(cfg, rngs=rngs)
+        self.language_model = LlamaModel(cfg.text, rngs=rngs)
+
+    def image_features(self, pixel_values):
+        """pixel_values float[I, 3, H, W] -> float[I, P, D] projected visual tokens."""
+        return self.multi_modal_projector(self.vision_tower(jnp.asarray(pixel_values)).astype(self.cfg.text.dtype))
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with image features written at the placeholder positions. Returns (h [B, T, D],
+        image features [I, P, D] or None)."""
+        ids = jnp.asarray(input_ids)
+        is_img = ids == self.cfg.image_token_id
+        lm = self.language_model
+        h = lm.embed_tokens(jnp.where(is_img, 0, ids))
+        if pixel_values is None:
+            return h, None
+        feats = self.image_features(pixel_values)
+        flat = feats.reshape(-1, feats.shape[-1])
+        order = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1)
+        merged = jnp.take(flat, order, axis=0).reshape(h.shape).astype(h.dtype)
+        return jnp.where(is_img[..., None], merged, h), feats
+
+    def check_inputs(self, input_ids, pixel_values, attention_mask=None):
+        """Eager checks with clear messages (skipped for traced values)."""
+        if jnp.ndim(input_ids) != 2:
+            raise ValueError(f"input_ids must be int[B, T], got shape {jnp.shape(input_ids)}.")
+        if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):
+            raise ValueError(f"attention_mask {jnp.shape(attention_mask)} must match input_ids "
+                             f"{jnp.shape(input_ids)}.")
+        if isinstance(input_ids, jax.core.Tracer):
+            return
+        n_tok = int(np.sum(np.asarray(input_ids) == self.cfg.image_token_id))
+        n_img = 0 if pixel_values is None else int(jnp.shape(pixel_values)[0])
+        per = self.cfg.vision.num_features
+        if n_tok != n_img * per:
+            raise ValueError(f"input_ids hold {n_tok} image tokens (id {self.cfg.image_token_id}) but "
+                             f"{n_img} image(s) give {n_img * per} features ({per} each). Expand each <image> "
+                             "placeholder to one token per feature (the HF processor does this).")
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
+                 taps: Taps = Taps()):
+        """Full forward. input_ids int[B, T]; pixel_values float[I, 3, H, W]; attention_mask [B, T] (1 = real
+        token; left or right padding). Returns Output with logits float32[B, T, V] and the requested taps."""
+        self.check_inputs(input_ids, pixel_values, attention_mask)
+        ids = jnp.asarray(input_ids)
+        am = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        pos = C.default_positions(am) if position_ids is None else jnp.asarray(position_ids)
+        h, feats = self.embed(ids, pixel_values)
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
+        h, _, t = self.language_model.run_layers(h, pos, mask, taps=taps)
+        return Output(logits=self.language_model.logits(h), attentions=t["attn"], hidden_states=t["hidden"],
+                      image_features=feats)
+
+    def prefill(self, input_ids, pixel_values, attention_mask, cache: KVCache):
+        """Runs the prompt into an empty cache. Returns (logits float32[B, V] at each sample's last real token,
+        cache)."""
+        ids = jnp.asarray(input_ids)
+        am = jnp.asarray(attention_mask).astype(bool)
+        B, T = ids.shape
+        pos = C.default_positions(am)
+        h, _ = self.embed(ids, pixel_values)
+        valid = cache.valid.at[:, :T].set(am)
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), valid)
+        h, cache, _ = self.language_model.run_layers(h, pos, mask, cache=cache, slot=0)
+        last = jnp.max(jnp.where(am, jnp.arange(T), 0), axis=1)
+        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
+        cache = dataclasses.replace(cache, valid=valid, next_pos=jnp.sum(am, 1).astype(jnp.int32),
+                                    length=jnp.asarray(T, jnp.int32))
+        return self.language_model.logits(h_last)[:, 0], cache
+
+    def decode(self, tokens, cache: KVCache):
+        """One token per sample (int[B]) at the next slot. Returns (logits float32[B, V], cache)."""
+        B = tokens.shape[0]
+        slot = cache.length
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, jnp.ones((B, 1), bool), slot, axis=1)
+        q_slots = jnp.full((B, 1), slot)
+        h = self.language_model.embed_tokens(tokens[:, None])
+        mask = slot_mask(q_slots, valid)
+        h, cache, _ = self.language_model.run_layers(h, cache.next_pos[:, None], mask, cache=cache, slot=slot)
+        cache = dataclasses.replace(cache, valid=valid, next_pos=cache.next_pos + 1, length=slot + 1)
+        return self.language_model.logits(h)[:, 0], cache
+
+
+def _pick(logits, temperature, key):
+    if temperature == 0.0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "temperature"))
+def _prefill(graphdef, state, input_ids, pixel_values, attention_mask, key, *, cache_size, temperature):
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.empty(model.cfg.text, input_ids.shape[0], cache_size)
+    logits, cache = model.prefill(input_ids, pixel_values, attention_mask, cache)
+    return _pick(logits, temperature, key), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"), donate_argnames=("cache",))
+def _decode(graphdef, state, tokens, cache, key, *, temperature):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tokens, cache)
+    return _pick(logits, temperature, key), cache
+
+
+PROMPT_BUCKETS = (64, 128, 256, 512, 640, 768, 1024, 1536, 2048, 4096)
+
+
+def _round_up(n: int, buckets) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    step = buckets[-1]
+    return -(-n // step) * step
+
+
+def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+             prompt_buckets=PROMPT_BUCKETS) -> np.ndarray:
+    """Greedy (temperature 0) or sampled generation with a fixed-size KV cache.
+
+    The prompt is right-padded to a bucket length so that prompts of different lengths share one compiled
+    prefill, and the cache has ``bucket + max_new_tokens`` rounded up to a multiple of 64 slots, so one decode
+    program serves them too. Left-padded batches (as HF processors produce for generation) work as they are.
+
+    Args:
+      input_ids: int[B, T] with the image placeholders expanded; pixel_values: float[I, 3, H, W];
+      attention_mask: [B, T] (default all ones).
+
+    Returns:
+      int32[B, max_new_tokens]; after a sample's EOS its remaining tokens are EOS (when ``stop_at_eos``, the loop
+      also ends early once every sample has finished).
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
+    ids = np.asarray(input_ids)
+    am = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    model.check_inputs(ids, pixel_values, am)
+    B, T = ids.shape
+    Tb = _round_up(T, prompt_buckets)
+    ids = np.pad(ids, ((0, 0), (0, Tb - T)), constant_values=model.cfg.pad_token_id)
+    am = np.pad(am, ((0, 0), (0, Tb - T)))
+    cache_size = -(-(Tb + max_new_tokens) // 64) * 64
+    graphdef, state = nnx.split(model)
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    tok, cache = _prefill(graphdef, state, jnp.asarray(ids), pixel_values, jnp.asarray(am), keys[0],
+                          cache_size=cache_size, temperature=float(temperature))
+    out = [np.asarray(tok)]
+    done = out[0] == model.cfg.eos_token_id
+    for i in range(1, max_new_tokens):
+        if stop_at_eos and done.all():
+            out.append(np.full((B,), model.cfg.eos_token_id, np.int32))
+            continue
+        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature))
+        t = np.where(done, model.cfg.eos_token_id, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
+        out.append(t)
+        done = done | (t == model.cfg.eos_token_id)
+    return np.stack(out, 1).astype(np.int32)
+
+
+def abstract_model(cfg: LlavaConfig) -> Llava:
+    """The model with ShapeDtypeStruct leaves: no memory is allocated (for counting, sharding, loading)."""
+    return nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
+    """Places the parameters on ``mesh`` following their partition specs. An axis that does not divide a
+    dimension is left unsplit for that parameter (tiny test models), never padded."""
+    state = nnx.state(model)
+    specs = nnx.get_partition_spec(state)
+
+    def place(x, spec):
+        if not hasattr(x, "shape"):
+            return x
+        spec = tuple(spec) if isinstance(spec, jax.sharding.PartitionSpec) else ()
+        spec = tuple(a if a is None or x.shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(spec))
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+    nnx.update(model, jax.tree.map(place, state, specs))
+    return model
