@@ -1,7 +1,5 @@
-import os
+import jax
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-
-import jax  # noqa: E402
-
+# Four fake CPU devices for the sharding tests; fp32 matmuls for parity against PyTorch.
+jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_default_matmul_precision", "float32")

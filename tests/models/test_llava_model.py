@@ -1,0 +1,92 @@
+"""Model properties that need no reference run: parameter count, compile counts, sharding, input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdebias.models import llava
+from jaxdebias.models.llava import LlavaConfig
+
+torch = pytest.importorskip("torch")
+
+from .hf_tiny import make_hf_llava, prompts  # noqa: E402
+
+
+def test_7b_parameter_count_reconciles_with_transformers():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig as HFLlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    hf_cfg = HFLlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32),
+        image_token_id=32000)
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(hf_cfg)
+    hf_count = sum(p.numel() for p in hf.parameters())
+    assert hf_count == 7_063_427_072
+    ours = llava.param_count(llava.abstract_model(LlavaConfig.llava_1_5_7b()))
+    assert ours == llava.param_count(llava.abstract_model(LlavaConfig.from_hf_config(hf_cfg)))
+    D, F = 1024, 4096
+    last_vision_layer = 4 * (D * D + D) + (D * F + F) + (F * D + D) + 2 * (2 * D)  # never run by LLaVA
+    post_layernorm = 2 * D  # CLIP's post-layernorm, never used by LLaVA
+    assert hf_count - ours == last_vision_layer + post_layernorm == 12_598_272
+
+
+def _tiny(tmp_path):
+    from jaxdebias.convert.checkpoint import from_hf
+
+    make_hf_llava("gqa").save_pretrained(tmp_path)
+    return from_hf(tmp_path)
+
+
+def test_generation_compiles_once_per_bucket(tmp_path):
+    model = _tiny(tmp_path)
+    p0, d0 = llava._prefill._cache_size(), llava._decode._cache_size()
+    rng = np.random.default_rng(0)
+    ids, am, px = prompts()
+    def longer(extra):
+        pre = np.concatenate([ids[:, :1], rng.integers(3, 140, (2, extra)), ids[:, 1:]], 1)
+        return pre, np.concatenate([am[:, :1], np.ones((2, extra), am.dtype), am[:, 1:]], 1)
+
+    for extra in range(0, 30, 5):  # prompt lengths 19..44 all fall in the 64-token bucket
+        out = llava.generate(model, *longer(extra)[:1], px, longer(extra)[1], max_new_tokens=5, stop_at_eos=False)
+        assert out.shape == (2, 5)
+    assert llava._prefill._cache_size() - p0 == 1
+    assert llava._decode._cache_size() - d0 == 1
+    pre, pre_am = longer(60)  # 79 tokens: the 128 bucket, a second prefill and a second cache size
+    llava.generate(model, pre, px, pre_am, max_new_tokens=5)
+    assert llava._prefill._cache_size() - p0 == 2
+
+
+def test_sharded_logits_equal_single_device(tmp_path):
+    assert len(jax.devices()) >= 4
+    model = _tiny(tmp_path)
+    ids, am, px = prompts()
+    ref = np.asarray(model(ids, px, am).logits)
+    mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    llava.shard_model(model, mesh)
+    kernel = model.language_model.layers[0].mlp.gate_proj.kernel[...]
+    assert len(kernel.sharding.device_set) == 4  # really spread over the mesh
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    out = model(jax.device_put(jnp.asarray(ids), data), jax.device_put(jnp.asarray(px), data),
+                jax.device_put(jnp.asarray(am), data))
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=2e-5)
+
+
+def test_bad_inputs_are_named(tmp_path):
+    model = _tiny(tmp_path)
+    ids, am, px = prompts()
+    with pytest.raises(ValueError, match="hold 18 image tokens .* 1 image\\(s\\) give 9 features"):
+        model(ids, px[:1], am)
+    with pytest.raises(ValueError, match="pixel_values must be float\\[B, 3, 42, 42\\]"):
+        model.image_features(px[:, :, :28, :28])
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, px, am[:, 1:])
+    with pytest.raises(ValueError, match="Not a LLaVA config"):
+        LlavaConfig.from_hf_config({"model_type": "llava_next"})
+    with pytest.raises(ValueError, match="projector_hidden_act 'relu'"):
+        LlavaConfig.from_hf_config({"model_type": "llava", "projector_hidden_act": "relu"})
