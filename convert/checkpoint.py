@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -14,12 +15,16 @@ from jaxdebias.models import llama as llama_mod
 from jaxdebias.models import llava as llava_mod
 
 
-def read_config(src) -> dict:
-    import json
+def config_path(src) -> str:
+    """config.json of a checkpoint directory, or beside the first of an explicit list of weight files."""
+    base = os.path.dirname(os.fspath(src[0])) if isinstance(src, (list, tuple)) else os.fspath(src)
+    return os.path.join(base, "config.json")
 
-    path = os.path.join(os.fspath(src), "config.json")
+
+def read_config(src) -> dict:
+    path = config_path(src)
     if not os.path.isfile(path):
-        raise ConversionError(f"{src} has no config.json; a Hugging Face checkpoint directory holds config.json "
+        raise ConversionError(f"No config.json at {path}; a Hugging Face checkpoint directory holds config.json "
                               "beside its weights.")
     with open(path) as f:
         try:
@@ -101,3 +106,142 @@ def fill(model, values: dict):
             raise ConversionError(f"No value for {'.'.join(map(str, path))}.")
         leaves.append(var.replace(values[tuple(path)]))
     return nnx.merge(graphdef, nnx.from_flat_state(list(zip([p for p, _ in flat], leaves))))
+
+
+MARKER = "jaxdebias.json"
+FORMAT_VERSION = 1
+# Files copied beside the weights so that the checkpoint directory is all a user needs at inference.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+              "chat_template.json", "chat_template.jinja")
+
+
+def _nest(flat: dict[tuple, object]) -> dict:
+    """{(a, 0, b): x} -> {"a": {"0": {"b": x}}} (Orbax trees take string keys)."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(str(p), {})
+        node[str(path[-1])] = value
+    return out
+
+
+def _chunks(items, budget: int):
+    """Groups (path, array, nbytes) items into lists whose arrays total at most ``budget`` bytes (or one item)."""
+    group, size = [], 0
+    for item in items:
+        if group and size + item[1].nbytes > budget:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += item[1].nbytes
+    if group:
+        yield group
+
+
+def convert(src, dst, *, dtype="bfloat16", layout="auto", vision=None, progress=True) -> dict:
+    """Converts a HF checkpoint to an Orbax checkpoint at ``dst``, streaming, and returns a summary dict.
+
+    Every check runs before anything is written. Tensors are read one at a time from memory-mapped files, cast,
+    and appended to a partial Orbax checkpoint in a temporary sibling directory, flushed whenever the buffered
+    tensors reach the size of the largest tensor; the directory is renamed to ``dst`` only when complete, so an
+    interrupted run never leaves a checkpoint that looks valid.
+    """
+    import shutil
+
+    import orbax.checkpoint.experimental.v1 as ocp
+    from tqdm.auto import tqdm
+
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst):
+        raise ConversionError(f"{dst} already exists; remove it or choose another destination.")
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    cfg, cls, source, steps, layout = prepare(src, layout=layout, vision=vision, dtype=jnp.dtype(dtype))
+    total = sum(source.nbytes(s.key) for s in steps)
+    largest = max(int(np.prod(source.shape(s.key))) * np_dtype.itemsize for s in steps)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress)
+        done = 0
+        for group in _chunks(stream(source, steps, np_dtype), budget=largest):
+            ocp.partial.save(os.path.join(tmp, "params"), _nest({p: a for p, a, _ in group}))
+            done += len(group)
+            bar.update(sum(n for _, _, n in group))
+            bar.set_postfix(tensors=f"{done}/{len(steps)}")
+        bar.close()
+        ocp.partial.finalize(os.path.join(tmp, "params"))
+        base = os.path.dirname(config_path(src))
+        for name in SIDE_FILES:
+            if os.path.isfile(os.path.join(base, name)):
+                shutil.copy2(os.path.join(base, name), os.path.join(tmp, name))
+        summary = {"format_version": FORMAT_VERSION, "model_type": read_config(src)["model_type"],
+                   "dtype": np_dtype.name, "layout": layout, "source": os.path.abspath(base),
+                   "tensors": len(steps), "parameters": int(sum(np.prod(source.shape(s.key)) for s in steps)),
+                   "source_bytes": int(total)}
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(summary, f, indent=1)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _placement(mesh):
+    """path, spec -> a sharding for restoring one parameter (replicated on one device without a mesh)."""
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return lambda shape, spec: one
+
+    def on_mesh(shape, spec):
+        spec = tuple(spec) if spec else ()
+        spec = tuple(a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(spec))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    return on_mesh
+
+
+def load(dst, *, dtype=None, mesh=None):
+    """Restores a converted checkpoint straight to device(s): an abstract model gives the target shapes and
+    shardings (from the parameters' partition specs when ``mesh`` is given), so no host copy of the model and
+    no random initialisation is ever made.
+
+    Args:
+      dst: directory written by ``convert``.
+      dtype: compute/parameter dtype (default: the stored one); a different dtype is cast on restore.
+      mesh: optional ``jax.sharding.Mesh`` with axes ("data", "model").
+    """
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    dst = os.fspath(dst)
+    marker = os.path.join(dst, MARKER)
+    if not os.path.isfile(marker):
+        raise ConversionError(f"{dst} is not a jaxdebias checkpoint (no {MARKER}). Convert a Hugging Face "
+                              "checkpoint first: jaxdebias-convert SRC DST.")
+    with open(marker) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ConversionError(f"{dst} has checkpoint format {meta.get('format_version')}, this version reads "
+                              f"{FORMAT_VERSION}; convert it again.")
+    dtype = jnp.dtype(dtype or meta["dtype"])
+    cfg, cls, _ = model_for(read_config(dst), dtype)
+    model = abstract(cls, cfg)
+    place = _placement(mesh)
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    specs = {tuple(p): v.get_metadata().get("out_sharding") for p, v in flat.items()}
+    target = _nest({p: jax.ShapeDtypeStruct(v.get_value().shape, dtype, sharding=place(v.get_value().shape, specs[p]))
+                    for p, v in flat.items()})
+    restored = ocp.load(os.path.join(dst, "params"), target)
+
+    def get(path):
+        node = restored
+        for p in path:
+            node = node[str(p)]
+        return node
+
+    return fill(model, {p: get(p) for p in flat})

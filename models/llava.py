@@ -279,3 +279,17 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 
     nnx.update(model, jax.tree.map(place, state, specs))
     return model
+
+
+def load(path, *, dtype=None, mesh=None) -> Llava:
+    """Loads a checkpoint written by ``jaxdebias-convert`` straight to device(s) (sharded over ``mesh``)."""
+    from jaxdebias.convert.checkpoint import load as _load  # convert depends on models, not the reverse
+
+    return _load(path, dtype=dtype, mesh=mesh)
+
+
+def from_hf(src, *, dtype=jnp.float32, layout="auto", vision=None) -> Llava:
+    """Converts a Hugging Face checkpoint directory in memory (small models, tests)."""
+    from jaxdebias.convert.checkpoint import from_hf as _from_hf
+
+    return _from_hf(src, dtype=dtype, layout=layout, vision=vision)

@@ -1,0 +1,41 @@
+"""``python -m jaxdebias.convert SRC DST`` / ``jaxdebias-convert SRC DST``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from jaxdebias.convert import tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="jaxdebias-convert",
+        description="Convert a Hugging Face LLaVA (or Llama/Qwen2) checkpoint to an Orbax checkpoint, streaming, "
+                    "without torch.")
+    ap.add_argument("src", nargs="+", help="checkpoint directory (config.json + safetensors), or weight files "
+                                           "with config.json beside them")
+    ap.add_argument("dst", help="output directory (must not exist)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--layout", default="auto", choices=["auto", *tables.LAYOUTS])
+    ap.add_argument("--vision", help="separate CLIP checkpoint directory (the original LLaVA release)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    from jaxdebias.convert.checkpoint import convert
+    from jaxdebias.convert.loader import ConversionError
+
+    src = args.src[0] if len(args.src) == 1 and os.path.isdir(args.src[0]) else args.src
+    try:
+        summary = convert(src, args.dst, dtype=args.dtype, layout=args.layout, vision=args.vision,
+                          progress=not args.quiet)
+    except ConversionError as e:
+        print(f"jaxdebias-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+          f"{summary['dtype']}, layout {summary['layout']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
