@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdebias.convert.checkpoint import convert
     from jaxdebias.convert.loader import ConversionError
 
-    src = args.src[0] if len(args.src) == 1 and os.path.isdir(args.src[0]) else args.src
+    src = args.src[0] if len(args.src) == 1 and not os.path.isfile(args.src[0]) else args.src
     try:
         summary = convert(src, args.dst, dtype=args.dtype, layout=args.layout, vision=args.vision,
                           progress=not args.quiet)

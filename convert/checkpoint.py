@@ -22,6 +22,8 @@ def config_path(src) -> str:
 
 
 def read_config(src) -> dict:
+    if not isinstance(src, (list, tuple)) and not os.path.isdir(src):
+        raise ConversionError(f"{src} is not a checkpoint directory (expected config.json and *.safetensors).")
     path = config_path(src)
     if not os.path.isfile(path):
         raise ConversionError(f"No config.json at {path}; a Hugging Face checkpoint directory holds config.json "
@@ -33,14 +35,51 @@ def read_config(src) -> dict:
             raise ConversionError(f"{path} is not valid JSON ({e}).") from None
 
 
+ORIGINAL_IMAGE_TOKEN = -200  # IMAGE_TOKEN_INDEX of the original LLaVA code: placeholder ids below the vocab
+
+
+def normalize_config(config: dict, vision=None) -> dict:
+    """A transformers-style config dict for any supported source.
+
+    The original LLaVA release (liuhaotian/llava-v1.5-*) keeps Llama fields at the top level, names its projector
+    in ``mm_projector_type`` and loads CLIP from ``mm_vision_tower``; its vision config is read from the
+    ``vision`` checkpoint directory and its image placeholder is the original IMAGE_TOKEN_INDEX, -200.
+    """
+    if "mm_projector_type" not in config and "mm_vision_tower" not in config:
+        return config
+    projector = config.get("mm_projector_type", "linear")
+    if projector != "mlp2x_gelu":
+        raise ConversionError(f"Unsupported mm_projector_type {projector!r}: this port runs LLaVA-1.5's "
+                              "'mlp2x_gelu' projector (Linear-GELU-Linear).")
+    if vision is None:
+        raise ConversionError("The original LLaVA release keeps the CLIP tower in a separate checkpoint: pass "
+                              f"--vision DIR (a local copy of {config.get('mm_vision_tower', 'the CLIP model')}).")
+    vcfg = read_config(vision)
+    vcfg = vcfg.get("vision_config", vcfg)  # CLIPModel nests it; CLIPVisionModel does not
+    vcfg = {"model_type": "clip_vision_model", **{k: v for k, v in vcfg.items() if k != "model_type"}}
+    select = {"patch": "default", "cls_patch": "full"}.get(config.get("mm_vision_select_feature", "patch"))
+    if select is None:
+        raise ConversionError(f"Unsupported mm_vision_select_feature {config['mm_vision_select_feature']!r}; "
+                              "expected 'patch' or 'cls_patch'.")
+    text = {k: v for k, v in config.items() if not k.startswith("mm_")}
+    text["model_type"] = "llama"
+    return {"model_type": "llava", "text_config": text, "vision_config": vcfg,
+            "vision_feature_layer": config.get("mm_vision_select_layer", -2),
+            "vision_feature_select_strategy": select, "image_token_id": ORIGINAL_IMAGE_TOKEN,
+            "projector_hidden_act": "gelu", "multimodal_projector_bias": True}
+
+
 def model_for(config: dict, dtype):
-    """(our config, model class, text prefix) for a HF config dict."""
+    """(our config, model class, text prefix) for a transformers-style config dict."""
     kind = config.get("model_type")
-    if kind == "llava":
-        return llava_mod.LlavaConfig.from_hf_config(config, dtype=dtype), llava_mod.Llava, "language_model"
-    if kind in ("llama", "qwen2"):
-        return llama_mod.LlamaConfig.from_hf_config(config, dtype=dtype, param_dtype=dtype), \
-            llama_mod.LlamaForCausalLM, "model"
+    try:
+        if kind == "llava":
+            return llava_mod.LlavaConfig.from_hf_config(config, dtype=dtype), llava_mod.Llava, "language_model"
+        if kind in ("llama", "qwen2"):
+            return llama_mod.LlamaConfig.from_hf_config(config, dtype=dtype, param_dtype=dtype), \
+                llama_mod.LlamaForCausalLM, "model"
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"config.json is not a supported {kind} config: {e}") from None
     raise ConversionError(f"config.json has model_type {kind!r}; supported: 'llava' (LLaVA-1.5), and 'llama' / "
                           "'qwen2' text models.")
 
@@ -68,19 +107,15 @@ def target_shapes(model) -> dict[tuple, tuple]:
 
 def prepare(src, *, layout="auto", vision=None, dtype=jnp.float32):
     """Reads config and weight headers, checks everything, and returns (cfg, cls, source, steps, layout)."""
-    config = read_config(src)
+    config = normalize_config(read_config(src), vision)
     cfg, cls, prefix = model_for(config, dtype)
     files = list_weight_files(src)
     if vision is not None:
         files = files + list_weight_files(vision)
     source = Source(files)
     layout = detect_layout(source.refs) if layout == "auto" else layout
-    if layout == "original" and cls is llava_mod.Llava and not any(k.startswith("vision_model.") or ".vision_model."
-                                                                   in k for k in source.refs):
-        raise ConversionError("The original LLaVA release keeps the CLIP tower in a separate checkpoint: pass "
-                              "--vision DIR (e.g. a local copy of openai/clip-vit-large-patch14-336).")
     steps = plan(source, layout, target_shapes(abstract(cls, cfg)), text_prefix=prefix, unused=unused_paths(cfg))
-    return cfg, cls, source, steps, layout
+    return cfg, cls, source, steps, layout, config
 
 
 def from_hf(src, *, dtype=jnp.float32, layout="auto", vision=None, sharding=None):
@@ -88,7 +123,7 @@ def from_hf(src, *, dtype=jnp.float32, layout="auto", vision=None, sharding=None
 
     Each tensor is converted and placed on the device as it is read; nothing is randomly initialised.
     """
-    cfg, cls, source, steps, _ = prepare(src, layout=layout, vision=vision, dtype=dtype)
+    cfg, cls, source, steps, _, _ = prepare(src, layout=layout, vision=vision, dtype=dtype)
     model = abstract(cls, cfg)
     values = {}
     for path, arr, _ in stream(source, steps, np.dtype(jnp.dtype(dtype))):
@@ -157,7 +192,7 @@ def convert(src, dst, *, dtype="bfloat16", layout="auto", vision=None, progress=
     if os.path.exists(dst):
         raise ConversionError(f"{dst} already exists; remove it or choose another destination.")
     np_dtype = np.dtype(jnp.dtype(dtype))
-    cfg, cls, source, steps, layout = prepare(src, layout=layout, vision=vision, dtype=jnp.dtype(dtype))
+    cfg, cls, source, steps, layout, config = prepare(src, layout=layout, vision=vision, dtype=jnp.dtype(dtype))
     total = sum(source.nbytes(s.key) for s in steps)
     largest = max(int(np.prod(source.shape(s.key))) * np_dtype.itemsize for s in steps)
     parent = os.path.dirname(dst)
@@ -179,7 +214,9 @@ def convert(src, dst, *, dtype="bfloat16", layout="auto", vision=None, progress=
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copy2(os.path.join(base, name), os.path.join(tmp, name))
-        summary = {"format_version": FORMAT_VERSION, "model_type": read_config(src)["model_type"],
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # normalised: what load() reads
+            json.dump(config, f, indent=1)
+        summary = {"format_version": FORMAT_VERSION, "model_type": config["model_type"],
                    "dtype": np_dtype.name, "layout": layout, "source": os.path.abspath(base),
                    "tensors": len(steps), "parameters": int(sum(np.prod(source.shape(s.key)) for s in steps)),
                    "source_bytes": int(total)}
