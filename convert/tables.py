@@ -7,21 +7,19 @@ Two steps, each a table of regular expressions:
 2. ``LLAVA``: (canonical pattern, our parameter path template, transform). A path template of ``None`` marks a
    tensor the port knows and deliberately does not use (CLIP's post-layernorm, position-id buffers ...).
 
-Transforms receive the numpy array and return it in our layout: Linear weights [out, in] become kernels [in, out];
+Transforms receive an array (numpy or jax; the loader runs them jitted on the host CPU) and return it in our layout: Linear weights [out, in] become kernels [in, out];
 the CLIP patch convolution [D, C, p, p] becomes [p, p, C, D].
 """
 
 from __future__ import annotations
 
-import numpy as np
+
+def transpose(x):
+    return x.T
 
 
-def transpose(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.T)
-
-
-def conv_to_hwio(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+def conv_to_hwio(x):
+    return x.transpose(2, 3, 1, 0)
 
 
 LAYOUTS: dict[str, list[tuple[str, str]]] = {
