@@ -49,6 +49,12 @@ def default_positions(attention_mask):
     return jnp.where(attention_mask, jnp.cumsum(am, axis=1) - 1, 0).astype(jnp.int32)
 
 
+def last_real(h, valid):
+    """h[b, last True slot of valid[b]] for each b. h: [B, T, D]; valid: bool[B, T] -> [B, D]."""
+    last = jnp.max(jnp.where(valid, jnp.arange(valid.shape[1]), 0), axis=1)
+    return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Output:

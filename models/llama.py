@@ -124,29 +124,38 @@ def rope(x, positions, inv_freq):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Fixed-size cache, one array per layer so that a donated cache is updated in place.
+    """Fixed-size cache with one entry per layer, so that a donated cache is updated in place and layers after a
+    pruning stage can hold shorter sequences than the layers before it.
 
-    k, v: L-tuples of [B, S, K, Hd]; valid: bool[B, S] (slot holds a real token); next_pos: int32[B] the position
-    id the next token gets; length: int32[] the next free slot (shared by the batch).
+    k, v: L-tuples of [B, S_l, K, Hd]; valid: L-tuple of bool[B, S_l] (slot holds a real token);
+    length: L-tuple of int32[] (next free slot); next_pos: L-tuple of int32[B] (position id of the next token).
     """
 
     k: tuple
     v: tuple
-    valid: jax.Array
-    next_pos: jax.Array
-    length: jax.Array
+    valid: tuple
+    length: tuple
+    next_pos: tuple
 
     @classmethod
-    def empty(cls, cfg: LlamaConfig, batch: int, size: int, dtype=None) -> KVCache:
-        shape = (batch, size, cfg.num_kv_heads, cfg.hd)
+    def empty(cls, cfg: LlamaConfig, batch: int, sizes, dtype=None) -> KVCache:
+        """``sizes``: one int for every layer, or an L-sequence of per-layer slot counts."""
+        sizes = (sizes,) * cfg.num_layers if isinstance(sizes, int) else tuple(sizes)
+        if len(sizes) != cfg.num_layers:
+            raise ValueError(f"KVCache needs {cfg.num_layers} layer sizes, got {len(sizes)}.")
         dtype = dtype or cfg.dtype
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   jnp.zeros((batch, size), bool), jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
+        kv = lambda S: jnp.zeros((batch, S, cfg.num_kv_heads, cfg.hd), dtype)  # noqa: E731
+        return cls(tuple(kv(S) for S in sizes), tuple(kv(S) for S in sizes),
+                   tuple(jnp.zeros((batch, S), bool) for S in sizes), (jnp.zeros((), jnp.int32),) * len(sizes),
+                   (jnp.zeros((batch,), jnp.int32),) * len(sizes))
 
-    @property
-    def size(self) -> int:
-        return self.valid.shape[1]
+    def with_prompt(self, start: int, stop: int, valid, next_pos) -> KVCache:
+        """Records that layers [start, stop) hold a prompt of T slots (bool[B, T] ``valid``) at slots [0, T)."""
+        T = valid.shape[1]
+        upd = lambda old, new: old[:start] + (new,) * (stop - start) + old[stop:]  # noqa: E731
+        vals = self.valid[:start] + tuple(v.at[:, :T].set(valid) for v in self.valid[start:stop]) + self.valid[stop:]
+        return dataclasses.replace(self, valid=vals, length=upd(self.length, jnp.asarray(T, jnp.int32)),
+                                   next_pos=upd(self.next_pos, jnp.asarray(next_pos, jnp.int32)))
 
 
 def slot_mask(q_slots, key_valid):
@@ -256,18 +265,19 @@ class LlamaModel(nnx.Module):
                                     param_dtype=cfg.param_dtype, rngs=rngs)
 
     def logits(self, h):
-        """h: [B, T, D] final-layer states -> float32[B, T, V]."""
+        """h: [..., D] final-layer states -> float32[..., V]."""
         h = self.norm(h)
         if self.cfg.tie_word_embeddings:
-            return jnp.einsum("btd,vd->btv", h, self.embed_tokens.embedding[...].astype(h.dtype)).astype(
+            return jnp.einsum("...d,vd->...v", h, self.embed_tokens.embedding[...].astype(h.dtype)).astype(
                 jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, slot=None, taps=Taps()):
-        """Runs layers [start, stop). h: [B, T, D]; positions int[B, T]; mask bool[B, T, S].
+    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, taps=Taps()):
+        """Runs layers [start, stop) over a prompt. h: [B, T, D]; positions int[B, T]; mask bool[B, T, S].
 
-        With ``cache`` (a KVCache) each layer writes its keys/values at ``slot`` and attends over the cache.
-        Returns (h, cache or None, {"attn": {layer: float32[B, N, Q, S]}, "hidden": {layer: float32[B, T, D]}}).
+        With ``cache`` (a KVCache) each layer writes its keys/values at slots [0, T) and attends over its cache
+        (S = that layer's cache size; ``mask`` must cover it). Returns (h, cache or None, taps) with taps
+        {"attn": {layer: float32[B, N, Q, S]}, "hidden": {layer: float32[B, T, D]}}.
         """
         stop = self.cfg.num_layers if stop is None else stop
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))  # a constant of the config, not a parameter
@@ -278,7 +288,7 @@ class LlamaModel(nnx.Module):
                 taps_out["hidden"][i] = h.astype(jnp.float32)
             kw = {"tap_rows": taps.rows if i in taps.attn_layers else None}
             if cache is not None:
-                kw.update(kv=(cache.k[i], cache.v[i]), slot=slot)
+                kw.update(kv=(cache.k[i], cache.v[i]), slot=0)
             h, (k, v), probs = self.layers[i](h, positions, inv_freq, mask, **kw)
             if probs is not None:
                 taps_out["attn"][i] = probs
@@ -287,6 +297,21 @@ class LlamaModel(nnx.Module):
         if cache is not None:
             cache = dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
         return h, cache, taps_out
+
+
+    def decode(self, h, cache: KVCache):
+        """One new token per sample. h: [B, 1, D] embeddings. Each layer writes at its own next slot and uses its
+        own position counter (they differ after pruning). Returns (final states [B, 1, D], cache)."""
+        inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
+        B = h.shape[0]
+        ks, vs, valids, lens, poss = (list(x) for x in (cache.k, cache.v, cache.valid, cache.length, cache.next_pos))
+        for i in range(self.cfg.num_layers):
+            slot = lens[i]
+            valids[i] = jax.lax.dynamic_update_slice_in_dim(valids[i], jnp.ones((B, 1), bool), slot, axis=1)
+            mask = slot_mask(jnp.full((B, 1), slot), valids[i])
+            h, (ks[i], vs[i]), _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]), slot=slot)
+            lens[i], poss[i] = slot + 1, poss[i] + 1
+        return h, KVCache(tuple(ks), tuple(vs), tuple(valids), tuple(lens), tuple(poss))
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -155,27 +155,16 @@ class Llava(nnx.Module):
         ids = jnp.asarray(input_ids)
         am = jnp.asarray(attention_mask).astype(bool)
         B, T = ids.shape
-        pos = C.default_positions(am)
         h, _ = self.embed(ids, pixel_values)
-        valid = cache.valid.at[:, :T].set(am)
-        mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), valid)
-        h, cache, _ = self.language_model.run_layers(h, pos, mask, cache=cache, slot=0)
-        last = jnp.max(jnp.where(am, jnp.arange(T), 0), axis=1)
-        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
-        cache = dataclasses.replace(cache, valid=valid, next_pos=jnp.sum(am, 1).astype(jnp.int32),
-                                    length=jnp.asarray(T, jnp.int32))
-        return self.language_model.logits(h_last)[:, 0], cache
+        L = self.cfg.text.num_layers
+        cache = cache.with_prompt(0, L, am, jnp.sum(am, 1))
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), cache.valid[0])
+        h, cache, _ = self.language_model.run_layers(h, C.default_positions(am), mask, cache=cache)
+        return self.language_model.logits(C.last_real(h, am)), cache
 
     def decode(self, tokens, cache: KVCache):
-        """One token per sample (int[B]) at the next slot. Returns (logits float32[B, V], cache)."""
-        B = tokens.shape[0]
-        slot = cache.length
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, jnp.ones((B, 1), bool), slot, axis=1)
-        q_slots = jnp.full((B, 1), slot)
-        h = self.language_model.embed_tokens(tokens[:, None])
-        mask = slot_mask(q_slots, valid)
-        h, cache, _ = self.language_model.run_layers(h, cache.next_pos[:, None], mask, cache=cache, slot=slot)
-        cache = dataclasses.replace(cache, valid=valid, next_pos=cache.next_pos + 1, length=slot + 1)
+        """One token per sample (int[B]) at each layer's next slot. Returns (logits float32[B, V], cache)."""
+        h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache)
         return self.language_model.logits(h)[:, 0], cache
 
 
