@@ -15,6 +15,7 @@ from jaxdebias.curves import (
     released_curve,
 )
 from jaxdebias.fitting import Calibration, bias_strength, fit_curve, fit_exp_curve, fit_online
+from jaxdebias.methods import Debias, PruneSpec, Stage
 from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square
 from jaxdebias.prune import DEFAULT_BUCKETS, bucket, debias, debias_and_select, gather_tokens, select_topk
 from jaxdebias.scores import query_mask, visual_positions, visual_scores
@@ -31,7 +32,7 @@ from jaxdebias.sinks import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AnyresMask", "Calibration", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
+    "AnyresMask", "Calibration", "Debias", "PruneSpec", "Stage", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
     "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
     "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
     "fit_online", "gather_tokens", "image_centric_heads", "known_sink_dims", "pad_mask_anyres",

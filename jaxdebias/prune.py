@@ -38,18 +38,20 @@ def bucket(k: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 
 
 @partial(jax.jit, static_argnames=("k",))
-def _select_topk(scores, valid, k):
+def _select_topk(scores, valid, k, limit=None):
     n = scores.shape[-1]
     key = jnp.where(valid, scores, -jnp.inf)
     _, idx = jax.lax.top_k(key, k)  # ties: lower index first
     slot = jnp.take_along_axis(valid, idx, axis=-1)
+    if limit is not None:  # keep only the best `limit` of the k slots (a traced budget inside a static bucket)
+        slot = slot & (jnp.arange(k) < jnp.asarray(limit).reshape(-1, 1))
     # Kept slots in ascending original order; empty slots after them.
     order = jnp.sort(jnp.where(slot, idx, n + idx), axis=-1)
     slot_sorted = order < n
     return jnp.where(slot_sorted, order, order - n).astype(jnp.int32), slot_sorted
 
 
-def select_topk(scores, k: int, *, valid=None):
+def select_topk(scores, k: int, *, valid=None, limit=None):
     """The ``k`` highest-scoring valid tokens of each row, in ascending original order.
 
     Args:
@@ -57,6 +59,8 @@ def select_topk(scores, k: int, *, valid=None):
         or under ``jax.experimental.checkify`` when traced).
       k: static number of slots K, 1 <= K <= N.
       valid: bool[B, N] tokens that may be kept (e.g. content & real-slot mask); default all.
+      limit: optional int or int[B] (may be traced) <= K: keep only the best ``limit`` tokens, the other slots
+        masked. A budget that varies per request then shares the program of its bucket K.
 
     Returns:
       (idx int32[B, K], slot_mask bool[B, K]). Kept tokens come first, ascending; when a row has fewer than K
@@ -72,7 +76,7 @@ def select_topk(scores, k: int, *, valid=None):
     valid = jnp.ones(scores.shape, bool) if valid is None else jnp.asarray(valid, bool)
     _checks.check_same_shape("scores", scores, "valid", valid)
     _checks.check_no_nan("scores", scores, valid)
-    return _select_topk(scores.astype(jnp.float32), valid, k)
+    return _select_topk(scores.astype(jnp.float32), valid, k, limit)
 
 
 def gather_tokens(x, idx):

@@ -92,6 +92,14 @@ class ClipAttention(nnx.Module):
         q, k, v = (p(x).reshape(B, P, self.heads, D // self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         return self.out_proj(jax.nn.dot_product_attention(q, k, v).reshape(B, P, D))
 
+    def cls_probe(self, x):
+        """The CLS row of this layer's attention and its keys, fp32: (float[B, N, P], float[B, P, N, Hd])."""
+        B, P, D = x.shape
+        hd = D // self.heads
+        q = self.q_proj(x[:, :1]).reshape(B, 1, self.heads, hd).astype(jnp.float32)
+        k = self.k_proj(x).reshape(B, P, self.heads, hd).astype(jnp.float32)
+        return jax.nn.softmax(jnp.einsum("bqnh,bpnh->bnp", q, k) / jnp.sqrt(hd), axis=-1), k
+
 
 class ClipMLP(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
@@ -149,3 +157,15 @@ class ClipVisionTower(nnx.Module):
         for layer in self.layers:
             x = layer(x)
         return x[:, 1:] if cfg.select_strategy == "default" else x
+
+    def with_cls_attention(self, pixel_values):
+        """Features as ``__call__``, plus the CLS-to-patch attention of the feature layer (heads summed,
+        float32[B, G*G]) and that layer's keys averaged over heads (float32[B, G*G, Hd]) - VisionZip's inputs."""
+        x = self.pre_layrnorm(self.embed(pixel_values))
+        for layer in self.layers[:-1]:
+            x = layer(x)
+        last = self.layers[-1]
+        probs, keys = last.self_attn.cls_probe(last.layer_norm1(x))
+        x = last(x)
+        feats = x[:, 1:] if self.cfg.select_strategy == "default" else x
+        return feats, jnp.sum(probs, axis=1)[:, 1:], jnp.mean(keys, axis=2)[:, 1:]

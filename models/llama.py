@@ -229,6 +229,16 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = C.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
         self.mlp = MLP(cfg, rngs=rngs)
 
+    def probe(self, x, positions, inv_freq, mask, rows):
+        """The attention rows this layer would compute on input x, without running it: float32[B, N, Q, T]."""
+        h = self.input_layernorm(x)
+        att = self.self_attn
+        B, T, _ = x.shape
+        N, K, Hd = att.shape
+        q = rope(att.q_proj(h).reshape(B, T, N, Hd), positions, inv_freq)
+        k = rope(att.k_proj(h).reshape(B, T, K, Hd), positions, inv_freq)
+        return attention_rows(q, k, mask[:, :, :T], rows)
+
     def __call__(self, x, positions, inv_freq, mask, **kw):
         a, kv, probs = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, **kw)
         x = x + a

@@ -1,0 +1,297 @@
+"""Pruning methods as data plus small pure selection policies, and the one-line spec a user writes.
+
+    spec = jd.PruneSpec("fastv", keep=128, debias=jd.Debias(curve="released", pad_tau=0.5))
+
+Axes: B batch, H heads, Q query rows, S key slots, Nv visual tokens in the current sequence, N = 576 raster
+visual tokens of the image, K kept slots, Dk key dim.
+
+A method is a schedule of stages ``(layer, keep)`` - before decoder layer ``layer`` only ``keep`` visual tokens
+remain - plus how each stage scores the visual tokens:
+
+  query    which rows vote: "last" (last prompt token), "instruction" (last instruction token, given per sample
+           or the last token), "text" (every text token after the image), "image" (the image tokens themselves)
+  source   "tap": the attention of layer ``layer - 1`` (FastV); "probe": the attention layer ``layer`` would
+           compute on its input, computed exactly for the voting rows before the layer runs (PyramidDrop)
+  positions  "keep" the original position ids of the kept tokens, or "reindex" them 0..n-1
+
+Debiasing (``Debias``) multiplies the scores of the first stage (or of every stage) by the positional weights
+of each token's raster index and zeroes letterbox-padding patches, which are also excluded from selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxdebias import _checks
+from jaxdebias.curves import Curve, curve_from_dict, curve_to_dict, released_curve
+from jaxdebias.fitting import fit_online
+from jaxdebias.prune import bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class Debias:
+    """How a method's first-stage scores are corrected (hashable, so it can be a static jit argument).
+
+    curve: None / "off" (no positional weights), "released" (the published curve of the method and ``task``),
+      "online" (per-sample fit), or a curve object / ``curve_to_dict`` dict (e.g. from ``Calibration.fit``).
+    pad_tau: letterbox-padding threshold (a patch is padding when more than ``pad_tau`` of it is padding), or
+      None for no padding suppression. Published: 0.5 (PyramidDrop's debiased variant: 0.01).
+    task: benchmark whose released curve is used with curve="released".
+    every_stage: also debias later stages (published: first stage only).
+    """
+
+    curve: Any = None
+    pad_tau: float | None = None
+    task: str = "gqa"
+    every_stage: bool = False
+
+    def __post_init__(self):
+        c = self.curve
+        if c == "off":
+            c = None
+        elif isinstance(c, dict):
+            c = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in c.items()))
+        elif c is not None and not isinstance(c, (str, tuple)):
+            c = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in curve_to_dict(c).items()))
+        if isinstance(c, str) and c not in ("released", "online"):
+            raise ValueError(f"Debias curve must be None, 'off', 'released', 'online' or a curve, got {c!r}.")
+        if self.pad_tau is not None:
+            _checks.check_fraction("pad_tau", self.pad_tau)
+        object.__setattr__(self, "curve", c)
+
+    @classmethod
+    def off(cls) -> Debias:
+        return cls()
+
+    @classmethod
+    def padding(cls, tau: float = 0.5) -> Debias:
+        return cls(pad_tau=tau)
+
+    @classmethod
+    def full(cls, curve="released", tau: float = 0.5, task: str = "gqa") -> Debias:
+        return cls(curve=curve, pad_tau=tau, task=task)
+
+    @property
+    def enabled(self) -> bool:
+        return self.curve is not None or self.pad_tau is not None
+
+    def curve_for(self, method: str) -> Curve | str | None:
+        if self.curve is None or self.curve == "online":
+            return self.curve
+        if self.curve == "released":
+            return released_curve(method, self.task)
+        return curve_from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in self.curve})
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    layer: int  # the first decoder layer that sees only the kept tokens
+    keep: int  # visual tokens kept (before bucketing)
+    query: str  # "last" | "instruction" | "text" | "image"
+    source: str  # "tap" | "probe"
+
+
+def _pdrop_ratio(budget: int, n: int = 576, layers=(2, 10, 20), total=32) -> float:
+    """PyramidDrop's first-stage ratio r (then r/2, r/4) whose layer-average token count equals ``budget``."""
+    spans = [layers[1] - layers[0], layers[2] - layers[1], total - layers[2]]
+    return (total * budget - layers[0] * n) / (n * (spans[0] + spans[1] / 2 + spans[2] / 4))
+
+
+def fastv_stages(keep: int, layer: int = 2) -> tuple[Stage, ...]:
+    """FastV (Chen et al., ECCV 2024): at layer K = 2, keep the ``keep`` image tokens the last token attended to
+    most in layer K - 1 (heads averaged); original positions kept."""
+    return (Stage(layer, keep, "last", "tap"),)
+
+
+def pdrop_stages(keep: int, layers=(2, 10, 20), n: int = 576, num_layers: int = 32) -> tuple[Stage, ...]:
+    """PyramidDrop (Xing et al., CVPR 2025), as run in the debiasing paper's LLaVA-1.5 setting: stages at
+    layers [2, 10, 20] keeping r, r/2, r/4 of the 576 tokens, with r = 0.32 for the 128-token average budget
+    (r derived the same way for other budgets). Scores: the last instruction token's attention in the stage
+    layer itself, recomputed at every stage."""
+    r = 0.32 if keep == 128 and tuple(layers) == (2, 10, 20) else _pdrop_ratio(keep, n, layers, num_layers)
+    if not 0 < r <= 1:
+        raise ValueError(f"No PyramidDrop schedule at layers {layers} averages {keep} tokens (ratio {r:.3f}).")
+    return tuple(Stage(layer, max(1, round(n * r / 2**i)), "instruction", "probe") for i, layer in enumerate(layers))
+
+
+def himap_stages(keep: int, layers=(2, 8), second_ratio: float = 0.5) -> tuple[Stage, ...]:
+    """HiMAP-style two stages: text-to-image attention (all text after the image) before ``layers[0]``, then
+    image-to-image attention before ``layers[1]`` keeping ``second_ratio`` of the survivors. The layer and ratio
+    defaults here are ours, not taken from the HiMAP release; set them to the paper's for a faithful run."""
+    return (Stage(layers[0], keep, "text", "tap"),
+            Stage(layers[1], max(1, round(keep * second_ratio)), "image", "tap"))
+
+
+METHOD_DEFAULTS = {
+    "fastv": dict(positions="keep"),
+    "pdrop": dict(positions="keep"),
+    "himap": dict(positions="keep"),
+    "visionzip": dict(positions="reindex"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+    """One line that says how to prune.
+
+    method: "fastv", "pdrop" (alias "pyramiddrop"), "himap" or "visionzip".
+    keep: visual tokens kept (FastV, HiMAP first stage, VisionZip) or the layer-average budget (PyramidDrop).
+    layer: pruning layer for FastV (default 2).
+    stages: explicit ``Stage`` tuple, overriding the method's schedule.
+    debias: a ``Debias``; positions: "keep" / "reindex" (default: the method's).
+    buckets: keep counts are rounded up to these (static shapes).
+    visionzip_contextual: contextual (merged) tokens for VisionZip (published: 10 / 20 / 30 for 64 / 128 / 192).
+    """
+
+    method: str = "fastv"
+    keep: int = 128
+    layer: int | None = None
+    stages: tuple | None = None
+    debias: Debias = Debias()
+    positions: str | None = None
+    buckets: tuple = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 576)
+    visionzip_contextual: int | None = None
+
+    def __post_init__(self):
+        m = {"pyramiddrop": "pdrop"}.get(self.method.lower(), self.method.lower())
+        if m not in METHOD_DEFAULTS:
+            raise ValueError(f"Unknown pruning method {self.method!r}; known: {', '.join(METHOD_DEFAULTS)}.")
+        object.__setattr__(self, "method", m)
+        _checks.check_positive_int("keep", self.keep)
+        pos = self.positions or METHOD_DEFAULTS[m]["positions"]
+        if pos not in ("keep", "reindex"):
+            raise ValueError(f"positions must be 'keep' or 'reindex', got {pos!r}.")
+        object.__setattr__(self, "positions", pos)
+
+    def schedule(self, n_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        """The stages, checked against the model: layers in 1..L-1 increasing, keeps decreasing and <= N."""
+        if self.stages is not None:
+            stages = tuple(self.stages)
+        elif self.method == "fastv":
+            stages = fastv_stages(self.keep, 2 if self.layer is None else self.layer)
+        elif self.method == "pdrop":
+            stages = pdrop_stages(self.keep, n=n_visual, num_layers=num_layers)
+        elif self.method == "himap":
+            stages = himap_stages(self.keep)
+        else:
+            stages = ()
+        prev_layer, prev_keep = 0, n_visual
+        for s in stages:
+            if not prev_layer < s.layer < num_layers:
+                raise ValueError(f"{self.method}: stage layer {s.layer} must be in {prev_layer + 1}..{num_layers - 1} "
+                                 f"(the model has {num_layers} decoder layers).")
+            if not 0 < s.keep <= prev_keep:
+                raise ValueError(f"{self.method}: stage at layer {s.layer} keeps {s.keep} tokens but only {prev_keep} "
+                                 "remain; --keep must not exceed the visual tokens.")
+            prev_layer, prev_keep = s.layer, s.keep
+        if self.method == "visionzip" and self.keep > n_visual:
+            raise ValueError(f"visionzip: keep={self.keep} exceeds the {n_visual} visual tokens.")
+        return stages
+
+    def bucketed(self, keep: int, n_visual: int) -> int:
+        return min(bucket(keep, self.buckets + (n_visual,)), n_visual)
+
+    def split(self, n_visual: int, num_layers: int) -> tuple[PruneSpec, tuple[int, ...]]:
+        """(the static shape of this spec, the real keep of each stage). The shape has every keep rounded up to
+        its bucket, so requests whose budgets share buckets share one compiled program; the real keeps are
+        passed at run time and mask the surplus slots."""
+        stages = self.schedule(n_visual, num_layers)
+        if self.method == "visionzip":
+            dom, ctx = contextual_split(self.keep, self.visionzip_contextual)
+            shape = dataclasses.replace(self, keep=self.bucketed(dom, n_visual) + ctx, visionzip_contextual=ctx,
+                                        stages=())
+            return shape, (dom,)
+        shaped, prev = [], n_visual
+        for s in stages:
+            prev = self.bucketed(s.keep, prev)
+            shaped.append(dataclasses.replace(s, keep=prev))
+        return dataclasses.replace(self, keep=n_visual, stages=tuple(shaped)), tuple(s.keep for s in stages)
+
+
+def stage_scores(probs, query_valid, key_slots, key_valid):
+    """Mean over heads and voting rows of the attention each visual slot receives.
+
+    probs: float[B, H, Q, S]; query_valid: bool[B, Q]; key_slots: int[B, Nv] slots of the visual tokens;
+    key_valid: bool[B, Nv]. Returns float32[B, Nv] (0 at invalid slots).
+    """
+    per_row = jnp.mean(probs.astype(jnp.float32), axis=1)  # [B, Q, S]
+    q = query_valid.astype(jnp.float32)[..., None]
+    per_key = jnp.sum(per_row * q, 1) / jnp.maximum(jnp.sum(q, 1), 1.0)  # [B, S]
+    return jnp.where(key_valid, jnp.take_along_axis(per_key, key_slots, axis=1), 0.0)
+
+
+def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int):
+    """Debias scores of tokens identified by their raster index (they may already be a pruned subset).
+
+    scores: float[B, Nv]; raster_idx: int[B, Nv] index of each token in the N-token image; valid: bool[B, Nv];
+    content: bool[B, Nv] or None (padding suppression); curve: None, "online" or a curve.
+    """
+    s = scores
+    if isinstance(curve, str):  # online: fit on the full raster grid, where the rows are rows of the image
+        full = jnp.zeros((s.shape[0], n_raster)).at[jnp.arange(s.shape[0])[:, None], raster_idx].set(
+            jnp.where(valid, s, 0.0))
+        fit_valid = jnp.zeros((s.shape[0], n_raster), bool).at[jnp.arange(s.shape[0])[:, None], raster_idx].set(
+            valid if content is None else valid & content)
+        curve = fit_online(full, fit_valid)
+    if curve is not None:
+        w = curve.weights(n_raster)
+        w = jnp.broadcast_to(w, (s.shape[0], n_raster)) if w.ndim == 1 else w
+        s = s * jnp.take_along_axis(w, raster_idx, axis=1)
+    if content is not None:
+        s = jnp.where(content, s, 0.0)
+    return s
+
+
+def visionzip_select(cls_attn, keys, valid, dominant: int, contextual: int, limit=None):
+    """VisionZip (Yang et al., CVPR 2025) on the tower's feature layer, as we read the released code.
+
+    Dominant tokens: the ``dominant`` patches the CLS token attends to most (heads summed). Contextual tokens:
+    among the remaining patches, ``contextual`` targets are taken evenly spaced (every ``n_rest // contextual``-th);
+    every other remaining patch joins the target whose key (heads averaged, L2-normalised) is most similar; a
+    contextual token is its target's feature plus the mean of the features that joined it.
+
+    Args:
+      cls_attn: float[B, N] CLS-to-patch attention; keys: float[B, N, Dk] of the same layer; valid: bool[B, N]
+        candidate patches (e.g. content); dominant, contextual: static counts; limit: optional traced number of
+        dominant tokens actually kept (<= dominant; the surplus slots are masked and their patches can merge).
+
+    Returns:
+      (dominant_idx int32[B, dominant] ascending, dominant_mask bool[B, dominant],
+       merge float32[B, C, N]: contextual token c = sum_n merge[b, c, n] * feature[b, n],
+       contextual_mask bool[B, C]).
+    """
+    from jaxdebias.prune import select_topk
+
+    idx, slot = select_topk(cls_attn, dominant, valid=valid, limit=limit)
+    B, N = cls_attn.shape
+    chosen = jnp.zeros((B, N), bool).at[jnp.arange(B)[:, None], idx].set(slot)
+    rest = valid & ~chosen
+    order = jnp.cumsum(rest, axis=1) - 1  # rank of each remaining patch, in raster order
+    step = jnp.maximum(jnp.sum(rest, axis=1, keepdims=True) // max(contextual, 1), 1)
+    is_target = rest & (order % step == 0) & (order // step < contextual)
+    target = jax.nn.one_hot(jnp.where(is_target, order // step, contextual), contextual + 1)[..., :contextual]
+    k = keys.astype(jnp.float32)
+    k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
+    target_keys = jnp.einsum("bnc,bnd->bcd", target, k)  # [B, C, Dk]
+    sim = jnp.einsum("bnd,bcd->bnc", k, target_keys)
+    sim = jnp.where(jnp.any(target > 0, axis=1, keepdims=True), sim, -jnp.inf)  # groups without a target
+    joins = (rest & ~is_target)[..., None] * jax.nn.one_hot(jnp.argmax(sim, -1), contextual)  # [B, N, C]
+    mean = joins / jnp.maximum(jnp.sum(joins, axis=1, keepdims=True), 1.0)
+    merge = jnp.swapaxes(target + mean, 1, 2)
+    return idx, slot, merge, jnp.any(target > 0, axis=1)
+
+
+def contextual_split(keep: int, contextual: int | None) -> tuple[int, int]:
+    """VisionZip's dominant / contextual split: published 54+10, 108+20, 162+30 for 64 / 128 / 192 tokens."""
+    ctx = contextual if contextual is not None else max(1, round(keep * 10 / 64)) if keep >= 8 else 0
+    if not 0 <= ctx < keep:
+        raise ValueError(f"visionzip: contextual tokens ({ctx}) must be fewer than keep ({keep}).")
+    return keep - ctx, ctx
+
+
+__all__ = ["Debias", "PruneSpec", "Stage", "contextual_split", "debias_scores", "fastv_stages", "himap_stages",
+           "pdrop_stages", "stage_scores", "visionzip_select"]

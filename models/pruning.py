@@ -1,0 +1,301 @@
+"""Visual token pruning inside the LLaVA decoder: staged prefill with real token removal, then generation.
+
+Axes: B batch, T prompt slots, Ts slots in the current stage, N visual tokens of an image (576), Nv visual slots
+in the current stage, K kept slots (a bucket), D width, V vocab.
+
+The prefill runs the decoder in segments. Before each stage layer the visual tokens are scored (by the method's
+policy in ``jaxdebias.methods``), optionally debiased, and the top-K are gathered into a shorter sequence: the
+next layers compute on fewer tokens and their KV caches are shorter. Slots a sample cannot fill (fewer valid
+tokens than the bucket) are masked in attention, never filled with padding. Shapes depend only on the prompt
+bucket and the keep buckets, so a batch of mixed prompts, image shapes and budgets compiles once per bucket.
+
+    spec = jd.PruneSpec("fastv", keep=128, debias=jd.Debias.full("released", tau=0.5))
+    result = prefill_and_generate(model, batch, prune=spec, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxdebias as jd
+from jaxdebias.methods import PruneSpec, debias_scores, stage_scores, visionzip_select
+from jaxdebias.models import _common as C
+from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
+from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, _round_up
+
+
+@dataclasses.dataclass
+class Batch:
+    """input_ids int[B, T] (one image per sample, its placeholders expanded); pixel_values float[B, 3, H, W];
+    attention_mask [B, T]; image_sizes int[B, 2] original (width, height) for the padding masks;
+    instruction_pos int[B] slot of the last instruction token (PyramidDrop; default: last real token)."""
+
+    input_ids: Any
+    pixel_values: Any
+    attention_mask: Any = None
+    image_sizes: Any = None
+    instruction_pos: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Seq:
+    """The current sequence: h [B, Ts, D]; pos int[B, Ts]; valid, vis bool[B, Ts]; raster int[B, Ts] (raster index
+    of a visual token, -1 otherwise); orig int[B, Ts] (slot in the original prompt, -1 for merged tokens);
+    first int[B] slot of the first visual token; nv: static visual slot count."""
+
+    h: Any
+    pos: Any
+    valid: Any
+    vis: Any
+    raster: Any
+    orig: Any
+    first: Any
+    nv: int = dataclasses.field(metadata={"static": True})
+
+
+def replace_visual(seq: Seq, block_h, block_valid, block_raster, block_pos, positions: str) -> Seq:
+    """Replaces the contiguous visual span of every sample by a block of M slots (kept or merged tokens)."""
+    B, Ts, _ = seq.h.shape
+    M = block_h.shape[1]
+    Tn = Ts - seq.nv + M
+    j = jnp.arange(Tn)[None, :]
+    first = seq.first[:, None]
+    in_block = (j >= first) & (j < first + M)
+    src = jnp.where(j < first, j, j - M + seq.nv)
+    src = jnp.clip(jnp.where(in_block, 0, src), 0, Ts - 1)
+    bidx = jnp.clip(j - first, 0, M - 1)
+
+    def pick(old, blk):
+        o = jnp.take_along_axis(old, src.reshape(src.shape + (1,) * (old.ndim - 2)), axis=1)
+        b = jnp.take_along_axis(blk, bidx.reshape(bidx.shape + (1,) * (blk.ndim - 2)), axis=1)
+        return jnp.where(in_block.reshape(in_block.shape + (1,) * (old.ndim - 2)), b, o)
+
+    valid = pick(seq.valid, block_valid)
+    pos = pick(seq.pos, block_pos)
+    if positions == "reindex":
+        pos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, 0)
+    return Seq(h=pick(seq.h, block_h), pos=pos.astype(jnp.int32), valid=valid,
+               vis=pick(seq.vis, jnp.ones(block_valid.shape, bool)),
+               raster=pick(seq.raster, block_raster), orig=pick(seq.orig, jnp.full(block_raster.shape, -1)),
+               first=seq.first, nv=M)
+
+
+def _rows(seq: Seq, query: str, instruction_orig):
+    """(rows int[B, Q], row_valid bool[B, Q]) of the voting query slots in the current sequence."""
+    B, Ts = seq.valid.shape
+    slots = jnp.broadcast_to(jnp.arange(Ts), (B, Ts))
+    last = jnp.max(jnp.where(seq.valid, slots, 0), axis=1)
+    if query == "last":
+        return last[:, None], jnp.ones((B, 1), bool)
+    if query == "instruction":
+        hit = seq.orig == instruction_orig[:, None]
+        row = jnp.where(jnp.any(hit, 1), jnp.argmax(hit, 1), last)
+        return row[:, None], jnp.ones((B, 1), bool)
+    if query == "text":
+        return slots, seq.valid & ~seq.vis & (slots >= seq.first[:, None] + seq.nv)
+    if query == "image":
+        rows = seq.first[:, None] + jnp.arange(seq.nv)
+        return rows, jnp.take_along_axis(seq.valid, rows, axis=1)
+    raise ValueError(f"Unknown query kind {query!r}.")
+
+
+def _stage_lengths(T: int, shape: PruneSpec, n: int, L: int):
+    """Static (first layer, stop layer, slots) of every decoder segment, for a shape spec (see PruneSpec.split)."""
+    if shape.method == "visionzip":
+        return [(0, L, T - n + shape.keep)], ()
+    segs, cur, Ts, nv = [], 0, T, n
+    for s in shape.stages:
+        segs.append((cur, s.layer, Ts))
+        Ts, nv, cur = Ts - nv + s.keep, s.keep, s.layer
+    segs.append((cur, L, Ts))
+    return segs, shape.stages
+
+
+def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keeps, spec: PruneSpec, extra: int):
+    """The staged prefill for a shape spec (``PruneSpec.split``) and the real per-stage keeps (int32[stages]).
+    Returns (logits float32[B, V] at the last real token, KVCache, info dict).
+
+    info: "kept" list (per stage) of (raster idx int[B, K], slot mask bool[B, K]); "scores" / "debiased":
+    float32[B, N] first-stage scores over the raster grid before and after debiasing (0 where not scored)."""
+    cfg = model.cfg
+    lm = model.language_model
+    L, n = cfg.text.num_layers, cfg.vision.num_features
+    B, T = ids.shape
+    am = am.astype(bool)
+    is_img = ids == cfg.image_token_id
+    vslots, _ = jd.visual_positions(is_img, n)
+    segs, stages = _stage_lengths(T, spec, n, L)
+    cache = KVCache.empty(cfg.text, B, [Ts + extra for a, b, Ts in segs for _ in range(a, b)])
+    content = None
+    if spec.debias.pad_tau is not None:
+        grid = cfg.vision.grid
+        content = jd.pad_mask_expand2square(image_sizes[:, 0], image_sizes[:, 1], grid=grid,
+                                            canvas=cfg.vision.image_size, tau=spec.debias.pad_tau)
+        if n != grid * grid:
+            raise ValueError("Padding suppression needs one token per patch (vision_feature_select_strategy "
+                             "'default').")
+    curve = spec.debias.curve_for(spec.method) if spec.debias.curve is not None else None
+    info = {"kept": [], "scores": jnp.zeros((B, n)), "debiased": jnp.zeros((B, n))}
+    raster = jnp.where(is_img, jnp.cumsum(is_img, axis=1) - 1, -1)
+    orig = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+    def debias_stage(i, scores, seq_raster, valid):
+        use = spec.debias.enabled and (i == 0 or spec.debias.every_stage)
+        cont = None if content is None else jnp.take_along_axis(content, jnp.clip(seq_raster, 0), axis=1)
+        deb = debias_scores(scores, jnp.clip(seq_raster, 0), valid, cont if use else None, curve if use else None, n)
+        if i == 0:
+            bidx = jnp.arange(B)[:, None]
+            info["scores"] = info["scores"].at[bidx, jnp.clip(seq_raster, 0)].set(jnp.where(valid, scores, 0.0))
+            info["debiased"] = info["debiased"].at[bidx, jnp.clip(seq_raster, 0)].set(jnp.where(valid, deb, 0.0))
+        candidates = valid if cont is None else valid & cont  # padding is never selected, whatever the stage
+        return deb, candidates
+
+    if spec.method == "visionzip":
+        feats, cls_attn, keys = model.vision_tower.with_cls_attention(px)
+        ctx = spec.visionzip_contextual
+        ones = jnp.ones((B, n), bool)
+        scores, cand = debias_stage(0, cls_attn, jnp.broadcast_to(jnp.arange(n), (B, n)), ones)
+        idx, slot, merge, cmask = visionzip_select(scores, keys, cand, spec.keep - ctx, ctx, limit=keeps[0])
+        feats = feats.astype(cfg.text.dtype)
+        block_v = jnp.concatenate([jd.gather_tokens(feats, idx), jnp.einsum("bcn,bnd->bcd", merge, feats)], 1)
+        block_h = model.multi_modal_projector(block_v).astype(cfg.text.dtype)
+        info["kept"].append((idx, slot))
+        h, _ = model.embed(ids, None)
+        seq = Seq(h, C.default_positions(am), am, is_img, raster, orig, vslots[:, 0], n)
+        block_valid = jnp.concatenate([slot, cmask], 1)
+        block_raster = jnp.concatenate([idx, jnp.full((B, ctx), -1)], 1)
+        last_pos = jnp.max(jnp.where(is_img, seq.pos, 0), 1, keepdims=True)
+        block_pos = jnp.concatenate([jd.gather_tokens(seq.pos, vslots[:, 0:1] + idx), jnp.broadcast_to(
+            last_pos, (B, ctx))], 1)
+        seq = replace_visual(seq, block_h, block_valid, block_raster, block_pos, spec.positions)
+    else:
+        h, _ = model.embed(ids, px)
+        seq = Seq(h, C.default_positions(am), am, is_img, raster, orig, vslots[:, 0], n)
+    instr = jnp.max(jnp.where(am, jnp.arange(T), 0), 1) if instruction_pos is None else instruction_pos
+    inv_freq = jnp.asarray(rope_inv_freq(cfg.text))
+    n_real = jnp.sum(am, 1)
+    for i, (start, stop, Ts) in enumerate(segs):
+        cache = cache.with_prompt(start, stop, seq.valid,
+                                  n_real if spec.positions == "keep" else jnp.sum(seq.valid, 1))
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(Ts), (B, Ts)), cache.valid[start])
+        stage = stages[i] if i < len(stages) else None
+        taps = Taps() if stage is None or stage.source != "tap" else None
+        rows = None
+        if stage is not None:
+            rows, row_valid = _rows(seq, stage.query, instr)
+            if stage.source == "tap":
+                taps = Taps(attn_layers=(stage.layer - 1,), rows=rows)
+        h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps)
+        seq = dataclasses.replace(seq, h=h)
+        if stage is None:
+            break
+        if stage.source == "tap":
+            probs = tapped["attn"][stage.layer - 1]
+        else:
+            probs = lm.layers[stage.layer].probe(seq.h, seq.pos, inv_freq, mask, rows)
+        kslots = seq.first[:, None] + jnp.arange(seq.nv)
+        kvalid = jnp.take_along_axis(seq.valid, kslots, axis=1)
+        scores = stage_scores(probs, row_valid, kslots, kvalid)
+        seq_raster = jnp.take_along_axis(seq.raster, kslots, axis=1)
+        scores, cand = debias_stage(i, scores, seq_raster, kvalid)
+        idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=keeps[i])
+        info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))
+        take = lambda x: jd.gather_tokens(x, seq.first[:, None] + idx)  # noqa: E731
+        seq = replace_visual(seq, take(seq.h), slot, take(seq.raster), take(seq.pos), spec.positions)
+    return lm.logits(C.last_real(seq.h, seq.valid)), cache, info
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "extra", "temperature"))
+def _prefill(graphdef, state, ids, px, am, sizes, instr, keeps, key, *, spec, extra, temperature):
+    model = nnx.merge(graphdef, state)
+    logits, cache, info = pruned_prefill(model, ids, px, am, sizes, instr, keeps, spec, extra)
+    info["logits"] = logits
+    return _pick(logits, temperature, key), cache, info
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"), donate_argnames=("cache",))
+def _decode(graphdef, state, tokens, cache, key, *, temperature):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tokens, cache)
+    return _pick(logits, temperature, key), cache
+
+
+@dataclasses.dataclass
+class Result:
+    """tokens int32[B, new]; kept: per stage (raster idx int[B, K], slot mask bool[B, K]) as numpy;
+    scores / debiased float32[B, N] first-stage scores; stage_lengths: (first layer, stop layer, slots) per
+    decoder segment; logits float32[B, V] of the prefill at the last prompt token."""
+
+    tokens: np.ndarray
+    kept: list
+    scores: np.ndarray
+    debiased: np.ndarray
+    stage_lengths: list
+    logits: np.ndarray
+
+
+def prepare(model: Llava, batch: Batch, spec: PruneSpec, prompt_buckets=PROMPT_BUCKETS):
+    """Checks the batch and right-pads it to a prompt bucket. Returns arrays ready for ``_prefill``."""
+    ids = np.asarray(batch.input_ids)
+    am = np.ones(ids.shape, bool) if batch.attention_mask is None else np.asarray(batch.attention_mask).astype(bool)
+    model.check_inputs(ids, batch.pixel_values, am)
+    B, T = ids.shape
+    n = model.cfg.vision.num_features
+    img = ids == model.cfg.image_token_id
+    if not (img.sum(1) == n).all():
+        raise ValueError(f"Pruning needs exactly one image ({n} placeholder tokens) per sample; got "
+                         f"{img.sum(1).tolist()} image tokens.")
+    starts = img.argmax(1)
+    if not all(img[b, starts[b]:starts[b] + n].all() for b in range(B)):
+        raise ValueError("Each sample's image placeholders must be contiguous.")
+    spec.schedule(n, model.cfg.text.num_layers)  # validates layers and keeps early, with the method's message
+    sizes = batch.image_sizes
+    if spec.debias.pad_tau is not None and sizes is None:
+        raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original (width, height) "
+                         "of each image.")
+    sizes = np.ones((B, 2), np.int32) if sizes is None else np.asarray(sizes, np.int32).reshape(B, 2)
+    Tb = _round_up(T, prompt_buckets)
+    ids = np.pad(ids, ((0, 0), (0, Tb - T)), constant_values=model.cfg.pad_token_id)
+    am = np.pad(am, ((0, 0), (0, Tb - T)))
+    instr = None if batch.instruction_pos is None else jnp.asarray(batch.instruction_pos, jnp.int32)
+    return jnp.asarray(ids), jnp.asarray(batch.pixel_values), jnp.asarray(am), jnp.asarray(sizes), instr
+
+
+def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None = None, max_new_tokens: int = 32,
+                         temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> Result:
+    """Pruned prefill (dense with ``prune=None``), then generation from the pruned per-layer caches.
+    See the module docstring."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
+    n = model.cfg.vision.num_features
+    spec = prune or PruneSpec("fastv", keep=n, stages=())
+    ids, px, am, sizes, instr = prepare(model, batch, spec)
+    shape, keeps = spec.split(n, model.cfg.text.num_layers)
+    extra = -(-max_new_tokens // 64) * 64
+    graphdef, state = nnx.split(model)
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    tok, cache, info = _prefill(graphdef, state, ids, px, am, sizes, instr, jnp.asarray(keeps + (0,), jnp.int32),
+                                keys[0], spec=shape, extra=extra, temperature=float(temperature))
+    eos = model.cfg.eos_token_id
+    out = [np.asarray(tok)]
+    done = out[0] == eos
+    for i in range(1, max_new_tokens):
+        if stop_at_eos and done.all():
+            out.append(np.full(done.shape, eos, np.int32))
+            continue
+        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature))
+        t = np.where(done, eos, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
+        out.append(t)
+        done = done | (t == eos)
+    segs, _ = _stage_lengths(ids.shape[1], shape, n, model.cfg.text.num_layers)
+    return Result(np.stack(out, 1).astype(np.int32), [(np.asarray(a), np.asarray(b)) for a, b in info["kept"]],
+                  np.asarray(info["scores"]), np.asarray(info["debiased"]), [(a, b, t) for a, b, t in segs],
+                  np.asarray(info["logits"]))
