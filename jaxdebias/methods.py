@@ -270,6 +270,8 @@ def visionzip_select(cls_attn, keys, valid, dominant: int, contextual: int, limi
     B, N = cls_attn.shape
     chosen = jnp.zeros((B, N), bool).at[jnp.arange(B)[:, None], idx].set(slot)
     rest = valid & ~chosen
+    if contextual == 0:
+        return idx, slot, jnp.zeros((B, 0, N), jnp.float32), jnp.zeros((B, 0), bool)
     order = jnp.cumsum(rest, axis=1) - 1  # rank of each remaining patch, in raster order
     step = jnp.maximum(jnp.sum(rest, axis=1, keepdims=True) // max(contextual, 1), 1)
     is_target = rest & (order % step == 0) & (order // step < contextual)

@@ -1,0 +1,222 @@
+"""Pruning inside the decoder: selections against NumPy re-derivations on transformers' attention, exactness with
+nothing pruned, a masked-attention reference, compile counts and FLOPs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdebias as jd
+from jaxdebias.methods import Stage
+from jaxdebias.models import _common as C
+from jaxdebias.models import llava, pruning
+from jaxdebias.models.llama import rope_inv_freq, slot_mask
+
+torch = pytest.importorskip("torch")
+
+from .hf_tiny import IMAGE_TOKEN, make_hf_llava, prompts  # noqa: E402
+
+SIZES = np.array([[1000, 300], [300, 1000]])  # letterboxed: top/bottom rows, left/right columns are padding
+BUCKETS = tuple(range(1, 10))
+CURVE = {"form": "exp", "b": 0.4}  # strong enough to reorder 9 tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from jaxdebias.convert.checkpoint import from_hf
+
+    hf = make_hf_llava("gqa", seed=5)
+    path = tmp_path_factory.mktemp("prune")
+    hf.save_pretrained(path)
+    ids, am, px = prompts(padding="right")
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px), attention_mask=torch.tensor(am),
+                 position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)), output_attentions=True)
+        vis = hf.model.vision_tower(torch.tensor(px), output_attentions=True)
+    return {"hf": hf, "model": from_hf(path), "ids": ids, "am": am, "px": px,
+            "attn": [a.numpy() for a in ref.attentions], "vis_attn": [a.numpy() for a in vis.attentions]}
+
+
+def batch(t, instruction=None):
+    return pruning.Batch(t["ids"], t["px"], t["am"], image_sizes=SIZES, instruction_pos=instruction)
+
+
+def np_select(scores, k, candidates):
+    order = [i for i in np.lexsort((np.arange(len(scores)), -scores)) if candidates[i]]
+    return sorted(order[:k])
+
+
+def np_debias(scores, debias):
+    content = np.asarray(jd.pad_mask_expand2square(SIZES[:, 0], SIZES[:, 1], grid=3, canvas=42, tau=0.5))
+    s, cand = scores.copy(), np.ones_like(content)
+    if debias in ("curve", "pad+curve"):
+        s = s * np.exp(-CURVE["b"] * np.arange(9))
+    if debias in ("pad", "pad+curve"):
+        s, cand = np.where(content, s, 0.0), content
+    return s, cand
+
+
+DEBIAS = {"off": jd.Debias(), "pad": jd.Debias(pad_tau=0.5), "pad+curve": jd.Debias(curve=CURVE, pad_tau=0.5)}
+
+
+def kept_sets(result, stage=0):
+    idx, slot = result.kept[stage]
+    return [sorted(idx[b][slot[b]].tolist()) for b in range(idx.shape[0])]
+
+
+@pytest.mark.parametrize("debias", ["off", "pad", "pad+curve"])
+def test_fastv_selection_equals_numpy(tiny, debias):
+    spec = jd.PruneSpec("fastv", keep=4, layer=2, buckets=BUCKETS, debias=DEBIAS[debias])
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    for b in range(2):
+        img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
+        last = np.nonzero(tiny["am"][b])[0].max()
+        scores = tiny["attn"][1][b][:, last, img].mean(0)  # layer K-1 = 1, last token, heads averaged
+        s, cand = np_debias(scores, debias)
+        s, cand = s[b] if s.ndim == 2 else s, cand[b]
+        assert kept_sets(r)[b] == np_select(s, 4, cand)
+    if debias != "off":  # the correction changes the kept set as the formula says (checked above), and differs
+        plain = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=dataclasses.replace(
+            spec, debias=jd.Debias()), max_new_tokens=1)
+        assert kept_sets(plain) != kept_sets(r)
+
+
+def test_pdrop_first_stage_equals_numpy_and_stages_nest(tiny):
+    instr = np.array([np.nonzero(tiny["am"][b])[0].max() - 2 for b in range(2)])
+    spec = jd.PruneSpec("pdrop", stages=(Stage(2, 5, "instruction", "probe"), Stage(3, 2, "instruction", "probe")),
+                        buckets=BUCKETS, debias=jd.Debias(curve=CURVE, pad_tau=0.5))
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny, instr), prune=spec, max_new_tokens=1)
+    for b in range(2):
+        img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
+        scores = tiny["attn"][2][b][:, instr[b], img].mean(0)  # the stage layer's own attention, before pruning
+        s, cand = np_debias(scores, "pad+curve")
+        assert kept_sets(r)[b] == np_select(s[b], 5, cand[b])
+        second = kept_sets(r, 1)[b]
+        assert set(second) <= set(kept_sets(r)[b]) and len(second) == min(2, len(kept_sets(r)[b]))
+
+
+def test_himap_text_stage_equals_numpy(tiny):
+    spec = jd.PruneSpec("himap", stages=(Stage(2, 5, "text", "tap"), Stage(3, 3, "image", "tap")), buckets=BUCKETS)
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    for b in range(2):
+        img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
+        text = [t for t in np.nonzero(tiny["am"][b])[0] if t > img.max()]
+        scores = tiny["attn"][1][b][:, text][:, :, img].mean((0, 1))
+        assert kept_sets(r)[b] == np_select(scores, 5, np.ones(9, bool))
+        assert set(kept_sets(r, 1)[b]) <= set(kept_sets(r)[b]) and len(kept_sets(r, 1)[b]) == 3
+
+
+def test_visionzip_dominant_tokens_equal_numpy(tiny):
+    spec = jd.PruneSpec("visionzip", keep=6, visionzip_contextual=2, buckets=BUCKETS)
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    layer = tiny["model"].cfg.vision.layers_run - 1  # the feature layer's own attention
+    for b in range(2):
+        cls = tiny["vis_attn"][layer][b][:, 0, 1:].sum(0)
+        assert kept_sets(r)[b] == np_select(cls, 4, np.ones(9, bool))
+    assert r.stage_lengths[0][2] == tiny["ids"].shape[1] + 64 - 9 + 6 - tiny["ids"].shape[1]  # 64-bucket prompt
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip"])
+def test_keep_all_equals_unpruned(tiny, method):
+    stages = {"fastv": None, "pdrop": (Stage(1, 9, "instruction", "probe"), Stage(3, 9, "instruction", "probe")),
+              "himap": (Stage(1, 9, "text", "tap"), Stage(2, 9, "image", "tap")), "visionzip": None}[method]
+    spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0)
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
+    out = tiny["model"](tiny["ids"], tiny["px"], tiny["am"])
+    ref = np.asarray(C.last_real(out.logits, jnp.asarray(tiny["am"], bool)))
+    np.testing.assert_allclose(r.logits, ref, atol=1e-5)
+    dense = llava.generate(tiny["model"], tiny["ids"], tiny["px"], tiny["am"], max_new_tokens=8, stop_at_eos=False)
+    np.testing.assert_array_equal(r.tokens, dense)
+
+
+def masked_reference(model, ids, px, am, layer, kept_raster):
+    """FastV by masking instead of removing: layers >= `layer` may not attend to pruned image tokens."""
+    lm = model.language_model
+    h, _ = model.embed(ids, px)
+    B, T = ids.shape
+    amb = jnp.asarray(am, bool)
+    pos = C.default_positions(amb)
+    is_img = ids == IMAGE_TOKEN
+    raster = np.where(is_img, np.cumsum(is_img, 1) - 1, -1)
+    keep = ~is_img | np.stack([np.isin(raster[b], kept_raster[b]) for b in range(B)])
+    q = jnp.broadcast_to(jnp.arange(T), (B, T))
+    inv = jnp.asarray(rope_inv_freq(model.cfg.text))
+    for i, lay in enumerate(lm.layers):
+        mask = slot_mask(q, amb if i < layer else amb & jnp.asarray(keep))
+        h, _, _ = lay(h, pos, inv, mask)
+    last = jnp.max(jnp.where(amb & jnp.asarray(keep), jnp.arange(T), 0), 1)
+    return np.asarray(lm.logits(jnp.take_along_axis(h, last[:, None, None], 1)[:, 0]))
+
+
+def test_pruned_logits_equal_masked_attention_reference(tiny):
+    spec = jd.PruneSpec("fastv", keep=3, layer=2, buckets=BUCKETS, debias=jd.Debias(pad_tau=0.5))
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    ref = masked_reference(tiny["model"], tiny["ids"], tiny["px"], tiny["am"], 2, kept_sets(r))
+    np.testing.assert_allclose(r.logits, ref, atol=1e-5)
+    assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 3)]  # the tokens are really gone after layer 2
+
+
+def test_fifty_requests_compile_once_per_bucket(tiny):
+    rng = np.random.default_rng(0)
+    p0 = pruning._prefill._cache_size()
+    seen = set()
+    buckets = (3, 6, 9)
+    for i in range(50):
+        extra = int(rng.integers(0, 70))  # prompt lengths 21..90: the 64 and 128 buckets
+        ids = np.concatenate([tiny["ids"][:, :1], rng.integers(3, 140, (2, extra)), tiny["ids"][:, 1:]], 1)
+        am = np.concatenate([tiny["am"][:, :1], np.ones((2, extra), int), tiny["am"][:, 1:]], 1)
+        sizes = rng.integers(50, 2000, (2, 2))
+        keep = int(rng.integers(1, 10))
+        method = ["fastv", "visionzip"][i % 2]
+        spec = jd.PruneSpec(method, keep=keep, buckets=buckets, visionzip_contextual=0 if keep < 3 else 1,
+                            debias=jd.Debias(curve="online", pad_tau=0.5))
+        r = pruning.prefill_and_generate(tiny["model"], pruning.Batch(ids, tiny["px"], am, sizes), prune=spec,
+                                         max_new_tokens=2)
+        shape, keeps = spec.split(9, 4)
+        seen.add((llava._round_up(ids.shape[1], llava.PROMPT_BUCKETS), shape))
+        assert all((s.sum(1) <= keep).all() for _, s in r.kept)
+    assert len(seen) < 20
+    assert pruning._prefill._cache_size() - p0 == len(seen)
+
+
+def _flops(model, spec, T=640):
+    n = model.cfg.vision.num_features
+    shape, keeps = spec.split(n, model.cfg.text.num_layers)
+    B = 1
+    ids = np.full((B, T), 5)
+    ids[:, 10:10 + n] = model.cfg.image_token_id
+    px = jnp.zeros((B, 3, model.cfg.vision.image_size, model.cfg.vision.image_size))
+    from flax import nnx
+
+    g, st = nnx.split(model)
+    lowered = pruning._prefill.lower(g, st, jnp.asarray(ids), px, jnp.ones((B, T), bool), jnp.ones((B, 2), jnp.int32),
+                                     None, jnp.asarray(keeps + (0,), jnp.int32), jax.random.key(0), spec=shape,
+                                     extra=64, temperature=0.0)
+    return lowered.compile().cost_analysis()["flops"], shape
+
+
+def test_prefill_flops_match_the_analytic_count():
+    from flax import nnx
+
+    from jaxdebias.models.clip import ClipVisionConfig
+    from jaxdebias.models.llama import LlamaConfig
+
+    cfg = llava.LlavaConfig(ClipVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
+                            LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_layers=6,
+                                        num_heads=8, num_kv_heads=8))
+    model = nnx.eval_shape(lambda: llava.Llava(cfg, rngs=nnx.Rngs(0)))
+    model = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model)
+    D, F, T, extra = 512, 1376, 640, 64
+
+    def layer_flops(Ts):  # projections, MLP, and QK^T + PV against the layer's cache of Ts + extra slots
+        return 2 * Ts * (4 * D * D + 3 * D * F) + 2 * 2 * Ts * (Ts + extra) * D
+
+    dense, _ = _flops(model, jd.PruneSpec("fastv", keep=576, stages=()))
+    for keep in (64, 192):
+        pruned, shape = _flops(model, jd.PruneSpec("fastv", keep=keep, layer=2))
+        Ts = T - 576 + shape.stages[0].keep
+        analytic_saving = 4 * (layer_flops(T) - layer_flops(Ts))  # layers 2..5 see Ts tokens instead of T
+        ratio = (dense - pruned) / analytic_saving
+        assert 0.97 < ratio < 1.06, ratio
