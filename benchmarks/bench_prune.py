@@ -1,0 +1,97 @@
+"""Pruned prefill against unpruned, side by side in one run, next to the analytic FLOP ratio.
+
+    python benchmarks/bench_prune.py [--layers 8] [--hidden 1024] [--text 64] [--repeats 5] [--method fastv]
+
+A random mid-sized LLaVA (CLIP-style 336/14 tower -> 576 visual tokens, Llama decoder ``--layers`` x
+``--hidden``) runs the same prompt (576 visual + ``--text`` text tokens, batch 1) unpruned and pruned to
+64/128/192 visual tokens with padding + released-curve debiasing. Reported per budget: median prefill time, its
+ratio to unpruned, the decoder's analytic FLOP ratio (the physical limit of the speed-up), and the cost of the
+debias + select step alone as a share of the pruned prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxdebias as jd
+from jaxdebias.models import llava, pruning
+from jaxdebias.models.clip import ClipVisionConfig
+from jaxdebias.models.llama import LlamaConfig
+
+
+def median_time(fn, repeats):
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--text", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--method", default="fastv")
+    args = ap.parse_args()
+    D, L = args.hidden, args.layers
+    F = int(D * 2.6875)
+    dtype = jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    cfg = llava.LlavaConfig(
+        ClipVisionConfig(hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8, dtype=dtype,
+                         param_dtype=dtype),
+        LlamaConfig(vocab_size=32064, hidden_size=D, intermediate_size=F, num_layers=L, num_heads=D // 64,
+                    num_kv_heads=D // 64, dtype=dtype, param_dtype=dtype))
+    model = llava.Llava(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    T = 576 + args.text
+    ids = np.concatenate([[1], rng.integers(3, 31000, 5), [32000] * 576, rng.integers(3, 31000, args.text - 6)])[None]
+    batch = pruning.Batch(ids, rng.normal(size=(1, 3, 336, 336)).astype(np.float32), np.ones_like(ids),
+                          image_sizes=np.array([[640, 480]]))
+    graphdef, state = nnx.split(model)
+
+    def runner(spec):
+        shape, keeps = spec.split(576, L)
+        ids_, px, am, sizes, instr = pruning.prepare(model, batch, spec)
+        keeps = jnp.asarray(keeps + (0,), jnp.int32)
+        return lambda: pruning._prefill(graphdef, state, ids_, px, am, sizes, instr, keeps, jax.random.key(0),
+                                        spec=shape, extra=64, temperature=0.0)[0], shape
+
+    def decoder_flops(segs):
+        total = 0
+        for start, stop, Ts in segs:
+            total += (stop - start) * (2 * Ts * (4 * D * D + 3 * D * F) + 4 * Ts * (Ts + 64) * D)
+        return total
+
+    dense_fn, dense_shape = runner(jd.PruneSpec("fastv", keep=576, stages=()))
+    t_dense = median_time(dense_fn, args.repeats)
+    Tb = llava._round_up(T, llava.PROMPT_BUCKETS)
+    f_dense = decoder_flops(pruning._stage_lengths(Tb, dense_shape, 576, L)[0])
+    scores = jnp.asarray(rng.random((1, 576)), jnp.float32)
+    pad = jd.pad_mask_expand2square(640, 480)[None]
+    print(f"device: {jax.devices()[0].platform}; decoder {L} x {D}, prompt {T} tokens (bucket {Tb}), "
+          f"{jnp.dtype(dtype).name}, method {args.method}, debias pad+released curve")
+    print(f"unpruned prefill: {t_dense * 1e3:.1f} ms")
+    print(f"{'keep':>5s} {'prefill ms':>11s} {'time ratio':>11s} {'FLOP ratio':>11s} {'debias+select share':>20s}")
+    for keep in (64, 128, 192):
+        spec = jd.PruneSpec(args.method, keep=keep, debias=jd.Debias(curve="released", pad_tau=0.5, task="gqa"))
+        fn, shape = runner(spec)
+        t = median_time(fn, args.repeats)
+        f = decoder_flops(pruning._stage_lengths(Tb, shape, 576, L)[0])
+        curve = spec.debias.curve_for(spec.method)
+        k = shape.stages[0].keep if shape.stages else shape.keep
+        sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
+        print(f"{keep:5d} {t * 1e3:11.1f} {t / t_dense:11.3f} {f / f_dense:11.3f} {100 * sel / t:19.3f}%")
+
+
+if __name__ == "__main__":
+    main()
