@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxdebias as jd
 from jaxdebias.models import _common as C
+from jaxdebias.models import attention as A
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,8 @@ class KVCache:
     pruning stage can hold shorter sequences than the layers before it.
 
     k, v: L-tuples of [B, S_l, K, Hd]; valid: L-tuple of bool[B, S_l] (slot holds a real token);
-    length: L-tuple of int32[] (next free slot); next_pos: L-tuple of int32[B] (position id of the next token).
+    length: L-tuple of int32[] (next free slot); next_pos: L-tuple of int32[B] (position id of the next token);
+    sink, visual: L-tuples of bool[B, S_l] (VAR's prefill sink set and image span, all False without VAR).
     """
 
     k: tuple
@@ -136,6 +139,8 @@ class KVCache:
     valid: tuple
     length: tuple
     next_pos: tuple
+    sink: tuple = ()  # per layer bool[B, S_l]: VAR sink keys found at prefill (empty without VAR)
+    visual: tuple = ()  # per layer bool[B, S_l]: image keys (empty without VAR)
 
     @classmethod
     def empty(cls, cfg: LlamaConfig, batch: int, sizes, dtype=None) -> KVCache:
@@ -145,9 +150,10 @@ class KVCache:
             raise ValueError(f"KVCache needs {cfg.num_layers} layer sizes, got {len(sizes)}.")
         dtype = dtype or cfg.dtype
         kv = lambda S: jnp.zeros((batch, S, cfg.num_kv_heads, cfg.hd), dtype)  # noqa: E731
-        return cls(tuple(kv(S) for S in sizes), tuple(kv(S) for S in sizes),
-                   tuple(jnp.zeros((batch, S), bool) for S in sizes), (jnp.zeros((), jnp.int32),) * len(sizes),
-                   (jnp.zeros((batch,), jnp.int32),) * len(sizes))
+        flags = lambda: tuple(jnp.zeros((batch, S), bool) for S in sizes)  # noqa: E731
+        return cls(tuple(kv(S) for S in sizes), tuple(kv(S) for S in sizes), flags(),
+                   (jnp.zeros((), jnp.int32),) * len(sizes), (jnp.zeros((batch,), jnp.int32),) * len(sizes),
+                   flags(), flags())
 
     def with_prompt(self, start: int, stop: int, valid, next_pos) -> KVCache:
         """Records that layers [start, stop) hold a prompt of T slots (bool[B, T] ``valid``) at slots [0, T)."""
@@ -192,9 +198,11 @@ class Attention(nnx.Module):
         self.o_proj = C.linear(N * Hd, D, bias=cfg.o_bias, shard="row", **col)
         self.shape = (N, K, Hd)
 
-    def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None):
+    def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None, attend=None, var=None):
         """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, K, Hd] cache of this layer,
-        written at ``slot``; tap_rows: int[B, Q] rows whose probabilities are returned.
+        written at ``slot``; tap_rows: int[B, Q] rows whose probabilities are returned; attend: optional
+        ``(q, k, v, mask) -> out`` replacing the fused attention (TriangleMix); var: optional
+        (spec, rows, row_valid, visual [B, S], sink [B, S]) - those rows are recomputed with VAR's edit.
 
         Returns (out [B, T, D], (k, v) written cache or this step's keys, probs float32[B, N, Q, S] or None).
         """
@@ -206,7 +214,15 @@ class Attention(nnx.Module):
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), slot, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), slot, axis=1)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None])
+        kq, vq = k.astype(q.dtype), v.astype(q.dtype)
+        if attend is None:
+            out = jax.nn.dot_product_attention(q, kq, vq, mask=mask[:, None])
+        else:
+            out = attend(q, kq, vq, mask)
+        if var is not None:
+            spec, rows, row_valid, visual, sink = var
+            edited, _ = A.var_rows(q, k, v, mask, rows, row_valid, visual, sink, spec)
+            out = A.put_rows(out, rows, row_valid, edited)
         probs = None if tap_rows is None else attention_rows(q, k, mask, tap_rows)
         return self.o_proj(out.reshape(B, T, N * Hd)), (k, v), probs
 
@@ -282,46 +298,80 @@ class LlamaModel(nnx.Module):
                 jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, taps=Taps()):
+    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, taps=Taps(), real=None, var=None,
+                   triangle=None):
         """Runs layers [start, stop) over a prompt. h: [B, T, D]; positions int[B, T]; mask bool[B, T, S].
 
         With ``cache`` (a KVCache) each layer writes its keys/values at slots [0, T) and attends over its cache
-        (S = that layer's cache size; ``mask`` must cover it). Returns (h, cache or None, taps) with taps
-        {"attn": {layer: float32[B, N, Q, S]}, "hidden": {layer: float32[B, T, D]}}.
+        (S = that layer's cache size; ``mask`` must cover it). ``real``: bool[B, T] real-token slots (default
+        all). ``var``: an ``attention.VarContext`` (VAR on its layers: sinks measured on each layer's input,
+        the context's rows edited); ``triangle``: an ``attention.TriangleMix`` (sparse prefill from its
+        starting layer). Returns (h, cache or None, taps) with taps {"attn": {layer: float32[B, N, Q, S]},
+        "hidden": {layer: float32[B, T, D]}, "sinks": {layer: bool[B, T]}}.
         """
         stop = self.cfg.num_layers if stop is None else stop
+        B, T, _ = h.shape
+        S = mask.shape[2]
+        real = jnp.ones((B, T), bool) if real is None else real
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))  # a constant of the config, not a parameter
-        taps_out = {"attn": {}, "hidden": {}}
-        ks, vs = (list(cache.k), list(cache.v)) if cache is not None else (None, None)
+        taps_out = {"attn": {}, "hidden": {}, "sinks": {}}
+        new = {name: list(getattr(cache, name)) for name in ("k", "v", "sink", "visual")} if cache is not None else {}
+        var_layers = () if var is None else var.spec.layer_set(self.cfg.num_layers)
+        dims = None if var is None or var.spec.sink_dims == "discover" else var.dims
+        widen = lambda x: x if S == T else jnp.zeros((B, S), bool).at[:, :T].set(x)  # noqa: E731
+        attend = None
+        if triangle is not None:
+            fn = A.attend_split if triangle.resolved_path() == "split" else A.attend_masked
+            kpos = positions if S == T else jnp.zeros((B, S), positions.dtype).at[:, :T].set(positions)
+            n_real = jnp.sum(real, 1)
+            attend = lambda q, k, v, m: fn(q, k, v, m, positions, kpos, real, n_real, triangle)  # noqa: E731
         for i in range(start, stop):
             if i in taps.hidden_layers:
                 taps_out["hidden"][i] = h.astype(jnp.float32)
             kw = {"tap_rows": taps.rows if i in taps.attn_layers else None}
             if cache is not None:
                 kw.update(kv=(cache.k[i], cache.v[i]), slot=0)
+            if triangle is not None and i >= triangle.starting_layer:
+                kw["attend"] = attend
+            if i in var_layers:
+                if dims is None:  # discover the sink dims once, on the first VAR layer's input
+                    dims = jd.discover_sink_dims(h, top=var.spec.n_discover, valid=real)[0]
+                sink = jd.sink_tokens(h, dims, var.spec.tau) & real
+                taps_out["sinks"][i] = sink
+                kw["var"] = (var.spec, var.rows, var.row_valid, widen(var.visual), widen(sink))
+                if cache is not None:
+                    new["sink"][i], new["visual"][i] = widen(sink), widen(var.visual)
             h, (k, v), probs = self.layers[i](h, positions, inv_freq, mask, **kw)
             if probs is not None:
                 taps_out["attn"][i] = probs
             if cache is not None:
-                ks[i], vs[i] = k, v
+                new["k"][i], new["v"][i] = k, v
         if cache is not None:
-            cache = dataclasses.replace(cache, k=tuple(ks), v=tuple(vs))
+            cache = dataclasses.replace(cache, **{name: tuple(x) for name, x in new.items()})
         return h, cache, taps_out
 
-
-    def decode(self, h, cache: KVCache):
+    def decode(self, h, cache: KVCache, var: A.VarSpec | None = None):
         """One new token per sample. h: [B, 1, D] embeddings. Each layer writes at its own next slot and uses its
-        own position counter (they differ after pruning). Returns (final states [B, 1, D], cache)."""
+        own position counter (they differ after pruning). With ``var``, the new token's row is edited on VAR's
+        layers using each layer's prefill sinks and image span from the cache. Returns (states [B, 1, D], cache).
+        """
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
         B = h.shape[0]
         ks, vs, valids, lens, poss = (list(x) for x in (cache.k, cache.v, cache.valid, cache.length, cache.next_pos))
+        var_layers = () if var is None else var.layer_set(self.cfg.num_layers)
+        row, row_valid = jnp.zeros((B, 1), jnp.int32), jnp.ones((B, 1), bool)
         for i in range(self.cfg.num_layers):
             slot = lens[i]
             valids[i] = jax.lax.dynamic_update_slice_in_dim(valids[i], jnp.ones((B, 1), bool), slot, axis=1)
             mask = slot_mask(jnp.full((B, 1), slot), valids[i])
-            h, (ks[i], vs[i]), _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]), slot=slot)
+            kw = {}
+            if i in var_layers:
+                kw["var"] = (var, row, row_valid, cache.visual[i], cache.sink[i])
+            h, (ks[i], vs[i]), _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]), slot=slot,
+                                                  **kw)
             lens[i], poss[i] = slot + 1, poss[i] + 1
-        return h, KVCache(tuple(ks), tuple(vs), tuple(valids), tuple(lens), tuple(poss))
+        return h, dataclasses.replace(cache, k=tuple(ks), v=tuple(vs), valid=tuple(valids), length=tuple(lens),
+                                      next_pos=tuple(poss))
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -330,11 +380,15 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.model = LlamaModel(cfg, rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, taps: Taps = Taps()):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, taps: Taps = Taps(),
+                 triangle: A.TriangleMix | None = None):
+        """input_ids int[B, T]; attention_mask [B, T]. Returns Output with logits float32[B, T, V]."""
         ids = jnp.asarray(input_ids)
         am = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         pos = C.default_positions(am) if position_ids is None else jnp.asarray(position_ids)
         mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
         h = self.model.embed_tokens(ids)
-        h, _, t = self.model.run_layers(h, pos, mask, taps=taps)
+        if triangle is not None:
+            triangle.check(self.model.cfg.num_layers)
+        h, _, t = self.model.run_layers(h, pos, mask, taps=taps, real=am, triangle=triangle)
         return C.Output(logits=self.model.logits(h), attentions=t["attn"], hidden_states=t["hidden"])

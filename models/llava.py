@@ -28,6 +28,7 @@ from flax import nnx
 
 from jaxdebias.models import _common as C
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
+from jaxdebias.models import attention as A
 from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps, slot_mask
 
 Output = C.Output
@@ -135,21 +136,44 @@ class Llava(nnx.Module):
                              f"{n_img} image(s) give {n_img * per} features ({per} each). Expand each <image> "
                              "placeholder to one token per feature (the HF processor does this).")
 
+    def var_context(self, ids, am, var: A.VarSpec | None):
+        """VAR's inputs for a prompt batch: the image span and the query rows after it (a sample without image
+        tokens has no rows: VAR leaves it untouched)."""
+        if var is None:
+            return None
+        B, T = ids.shape
+        is_img = (ids == self.cfg.image_token_id) & am
+        last_img = jnp.max(jnp.where(is_img, jnp.arange(T), -1), axis=1)
+        Q = max(T - self.cfg.vision.num_features, 1)
+        rows = last_img[:, None] + 1 + jnp.arange(Q)[None, :]
+        row_valid = (rows < T) & (last_img[:, None] >= 0)
+        rows = jnp.clip(rows, 0, T - 1)
+        row_valid &= jnp.take_along_axis(am, rows, axis=1)
+        dims = jnp.zeros((0,), jnp.int32) if var.sink_dims == "discover" else jnp.asarray(var.sink_dims, jnp.int32)
+        return A.VarContext(is_img, rows, row_valid, dims, var)
+
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
-                 taps: Taps = Taps()):
+                 taps: Taps = Taps(), var: A.VarSpec | None = None, triangle: A.TriangleMix | None = None):
         """Full forward. input_ids int[B, T]; pixel_values float[I, 3, H, W]; attention_mask [B, T] (1 = real
-        token; left or right padding). Returns Output with logits float32[B, T, V] and the requested taps."""
+        token; left or right padding); var: VAR on the rows after the image; triangle: TriangleMix prefill.
+        Returns Output with logits float32[B, T, V] and the requested taps."""
         self.check_inputs(input_ids, pixel_values, attention_mask)
+        if var is not None and pixel_values is None:
+            raise ValueError("VAR redistributes attention to image tokens; this prompt has no image. Drop var=... "
+                             "for text-only prompts.")
+        if triangle is not None:
+            triangle.check(self.cfg.text.num_layers)
         ids = jnp.asarray(input_ids)
         am = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         pos = C.default_positions(am) if position_ids is None else jnp.asarray(position_ids)
         h, feats = self.embed(ids, pixel_values)
         mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
-        h, _, t = self.language_model.run_layers(h, pos, mask, taps=taps)
+        h, _, t = self.language_model.run_layers(h, pos, mask, taps=taps, real=am, var=self.var_context(ids, am, var),
+                                                 triangle=triangle)
         return Output(logits=self.language_model.logits(h), attentions=t["attn"], hidden_states=t["hidden"],
                       image_features=feats)
 
-    def prefill(self, input_ids, pixel_values, attention_mask, cache: KVCache):
+    def prefill(self, input_ids, pixel_values, attention_mask, cache: KVCache, var=None, triangle=None):
         """Runs the prompt into an empty cache. Returns (logits float32[B, V] at each sample's last real token,
         cache)."""
         ids = jnp.asarray(input_ids)
@@ -159,12 +183,13 @@ class Llava(nnx.Module):
         L = self.cfg.text.num_layers
         cache = cache.with_prompt(0, L, am, jnp.sum(am, 1))
         mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), cache.valid[0])
-        h, cache, _ = self.language_model.run_layers(h, C.default_positions(am), mask, cache=cache)
+        h, cache, _ = self.language_model.run_layers(h, C.default_positions(am), mask, cache=cache, real=am,
+                                                     var=self.var_context(ids, am, var), triangle=triangle)
         return self.language_model.logits(C.last_real(h, am)), cache
 
-    def decode(self, tokens, cache: KVCache):
+    def decode(self, tokens, cache: KVCache, var=None):
         """One token per sample (int[B]) at each layer's next slot. Returns (logits float32[B, V], cache)."""
-        h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache)
+        h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache, var=var)
         return self.language_model.logits(h)[:, 0], cache
 
 
@@ -174,18 +199,19 @@ def _pick(logits, temperature, key):
     return jax.random.categorical(key, logits / temperature, -1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "temperature"))
-def _prefill(graphdef, state, input_ids, pixel_values, attention_mask, key, *, cache_size, temperature):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "temperature", "var", "triangle"))
+def _prefill(graphdef, state, input_ids, pixel_values, attention_mask, key, *, cache_size, temperature, var=None,
+             triangle=None):
     model = nnx.merge(graphdef, state)
     cache = KVCache.empty(model.cfg.text, input_ids.shape[0], cache_size)
-    logits, cache = model.prefill(input_ids, pixel_values, attention_mask, cache)
+    logits, cache = model.prefill(input_ids, pixel_values, attention_mask, cache, var=var, triangle=triangle)
     return _pick(logits, temperature, key), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"), donate_argnames=("cache",))
-def _decode(graphdef, state, tokens, cache, key, *, temperature):
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
+def _decode(graphdef, state, tokens, cache, key, *, temperature, var=None):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(tokens, cache)
+    logits, cache = model.decode(tokens, cache, var=var)
     return _pick(logits, temperature, key), cache
 
 
@@ -202,7 +228,8 @@ def _round_up(n: int, buckets) -> int:
 
 def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
              temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-             prompt_buckets=PROMPT_BUCKETS) -> np.ndarray:
+             prompt_buckets=PROMPT_BUCKETS, var: A.VarSpec | None = None,
+             triangle: A.TriangleMix | None = None) -> np.ndarray:
     """Greedy (temperature 0) or sampled generation with a fixed-size KV cache.
 
     The prompt is right-padded to a bucket length so that prompts of different lengths share one compiled
@@ -211,7 +238,8 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
 
     Args:
       input_ids: int[B, T] with the image placeholders expanded; pixel_values: float[I, 3, H, W];
-      attention_mask: [B, T] (default all ones).
+      attention_mask: [B, T] (default all ones); var: ``attention.VarSpec`` (VAR at prefill and decode);
+      triangle: ``attention.TriangleMix`` (sparse prefill; decode stays dense).
 
     Returns:
       int32[B, max_new_tokens]; after a sample's EOS its remaining tokens are EOS (when ``stop_at_eos``, the loop
@@ -229,15 +257,19 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     cache_size = -(-(Tb + max_new_tokens) // 64) * 64
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    if var is not None and pixel_values is None:
+        raise ValueError("VAR redistributes attention to image tokens; this prompt has no image.")
+    if triangle is not None:
+        triangle.check(model.cfg.text.num_layers)
     tok, cache = _prefill(graphdef, state, jnp.asarray(ids), pixel_values, jnp.asarray(am), keys[0],
-                          cache_size=cache_size, temperature=float(temperature))
+                          cache_size=cache_size, temperature=float(temperature), var=var, triangle=triangle)
     out = [np.asarray(tok)]
     done = out[0] == model.cfg.eos_token_id
     for i in range(1, max_new_tokens):
         if stop_at_eos and done.all():
             out.append(np.full((B,), model.cfg.eos_token_id, np.int32))
             continue
-        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature))
+        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature), var=var)
         t = np.where(done, model.cfg.eos_token_id, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
         out.append(t)
         done = done | (t == model.cfg.eos_token_id)

@@ -1,0 +1,258 @@
+"""Attention interventions inside the decoder: VAR redistribution and TriangleMix sparse prefill.
+
+Axes: B batch, T query slots, S key slots, N query heads, K kv heads, Hd head dim, Q edited rows.
+
+VAR - "See What You Are Told: Visual Attention Sink in Large Multimodal Models" (Kang et al., ICLR 2025) and the
+authors' release (seilk/VisAttnSink). Sinks are measured on each layer's residual input at prefill; the rows
+after the image (and, at decode, the new token's row) get their probabilities recomputed exactly, edited by
+``jaxdebias.image_centric_heads`` / ``var_redistribute``, and multiplied with V; every other row stays on the
+fused attention path.
+
+TriangleMix - "TriangleMix: Accelerating Prefilling via Decoding-time Contribution Sparsity" (2025). From
+``starting_layer`` on, prefill attention keeps only ``j <= i and (i >= N - n_last' or j < n_init or
+i - j < n_local)``, with ``n_last' = min(n_last, N - 1)`` and N each sample's real prompt length; decode is dense.
+Paths: "masked" (dense attention under the pattern: same numerics everywhere, no savings) and "split" (a causal
+band of n_local keys computed block by block + the sink columns + the last rows, merged through their
+log-sum-exp, which really skips the middle). Positions i, j are position ids (the count of real tokens before).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+import jaxdebias as jd
+
+
+@dataclasses.dataclass(frozen=True)
+class VarSpec:
+    """VAR settings (released defaults). sink_dims: the LLM's sink dimensions (``jd.known_sink_dims(name)``), or
+    "discover" to find the ``n_discover`` strongest massive-activation dims of each prompt batch on layer 2's
+    input; layers: "released" (2 .. L-1, what the released code runs), "intended" (2 .. L-2, what its config
+    says) or an explicit tuple."""
+
+    sink_dims: tuple | str
+    p: float = 0.6
+    tau: float = 20.0
+    rho: float = 0.5
+    min_visual: float = 0.2
+    layers: tuple | str = "released"
+    n_discover: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.sink_dims, str):
+            if self.sink_dims != "discover":
+                raise ValueError(f"sink_dims must be a tuple of ints or 'discover', got {self.sink_dims!r}; "
+                                 f"published dims: {jd.KNOWN_SINK_DIMS}.")
+        else:
+            dims = tuple(int(d) for d in self.sink_dims)
+            if not dims:
+                raise ValueError("VAR needs sink dimensions: give them (jd.known_sink_dims(...)) or "
+                                 "sink_dims='discover'.")
+            object.__setattr__(self, "sink_dims", dims)
+        for name in ("p", "rho", "min_visual"):
+            jd._checks.check_fraction(name, getattr(self, name))
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def layer_set(self, num_layers: int) -> tuple[int, ...]:
+        if self.layers == "released":
+            return tuple(range(2, num_layers))
+        if self.layers == "intended":
+            return tuple(range(2, num_layers - 1))
+        bad = [l for l in self.layers if not 0 <= l < num_layers]
+        if bad:
+            raise ValueError(f"VAR layers {bad} are outside the model's 0..{num_layers - 1}.")
+        return tuple(self.layers)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class VarContext:
+    """Per-call VAR inputs. visual: bool[B, T] image slots (the keys VAR redistributes to; at prefill also the
+    image span); rows: int[B, Q] / row_valid: bool[B, Q] the query rows to edit; dims: int[S_d] sink dims."""
+
+    visual: jax.Array
+    rows: jax.Array
+    row_valid: jax.Array
+    dims: jax.Array
+    spec: VarSpec = dataclasses.field(metadata={"static": True})
+
+
+def _grouped(probs, v):
+    """probs float32[B, N, Q, S] @ v [B, S, K, Hd] -> [B, Q, N, Hd] (grouped-query heads)."""
+    B, N, Q, S = probs.shape
+    K = v.shape[2]
+    p = probs.reshape(B, K, N // K, Q, S)
+    return jnp.einsum("bkgqs,bskh->bqkgh", p, v.astype(jnp.float32)).reshape(B, Q, N, -1)
+
+
+def var_rows(q, k, v, mask, rows, row_valid, visual, sink, spec: VarSpec):
+    """VAR-edited attention output of the given rows: (out float32[B, Q, N, Hd], selected bool[B, N, Q])."""
+    from jaxdebias.models.llama import attention_rows
+
+    probs = attention_rows(q, k, mask, rows)  # [B, N, Q, S]
+    selected = jd.image_centric_heads(probs, visual, sink, min_visual=spec.min_visual, rho=spec.rho)
+    selected = selected & row_valid[:, None, :]
+    edited = jd.var_redistribute(probs, visual, sink, selected, p=spec.p)
+    return _grouped(edited, v), selected
+
+
+def put_rows(out, rows, row_valid, new):
+    """out [B, T, N, Hd] with rows (int[B, Q], where row_valid) replaced by new [B, Q, N, Hd]."""
+    T = out.shape[1]
+    target = jnp.where(row_valid, rows, T)  # invalid rows write out of bounds: dropped
+    b = jnp.arange(out.shape[0])[:, None]
+    return out.at[b, target].set(new.astype(out.dtype), mode="drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class TriangleMix:
+    """TriangleMix settings. Published: n_init 8, n_local 512, n_last 128; starting_layer 16 for Llama-3.1-8B (32
+    layers), 20 for Qwen2.5-7B (28 layers); our LLaVA-1.5 default 16 of 32. path: "masked", "split" or "auto"
+    ("split" on GPU/TPU, "masked" on CPU). block: query block of the split path's band."""
+
+    n_init: int = 8
+    n_local: int = 512
+    n_last: int = 128
+    starting_layer: int = 16
+    path: str = "auto"
+    block: int = 128
+
+    def __post_init__(self):
+        for name in ("n_init", "n_last", "starting_layer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TriangleMix {name} must be >= 0, got {getattr(self, name)}.")
+        if self.n_local <= 0:
+            raise ValueError(f"TriangleMix n_local must be > 0 (the local window), got {self.n_local}.")
+        if self.path not in ("auto", "masked", "split"):
+            raise ValueError(f"TriangleMix path must be 'auto', 'masked' or 'split', got {self.path!r}.")
+
+    def check(self, num_layers: int):
+        if self.starting_layer >= num_layers:
+            raise ValueError(f"TriangleMix starting_layer {self.starting_layer} is past the model's {num_layers} "
+                             "layers; nothing would be sparse.")
+
+    def resolved_path(self) -> str:
+        if self.path != "auto":
+            return self.path
+        return "masked" if jax.devices()[0].platform == "cpu" else "split"
+
+
+def triangle_allowed(qpos, kpos, n_real, spec: TriangleMix):
+    """bool[B, T, S] from index vectors: qpos int[B, T], kpos int[B, S], n_real int[B] (computed, not stored)."""
+    i, j, n = qpos[:, :, None], kpos[:, None, :], n_real[:, None, None]
+    last = jnp.minimum(spec.n_last, n - 1)
+    return (j <= i) & ((i >= n - last) | (j < spec.n_init) | (i - j < spec.n_local))
+
+
+def attend_masked(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
+    """Dense attention under the TriangleMix pattern (and the usual slot mask)."""
+    m = mask & triangle_allowed(qpos, kpos, n_real, spec)
+    return jax.nn.dot_product_attention(q, k, v, mask=m[:, None])
+
+
+def _softmax_parts(logits, valid):
+    """Row max-shifted exp sums for a partial softmax: (m [.., 1], l [..], e [.., S])."""
+    logits = jnp.where(valid, logits, -jnp.inf)
+    m = jnp.max(logits, -1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(valid, jnp.exp(logits - m), 0.0)
+    return m, jnp.sum(e, -1), e
+
+
+def attend_split(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
+    """TriangleMix without the middle: for each query block only its band of keys (n_local back) and the sink
+    columns are read, merged by log-sum-exp; the last rows of each sample are then recomputed densely.
+
+    Assumes a prefill where slot order equals position order (the slot mask's causality); cost
+    O(T * (n_local + block + n_init) + n_last * T) instead of O(T^2).
+    """
+    B, T, N, Hd = q.shape
+    K = k.shape[2]
+    G = N // K
+    blk = min(spec.block, T)
+    nb = -(-T // blk)
+    pad = nb * blk - T
+    span = blk + spec.n_local - 1  # keys a query block can reach through the band
+    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, nb, blk, K, G, Hd)
+    qp = jnp.pad(qpos, ((0, 0), (0, pad)), constant_values=-1).reshape(B, nb, blk)
+    mk = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, blk, -1)
+    kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (span, 0), (0, 0), (0, 0)))
+    vf = jnp.pad(v.astype(jnp.float32), ((0, 0), (span, 0), (0, 0), (0, 0)))
+    kp = jnp.pad(kpos, ((0, 0), (span, 0)), constant_values=-(10**9))
+    scale = 1.0 / math.sqrt(Hd)
+
+    def band(b):  # keys [b*blk - n_local + 1, (b+1)*blk) in original slots -> padded offset +span
+        start = b * blk - spec.n_local + 1 + span
+        ks = jax.lax.dynamic_slice_in_dim(kf, start, span, axis=1)
+        vs = jax.lax.dynamic_slice_in_dim(vf, start, span, axis=1)
+        kps = jax.lax.dynamic_slice_in_dim(kp, start, span, axis=1)
+        slots = start - span + jnp.arange(span)
+        mks = jnp.take(mk[:, b], jnp.clip(slots, 0, mask.shape[2] - 1), axis=2) & (slots >= 0)[None, None, :]
+        i, j = qp[:, b][:, :, None], kps[:, None, :]
+        ok = mks & (j <= i) & (i - j < spec.n_local)
+        logits = jnp.einsum("bqkgh,bskh->bkgqs", qf[:, b], ks) * scale
+        m, l, e = _softmax_parts(logits, ok[:, None, None])
+        o = jnp.einsum("bkgqs,bskh->bkgqh", e, vs)
+        return m[..., 0], l, o
+
+    m1, l1, o1 = jax.lax.map(band, jnp.arange(nb))  # [nb, B, K, G, blk(, Hd)]
+    if spec.n_init == 0:
+        m2, l2, o2 = (jnp.full((B, K, G, T, 1), -jnp.inf), jnp.zeros((B, K, G, T)), jnp.zeros((B, K, G, T, Hd)))
+    else:
+        m2, l2, o2 = _sinks(q, k, v, mask, qpos, kpos, real, spec)
+    return _merge_and_last_rows(q, k, v, mask, qpos, real, n_real, spec, (m1, l1, o1), (m2, l2, o2), nb, blk)
+
+
+def _sinks(q, k, v, mask, qpos, kpos, real, spec):
+    """Partial softmax over the sink columns (positions < n_init) outside the band; they sit right after each
+    sample's left padding. Returns (m [B, K, G, T, 1], l [B, K, G, T], o [B, K, G, T, Hd])."""
+    B, T, N, Hd = q.shape
+    K = k.shape[2]
+    G = N // K
+    scale = 1.0 / math.sqrt(Hd)
+    first = jnp.argmax(real, axis=1)[:, None]
+    sink_slots = jnp.clip(first + jnp.arange(spec.n_init)[None, :], 0, k.shape[1] - 1)
+    ks, vs = (jnp.take_along_axis(x, sink_slots[:, :, None, None], axis=1).astype(jnp.float32) for x in (k, v))
+    kps = jnp.take_along_axis(kpos, sink_slots, axis=1)
+    qr = q.astype(jnp.float32).reshape(B, T, K, G, Hd)
+    i, j = qpos[:, :, None], kps[:, None, :]
+    ok = (jnp.take_along_axis(mask, jnp.broadcast_to(sink_slots[:, None, :], (B, T, spec.n_init)), axis=2)
+          & (j <= i) & (j < spec.n_init) & (i - j >= spec.n_local)
+          & (jnp.arange(spec.n_init) < jnp.sum(real, 1)[:, None])[:, None, :])
+    logits = jnp.einsum("bqkgh,bskh->bkgqs", qr, ks) * scale
+    m2, l2, e2 = _softmax_parts(logits, ok[:, None, None])
+    return m2, l2, jnp.einsum("bkgqs,bskh->bkgqh", e2, vs)
+
+
+def _merge_and_last_rows(q, k, v, mask, qpos, real, n_real, spec, band, sinks, nb, blk):
+    B, T, N, Hd = q.shape
+    (m1, l1, o1), (m2, l2, o2) = band, sinks
+
+    def unblock(x):  # [nb, B, K, G, blk, ...] -> [B, K, G, T, ...]
+        x = jnp.moveaxis(x, 0, 3)
+        return x.reshape(*x.shape[:3], nb * blk, *x.shape[5:])[:, :, :, :T]
+
+    m1, l1, o1 = unblock(m1), unblock(l1), unblock(o1)
+    m = jnp.maximum(m1, m2[..., 0])
+    a1, a2 = jnp.exp(m1 - m), jnp.exp(m2[..., 0] - m)
+    denom = a1 * l1 + a2 * l2
+    out = (a1[..., None] * o1 + a2[..., None] * o2) / jnp.where(denom > 0, denom, 1.0)[..., None]
+    out = jnp.moveaxis(out.reshape(B, N, T, Hd), 2, 1)  # [B, T, N, Hd]
+    # the last rows of each sample see every earlier key: recompute them densely
+    n_last = min(spec.n_last, T)
+    if n_last > 0:
+        last_pos = n_real[:, None] - 1 - jnp.arange(n_last)[::-1][None, :]  # positions N-n_last .. N-1
+        hit = (qpos[:, None, :] == last_pos[:, :, None]) & real[:, None, :]
+        rows = jnp.argmax(hit, axis=2)
+        valid = jnp.any(hit, axis=2) & (last_pos >= n_real[:, None] - jnp.minimum(spec.n_last, n_real[:, None] - 1))
+        from jaxdebias.models.llama import attention_rows
+
+        probs = attention_rows(q, k, mask, rows)
+        dense = _grouped(probs, v)
+        out = put_rows(out, rows, valid, dense)
+    return out.astype(q.dtype)
