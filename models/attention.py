@@ -181,9 +181,10 @@ def attend_split(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
     qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, nb, blk, K, G, Hd)
     qp = jnp.pad(qpos, ((0, 0), (0, pad)), constant_values=-1).reshape(B, nb, blk)
     mk = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, blk, -1)
-    kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (span, 0), (0, 0), (0, 0)))
-    vf = jnp.pad(v.astype(jnp.float32), ((0, 0), (span, 0), (0, 0), (0, 0)))
-    kp = jnp.pad(kpos, ((0, 0), (span, 0)), constant_values=-(10**9))
+    # keys padded before (bands reaching left of slot 0) and after (the last block's rows past T)
+    kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (span, pad), (0, 0), (0, 0)))
+    vf = jnp.pad(v.astype(jnp.float32), ((0, 0), (span, pad), (0, 0), (0, 0)))
+    kp = jnp.pad(kpos, ((0, 0), (span, pad)), constant_values=-(10**9))
     scale = 1.0 / math.sqrt(Hd)
 
     def band(b):  # keys [b*blk - n_local + 1, (b+1)*blk) in original slots -> padded offset +span
@@ -192,7 +193,8 @@ def attend_split(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
         vs = jax.lax.dynamic_slice_in_dim(vf, start, span, axis=1)
         kps = jax.lax.dynamic_slice_in_dim(kp, start, span, axis=1)
         slots = start - span + jnp.arange(span)
-        mks = jnp.take(mk[:, b], jnp.clip(slots, 0, mask.shape[2] - 1), axis=2) & (slots >= 0)[None, None, :]
+        inside = (slots >= 0) & (slots < mask.shape[2])
+        mks = jnp.take(mk[:, b], jnp.clip(slots, 0, mask.shape[2] - 1), axis=2) & inside[None, None, :]
         i, j = qp[:, b][:, :, None], kps[:, None, :]
         ok = mks & (j <= i) & (i - j < spec.n_local)
         logits = jnp.einsum("bqkgh,bskh->bkgqs", qf[:, b], ks) * scale
