@@ -27,6 +27,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias.methods import PruneSpec, debias_scores, stage_scores, visionzip_select
 from jaxdebias.models import _common as C
+from jaxdebias.models.attention import VarContext
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
 from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, _round_up
 
@@ -88,6 +89,20 @@ def replace_visual(seq: Seq, block_h, block_valid, block_raster, block_pos, posi
                first=seq.first, nv=M)
 
 
+def _var_context(seq: Seq, var):
+    """VAR on the current sequence: image span = its valid visual slots; rows = the text slots after them."""
+    if var is None:
+        return None
+    B, Ts = seq.valid.shape
+    Q = max(Ts - seq.nv, 1)
+    rows = seq.first[:, None] + seq.nv + jnp.arange(Q)[None, :]
+    row_valid = rows < Ts
+    rows = jnp.clip(rows, 0, Ts - 1)
+    row_valid &= jnp.take_along_axis(seq.valid, rows, axis=1)
+    dims = jnp.zeros((0,), jnp.int32) if var.sink_dims == "discover" else jnp.asarray(var.sink_dims, jnp.int32)
+    return VarContext(seq.vis & seq.valid, rows, row_valid, dims, var)
+
+
 def _rows(seq: Seq, query: str, instruction_orig):
     """(rows int[B, Q], row_valid bool[B, Q]) of the voting query slots in the current sequence."""
     B, Ts = seq.valid.shape
@@ -119,12 +134,15 @@ def _stage_lengths(T: int, shape: PruneSpec, n: int, L: int):
     return segs, shape.stages
 
 
-def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keeps, spec: PruneSpec, extra: int):
+def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keeps, spec: PruneSpec, extra: int,
+                   var=None):
     """The staged prefill for a shape spec (``PruneSpec.split``) and the real per-stage keeps (int32[stages]).
     Returns (logits float32[B, V] at the last real token, KVCache, info dict).
 
     info: "kept" list (per stage) of (raster idx int[B, K], slot mask bool[B, K]); "scores" / "debiased":
-    float32[B, N] first-stage scores over the raster grid before and after debiasing (0 where not scored)."""
+    float32[B, N] first-stage scores over the raster grid before and after debiasing (0 where not scored).
+    ``var`` (an ``attention.VarSpec``) runs VAR on each segment's sequence: the image span is the kept image
+    tokens, the edited rows the text after them."""
     cfg = model.cfg
     lm = model.language_model
     L, n = cfg.text.num_layers, cfg.vision.num_features
@@ -193,7 +211,8 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
             rows, row_valid = _rows(seq, stage.query, instr)
             if stage.source == "tap":
                 taps = Taps(attn_layers=(stage.layer - 1,), rows=rows)
-        h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps)
+        h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps,
+                                         real=seq.valid, var=_var_context(seq, var))
         seq = dataclasses.replace(seq, h=h)
         if stage is None:
             break
@@ -213,18 +232,18 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
     return lm.logits(C.last_real(seq.h, seq.valid)), cache, info
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "extra", "temperature"))
-def _prefill(graphdef, state, ids, px, am, sizes, instr, keeps, key, *, spec, extra, temperature):
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "extra", "temperature", "var"))
+def _prefill(graphdef, state, ids, px, am, sizes, instr, keeps, key, *, spec, extra, temperature, var=None):
     model = nnx.merge(graphdef, state)
-    logits, cache, info = pruned_prefill(model, ids, px, am, sizes, instr, keeps, spec, extra)
+    logits, cache, info = pruned_prefill(model, ids, px, am, sizes, instr, keeps, spec, extra, var)
     info["logits"] = logits
     return _pick(logits, temperature, key), cache, info
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"), donate_argnames=("cache",))
-def _decode(graphdef, state, tokens, cache, key, *, temperature):
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
+def _decode(graphdef, state, tokens, cache, key, *, temperature, var=None):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(tokens, cache)
+    logits, cache = model.decode(tokens, cache, var=var)
     return _pick(logits, temperature, key), cache
 
 
@@ -270,8 +289,10 @@ def prepare(model: Llava, batch: Batch, spec: PruneSpec, prompt_buckets=PROMPT_B
 
 
 def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None = None, max_new_tokens: int = 32,
-                         temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> Result:
+                         temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+                         var=None) -> Result:
     """Pruned prefill (dense with ``prune=None``), then generation from the pruned per-layer caches.
+    ``var``: an ``attention.VarSpec`` to run VAR on the (pruned) sequence at prefill and decode.
     See the module docstring."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
@@ -283,7 +304,7 @@ def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None 
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     tok, cache, info = _prefill(graphdef, state, ids, px, am, sizes, instr, jnp.asarray(keeps + (0,), jnp.int32),
-                                keys[0], spec=shape, extra=extra, temperature=float(temperature))
+                                keys[0], spec=shape, extra=extra, temperature=float(temperature), var=var)
     eos = model.cfg.eos_token_id
     out = [np.asarray(tok)]
     done = out[0] == eos
@@ -291,7 +312,7 @@ def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None 
         if stop_at_eos and done.all():
             out.append(np.full(done.shape, eos, np.int32))
             continue
-        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature))
+        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature), var=var)
         t = np.where(done, eos, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
         out.append(t)
         done = done | (t == eos)

@@ -154,3 +154,24 @@ def test_var_bad_input(pair):
         VarSpec(sink_dims=(1,), p=1.5)
     with pytest.raises(ValueError, match="outside the model's 0..3"):
         VarSpec(sink_dims=(1,), layers=(2, 9)).layer_set(4)
+
+
+def test_var_with_pruning(pair):
+    """VAR runs on the pruned sequence: with nothing pruned it is the dense VAR model, prefill and decode."""
+    import jaxdebias as jd
+    from jaxdebias.models import pruning
+
+    _, ours = pair
+    ids, am, px = prompts(padding="right")
+    spec = VarSpec(sink_dims="discover", tau=TAU)
+    keep_all = jd.PruneSpec("fastv", keep=9, buckets=tuple(range(1, 10)))
+    r = pruning.prefill_and_generate(ours, pruning.Batch(ids, px, am), prune=keep_all, max_new_tokens=6,
+                                     stop_at_eos=False, var=spec)
+    dense = llava.generate(ours, ids, px, am, max_new_tokens=6, stop_at_eos=False, var=spec)
+    np.testing.assert_array_equal(r.tokens, dense)
+    out = ours(ids, px, am, var=spec).logits
+    last = am.sum(1) - 1
+    np.testing.assert_allclose(r.logits, np.asarray(out)[np.arange(2), last], atol=1e-5)
+    pruned = pruning.prefill_and_generate(ours, pruning.Batch(ids, px, am), prune=jd.PruneSpec(
+        "fastv", keep=4, buckets=tuple(range(1, 10))), max_new_tokens=6, var=spec)
+    assert np.isfinite(pruned.logits).all()
