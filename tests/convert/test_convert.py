@@ -189,3 +189,26 @@ def test_existing_destination_and_cli(t5_dir, tmp_path):
     assert "layout transformers5" in r.stdout
     with pytest.raises(ConversionError, match="not a jaxdebias checkpoint"):
         llava.load(t5_dir)
+
+
+def test_file_list_source_sharded_load_and_torch_free_bin(t5_dir, tmp_path, monkeypatch):
+    import jax
+
+    files = sorted(str(p) for p in t5_dir.glob("model-*.safetensors"))
+    checkpoint.convert(files, tmp_path / "from_files", dtype="float32", progress=False)
+    mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded = llava.load(tmp_path / "from_files", mesh=mesh)
+    kernel = sharded.language_model.layers[0].mlp.gate_proj.kernel[...]
+    assert len(kernel.sharding.device_set) == 4  # restored straight onto the mesh
+    plain = llava.load(tmp_path / "from_files")
+    ids, am, px = prompts()
+    np.testing.assert_allclose(np.asarray(sharded(ids, px, am).logits), np.asarray(plain(ids, px, am).logits),
+                               atol=2e-5)
+    # a PyTorch .bin checkpoint without torch: the error says what to do
+    src = tmp_path / "bin"
+    src.mkdir()
+    (src / "pytorch_model.bin").write_bytes(b"not really")
+    (src / "config.json").write_text((t5_dir / "config.json").read_text())
+    monkeypatch.setitem(sys.modules, "torch", None)
+    _convert_fails(src, tmp_path, "needs torch to read. Install torch")
