@@ -1,7 +1,9 @@
+import json
+import os
 import subprocess
 import sys
 
-from jaxdebias import demo
+from jaxdebias import app, demo
 
 
 def test_demo_debiasing_recovers_the_planted_object():
@@ -19,3 +21,38 @@ def test_cli_demo_and_bad_keep():
     assert "object recall" in ok.stdout and "online per-sample fit" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "jaxdebias", "demo", "--keep", "600"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--keep must be in 1..576" in bad.stderr
+
+
+def test_run_on_the_embedded_default(tmp_path):
+    lines = []
+    s = app.run(None, app.default_image_path(), "What is red?", "fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"),
+                str(tmp_path), max_new_tokens=3, log=lines.append)
+    assert any("untrained" in line for line in lines)
+    for f in s["figures"]:
+        assert os.path.getsize(f) > 5000  # a real PNG with content
+    assert s["kept"] == {"pruned": 64, "pruned + debiased": 64}
+    assert s["padding_kept"]["pruned + debiased"] == 0  # the letterbox rows of the 640x427 image are never kept
+    saved = json.load(open(tmp_path / "run.json"))
+    assert set(saved["answers"]) == {"unpruned", "pruned", "pruned + debiased"}
+    assert saved["stage_lengths"]["pruned"][1][2] < saved["stage_lengths"]["unpruned"][0][2]
+    ids, instr = app.build_prompt(app.ByteTokenizer(), "Hi?")
+    assert (ids == 259).sum() == 576 and bytes(int(i) - 3 for i in ids[instr:instr + 1]) == b"?"
+
+
+def test_run_bad_inputs_exit_2(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "jaxdebias", "run", "--out", str(tmp_path / "o"), *args],
+                              capture_output=True, text=True)
+
+    r = run("--image", str(tmp_path / "missing.png"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    r = run("--image", str(tmp_path / "bad.png"))
+    assert r.returncode == 2 and "cannot be read" in r.stderr
+    r = run("--keep", "600")
+    assert r.returncode == 2 and "--keep must be in 1..576" in r.stderr
+    r = run("--checkpoint", str(tmp_path))
+    assert r.returncode == 2 and "is not a jaxdebias checkpoint" in r.stderr
+    r = run("--debias", "strong")
+    assert r.returncode == 2 and "--debias must be" in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing half-written

@@ -1,0 +1,307 @@
+"""What the ``jaxdebias`` command runs: inputs, the embedded default model, pruned + debiased inference, figures.
+
+This module imports the model ports lazily; the pure functions in ``jaxdebias`` never depend on it.
+
+Axes: B batch, N = 576 visual tokens (24 x 24 grid, raster order), T prompt tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from importlib import resources
+
+import numpy as np
+
+import jaxdebias as jd
+
+GRID, N, SIDE = 24, 576, 336
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROMPT = "USER: <image>\n{} ASSISTANT:"
+
+
+class UserError(Exception):
+    """Bad input from the user: the command prints the message and exits with code 2."""
+
+
+def default_image_path() -> str:
+    return str(resources.files("jaxdebias") / "assets" / "default.png")
+
+
+def load_image(path):
+    """An RGB PIL image, or UserError saying what is wrong with the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UserError(f"Image {path} does not exist.")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"Image {path} cannot be read ({e.__class__.__name__}: {e}).") from None
+
+
+def preprocess(image, mean=CLIP_MEAN, std=CLIP_STD, side: int = SIDE):
+    """LLaVA-1.5 preprocessing: expand2square with the mean colour, resize to ``side``, normalise.
+
+    Returns (pixel_values float32[3, side, side], letterboxed PIL image, (width, height))."""
+    from PIL import Image
+
+    w, h = image.size
+    s = max(w, h)
+    canvas = Image.new("RGB", (s, s), tuple(int(255 * m) for m in mean))
+    canvas.paste(image, ((s - w) // 2, (s - h) // 2))  # as LLaVA's expand2square (one offset is 0)
+    square = canvas.resize((side, side), Image.BICUBIC)
+    x = (np.asarray(square, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return x.transpose(2, 0, 1), square, (w, h)
+
+
+class ByteTokenizer:
+    """The embedded default model's tokenizer: 0 pad, 1 bos, 2 eos, bytes at 3..258, 259 the image token."""
+
+    pad, bos, eos, image = 0, 1, 2, 259
+    vocab = 260
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return ([self.bos] if bos else []) + [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A checkpoint's own tokenizer (copied beside the weights by the converter)."""
+
+    def __init__(self, path, image_token_id: int):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.image, self.eos, self.pad = image_token_id, self.tok.eos_token_id, self.tok.pad_token_id or 0
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return self.tok(text, add_special_tokens=bos).input_ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def default_model():
+    """The embedded default: an untrained, deterministically initialised LLaVA-1.5-shaped model (CLIP 336/14 ->
+    576 visual tokens, 32 decoder layers so every method's published layer indices apply), tiny in width."""
+    from flax import nnx
+
+    from jaxdebias.models import llava
+    from jaxdebias.models.clip import ClipVisionConfig
+    from jaxdebias.models.llama import LlamaConfig
+
+    t = ByteTokenizer()
+    cfg = llava.LlavaConfig(ClipVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
+                            LlamaConfig(vocab_size=t.vocab, hidden_size=64, intermediate_size=128, num_layers=32,
+                                        num_heads=2, num_kv_heads=2),
+                            image_token_id=t.image, pad_token_id=t.pad, eos_token_id=t.eos)
+    return llava.Llava(cfg, rngs=nnx.Rngs(0)), t
+
+
+def load_model(checkpoint):
+    """(model, tokenizer, image mean, image std) from a converted checkpoint, or the embedded default."""
+    if checkpoint is None:
+        model, tok = default_model()
+        return model, tok, CLIP_MEAN, CLIP_STD
+    from jaxdebias.convert.loader import ConversionError
+    from jaxdebias.models import llava
+
+    if not os.path.isfile(os.path.join(checkpoint, "jaxdebias.json")):
+        raise UserError(f"{checkpoint} is not a jaxdebias checkpoint (no jaxdebias.json). Convert a Hugging Face "
+                        "checkpoint first: jaxdebias-convert SRC DST.")
+    try:
+        model = llava.load(checkpoint)
+    except ConversionError as e:
+        raise UserError(str(e)) from None
+    mean, std = CLIP_MEAN, CLIP_STD
+    pre = os.path.join(checkpoint, "preprocessor_config.json")
+    if os.path.isfile(pre):
+        with open(pre) as f:
+            p = json.load(f)
+        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    return model, HFTokenizer(checkpoint, model.cfg.image_token_id), mean, std
+
+
+def build_prompt(tok, question: str, n_image: int = N):
+    """(input_ids int[T], instruction position): LLaVA-1.5's conversation template with the image expanded."""
+    pre, post = PROMPT.format(question).split("<image>")
+    question_part = tok.encode(post.rsplit(" ASSISTANT:", 1)[0])
+    ids = tok.encode(pre, bos=True) + [tok.image] * n_image + tok.encode(post)
+    return np.asarray(ids, np.int32), len(tok.encode(pre, bos=True)) + n_image + len(question_part) - 1
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt + image, ready to batch."""
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray
+    size: tuple[int, int]
+    instruction_pos: int
+
+
+def make_batch(requests: list[Request], pad_id: int):
+    """Right-pads requests into a ``pruning.Batch``."""
+    from jaxdebias.models.pruning import Batch
+
+    T = max(len(r.input_ids) for r in requests)
+    ids = np.full((len(requests), T), pad_id, np.int32)
+    am = np.zeros((len(requests), T), bool)
+    for b, r in enumerate(requests):
+        ids[b, :len(r.input_ids)] = r.input_ids
+        am[b, :len(r.input_ids)] = True
+    return Batch(ids, np.stack([r.pixel_values for r in requests]), am,
+                 image_sizes=np.asarray([r.size for r in requests], np.int32),
+                 instruction_pos=np.asarray([r.instruction_pos for r in requests], np.int32))
+
+
+def parse_debias(mode: str, pad_tau: float, curve_file: str | None, task: str) -> jd.Debias:
+    """--debias off|pad|pad+curve|curve with --curve FILE (else the released curve) or --curve online."""
+    if mode not in ("off", "pad", "curve", "pad+curve"):
+        raise UserError(f"--debias must be off, pad, curve or pad+curve, got {mode!r}.")
+    curve = None
+    if "curve" in mode:
+        if curve_file in (None, "released"):
+            curve = "released"
+        elif curve_file == "online":
+            curve = "online"
+        else:
+            if not os.path.isfile(curve_file):
+                raise UserError(f"Curve file {curve_file} does not exist (write one with jaxdebias calibrate).")
+            with open(curve_file) as f:
+                try:
+                    curve = jd.curve_from_dict(json.load(f)["curve"])
+                except (KeyError, ValueError, json.JSONDecodeError) as e:
+                    raise UserError(f"{curve_file} is not a curve file written by jaxdebias calibrate ({e}).") from None
+    return jd.Debias(curve=curve, pad_tau=pad_tau if "pad" in mode else None, task=task)
+
+
+def make_spec(method: str, keep: int, debias: jd.Debias, n_layers: int) -> jd.PruneSpec:
+    if not 0 < keep <= N:
+        raise UserError(f"--keep must be in 1..{N} (the visual tokens of one image), got {keep}.")
+    try:
+        spec = jd.PruneSpec(method, keep=keep, debias=debias)
+        spec.schedule(N, n_layers)
+    except (ValueError, KeyError) as e:
+        raise UserError(str(e)) from None
+    return spec
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def figure_kept(square, kept_by_name: dict, path: str, pad_mask=None):
+    """The letterboxed image with kept patches highlighted, one panel per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(kept_by_name), figsize=(4.2 * len(kept_by_name), 4.4))
+    axes = np.atleast_1d(axes)
+    cell = SIDE / GRID
+    for ax, (name, kept) in zip(axes, kept_by_name.items()):
+        ax.imshow(square)
+        shade = np.ones((GRID, GRID, 4)) * np.array([0, 0, 0, 0.6])
+        shade[kept.reshape(GRID, GRID)] = (0, 0, 0, 0)
+        ax.imshow(shade, extent=(0, SIDE, SIDE, 0), interpolation="nearest")
+        if pad_mask is not None:
+            for r, c in zip(*np.nonzero(kept.reshape(GRID, GRID) & ~pad_mask.reshape(GRID, GRID))):
+                ax.add_patch(plt.Rectangle((c * cell, r * cell), cell, cell, fill=False, ec="red", lw=1))
+        ax.set_title(f"{name}: {int(kept.sum())} kept", fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure_curve(series: dict, path: str, title: str):
+    """Mean score per grid row (raster order top to bottom), one line per series, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, s in series.items():
+        s = np.asarray(s, np.float64).reshape(-1, N)
+        rows = np.nanmean(s.reshape(s.shape[0], GRID, GRID), axis=(0, 2))  # NaN marks excluded (padding) tokens
+        ax.plot(np.arange(GRID), rows / max(np.nanmean(rows), 1e-12), marker="o", ms=3, label=name)
+    ax.set_xlabel("grid row (later in the sequence ->)")
+    ax.set_ylabel("mean score / overall mean")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(checkpoint, image_path, prompt, method, keep, debias: jd.Debias, out_dir, max_new_tokens=32, var=None,
+        log=print) -> dict:
+    """Unpruned, pruned and pruned + debiased inference on one image; figures and a summary JSON in ``out_dir``."""
+    from jaxdebias.models import pruning
+
+    image = load_image(image_path)  # cheap checks first: nothing is built for a bad request
+    if not 0 < keep <= N:
+        raise UserError(f"--keep must be in 1..{N} (the visual tokens of one image), got {keep}.")
+    model, tok, mean, std = load_model(checkpoint)
+    pixels, square, size = preprocess(image, mean, std, model.cfg.vision.image_size)
+    n = model.cfg.vision.num_features
+    ids, instr = build_prompt(tok, prompt, n)
+    batch = make_batch([Request(ids, pixels, size, instr)], tok.pad)
+    spec = make_spec(method, keep, debias, model.cfg.text.num_layers)
+    plain_spec = dataclasses.replace(spec, debias=jd.Debias())
+    os.makedirs(out_dir, exist_ok=True)
+    results, times = {}, {}
+    for name, s in (("unpruned", None), ("pruned", plain_spec), ("pruned + debiased", spec)):
+        pruning.prefill_and_generate(model, batch, prune=s, max_new_tokens=max_new_tokens, var=var)  # compile
+        results[name], times[name] = timed(
+            lambda s=s: pruning.prefill_and_generate(model, batch, prune=s, max_new_tokens=max_new_tokens, var=var))
+    if checkpoint is None:
+        log("NOTE: no --checkpoint: this is the embedded default, an untrained tiny model. Its answer is "
+            "meaningless; the token selection, the bias numbers, the figures and the timings are real.")
+    pad = np.asarray(jd.pad_mask_expand2square(*size, grid=GRID, tau=debias.pad_tau or 0.5))
+    kept = {}
+    for name in ("pruned", "pruned + debiased"):
+        idx, slot = results[name].kept[0]
+        m = np.zeros(N, bool)
+        m[idx[0][slot[0]]] = True
+        kept[name] = m
+    figure_kept(square, {f"{method} keep {keep}": kept["pruned"], f"{method} keep {keep}, debiased": kept[
+        "pruned + debiased"]}, os.path.join(out_dir, "kept.png"), pad)
+    before, after = results["pruned + debiased"].scores[0], results["pruned + debiased"].debiased[0]
+    figure_curve({"scores": before, "debiased": np.where(after > 0, after, np.nan)},
+                 os.path.join(out_dir, "curve.png"), f"{method} first-stage scores by position")
+    stats_before = {k: float(v) for k, v in jd.bias_strength(before, pad_mask=pad).items()}
+    stats_after = {k: float(v) for k, v in jd.bias_strength(np.where(pad, after, 0.0), pad_mask=pad).items()}
+    summary = {
+        "answers": {k: tok.decode(r.tokens[0]) for k, r in results.items()},
+        "kept": {k: int(v.sum()) for k, v in kept.items()},
+        "padding_kept": {k: int((v & ~pad).sum()) for k, v in kept.items()},
+        "bias_before": stats_before, "bias_after": stats_after,
+        "seconds": times, "stage_lengths": {k: r.stage_lengths for k, r in results.items()},
+        "figures": [os.path.join(out_dir, "kept.png"), os.path.join(out_dir, "curve.png")],
+    }
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
+    log(f"kept {keep} of {n} visual tokens with {method}; padding patches kept: "
+        f"{summary['padding_kept']['pruned']} without debias, {summary['padding_kept']['pruned + debiased']} with")
+    log(f"positional slope b: {stats_before['slope']:.5f} before, {stats_after['slope']:.5f} after debiasing; "
+        f"padding/content score ratio {stats_before['pad_ratio']:.2f}")
+    t0 = times["unpruned"]
+    log("time for prefill + {} tokens: ".format(max_new_tokens) + ", ".join(
+        f"{k} {v * 1e3:.0f} ms ({v / t0:.2f}x)" for k, v in times.items()))
+    log(f"figures: {', '.join(summary['figures'])}")
+    return summary
