@@ -56,6 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-new-tokens", type=int, default=24)
     run.add_argument("--out", default="jaxdebias-out", help="directory for kept.png, curve.png, run.json")
     _add_prune_args(run)
+    ev = sub.add_parser("eval", help="pruned inference over a benchmark in the LLaVA layout, with its metric")
+    ev.add_argument("--checkpoint")
+    ev.add_argument("--bench", required=True, help="pope")
+    ev.add_argument("--data", required=True, help="directory with the question JSONL and images/")
+    ev.add_argument("--out", default="jaxdebias-eval")
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--batch", type=int, default=4)
+    ev.add_argument("--max-new-tokens", type=int, default=8)
+    _add_prune_args(ev)
+    cal = sub.add_parser("calibrate", help="fit a positional-debiasing curve over a data set")
+    cal.add_argument("--checkpoint")
+    cal.add_argument("--data", required=True)
+    cal.add_argument("--method", default="fastv")
+    cal.add_argument("--form", default="exp", help="exp, exp+c or poly3_inverse")
+    cal.add_argument("--out", default="curve.json")
+    cal.add_argument("--limit", type=int)
+    cal.add_argument("--batch", type=int, default=4)
+    cal.add_argument("--pad-tau", type=float, default=0.5)
     demo = sub.add_parser("demo", help="debias + prune synthetic LLaVA-1.5 attention (the core alone, no model)")
     demo.add_argument("--keep", type=int, default=64, help="visual tokens to keep (rounded up to a bucket)")
     demo.add_argument("--seed", type=int, default=0)
@@ -70,10 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdebias import app
 
     try:
+        if args.command == "calibrate":
+            app.calibrate(args.checkpoint, args.data, args.out, args.method, args.form, limit=args.limit,
+                          batch_size=args.batch, pad_tau=args.pad_tau)
+            return 0
         debias = app.parse_debias(args.debias, args.pad_tau, args.curve, args.task)
         var = _var_spec(args, None if args.checkpoint else "discover")
-        app.run(args.checkpoint, args.image or app.default_image_path(), args.prompt, args.method, args.keep,
-                debias, args.out, max_new_tokens=args.max_new_tokens, var=var)
+        if args.command == "eval":
+            app.evaluate(args.checkpoint, args.bench, args.data, args.out, (args.method, args.keep, debias),
+                         limit=args.limit, batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var)
+        else:
+            app.run(args.checkpoint, args.image or app.default_image_path(), args.prompt, args.method, args.keep,
+                    debias, args.out, max_new_tokens=args.max_new_tokens, var=var)
     except app.UserError as e:
         print(f"jaxdebias {args.command}: error: {e}", file=sys.stderr)
         return 2

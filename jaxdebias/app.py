@@ -305,3 +305,196 @@ def run(checkpoint, image_path, prompt, method, keep, debias: jd.Debias, out_dir
         f"{k} {v * 1e3:.0f} ms ({v / t0:.2f}x)" for k, v in times.items()))
     log(f"figures: {', '.join(summary['figures'])}")
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data sets in the LLaVA evaluation layout: a question JSONL ({"question_id", "image", "text", ...} per line)
+# and an image folder.
+
+REQUIRED = ("question_id", "image", "text")
+
+
+def find_questions(data_dir: str, bench: str | None = None) -> tuple[str, str]:
+    """(question file, image folder) inside ``data_dir``: ``questions.jsonl`` or the benchmark's LLaVA file name,
+    and ``images/`` (or the directory itself)."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data {data_dir} is not a directory.")
+    names = ["questions.jsonl"] + {"pope": ["llava_pope_test.jsonl"]}.get(bench or "", [])
+    for name in names:
+        if os.path.isfile(os.path.join(data_dir, name)):
+            images = os.path.join(data_dir, "images")
+            return os.path.join(data_dir, name), images if os.path.isdir(images) else data_dir
+    raise UserError(f"No question file in {data_dir}: expected one of {', '.join(names)}.")
+
+
+def read_questions(path: str, need=REQUIRED) -> list[dict]:
+    """Every line parsed and checked; an error names the line and the missing field."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: not JSON ({e}).") from None
+            missing = [k for k in need if k not in row]
+            if missing:
+                raise UserError(f"{path}, line {n}: missing field(s) {', '.join(missing)} (each line needs "
+                                f"{', '.join(need)}).")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no questions.")
+    return rows
+
+
+def check_images(rows, image_dir):
+    for r in rows:
+        if not os.path.isfile(os.path.join(image_dir, r["image"])):
+            raise UserError(f"Image {r['image']} of question {r['question_id']} is missing from {image_dir}.")
+
+
+class Runner:
+    """Batched pruned inference over questions with one compiled program per shape bucket."""
+
+    def __init__(self, checkpoint, spec_args, batch_size: int, var=None):
+        self.model, self.tok, self.mean, self.std = load_model(checkpoint)
+        method, keep, debias = spec_args
+        self.spec = make_spec(method, keep, debias, self.model.cfg.text.num_layers)
+        self.batch_size, self.var = batch_size, var
+
+    def requests(self, rows, image_dir):
+        out = []
+        for r in rows:
+            pixels, _, size = preprocess(load_image(os.path.join(image_dir, r["image"])), self.mean, self.std,
+                                         self.model.cfg.vision.image_size)
+            ids, instr = build_prompt(self.tok, r["text"], self.model.cfg.vision.num_features)
+            out.append(Request(ids, pixels, size, instr))
+        return out
+
+    def __call__(self, rows, image_dir, max_new_tokens):
+        """Yields (row, result of its batch, index in the batch) in order; the last batch is padded by repetition
+        so that every batch has the same shape."""
+        from jaxdebias.models import pruning
+
+        for lo in range(0, len(rows), self.batch_size):
+            chunk = rows[lo:lo + self.batch_size]
+            reqs = self.requests(chunk, image_dir)
+            reqs += [reqs[-1]] * (self.batch_size - len(reqs))
+            res = pruning.prefill_and_generate(self.model, make_batch(reqs, self.tok.pad), prune=self.spec,
+                                               max_new_tokens=max_new_tokens, var=self.var)
+            for i, row in enumerate(chunk):
+                yield row, res, i
+
+
+def pope_metrics(answers: dict, labels: dict) -> dict:
+    """POPE's official scoring: an answer is "no" when its words include no / not / No, else "yes"."""
+    tp = fp = tn = fn = 0
+    for qid, label in labels.items():
+        words = answers[qid].replace(".", " ").replace(",", " ").split()
+        pred = "no" if any(w in ("No", "not", "no") for w in words) else "yes"
+        if pred == "yes":
+            tp, fp = tp + (label == "yes"), fp + (label == "no")
+        else:
+            tn, fn = tn + (label == "no"), fn + (label == "yes")
+    n = tp + fp + tn + fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n, "n": n}
+
+
+def _read_done(path) -> dict:
+    """Answers already written (resume). A torn last line from an interrupted run is dropped from the file."""
+    done = {}
+    if not os.path.isfile(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[:data.rfind(b"\n") + 1]  # complete lines only
+    if len(keep) != len(data):
+        with open(path, "wb") as f:
+            f.write(keep)
+    for line in keep.decode().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            done[row["question_id"]] = row
+    return done
+
+
+def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, batch_size=4, max_new_tokens=8,
+             var=None, log=print, progress=True) -> dict:
+    """Pruned inference over a benchmark in the LLaVA layout; answers in LLaVA's answer-file format, resumable;
+    the metric where it is computable locally (POPE here)."""
+    from tqdm.auto import tqdm
+
+    if bench != "pope":
+        raise UserError(f"--bench {bench!r} is not supported yet; supported: pope.")
+    qfile, image_dir = find_questions(data_dir, bench)
+    rows = read_questions(qfile, REQUIRED + ("label",))
+    if limit is not None:
+        rows = rows[:limit]
+    check_images(rows, image_dir)
+    bad = [r["question_id"] for r in rows if r["label"] not in ("yes", "no")]
+    if bad:
+        raise UserError(f"POPE labels must be 'yes' or 'no'; question(s) {bad[:5]} have others.")
+    os.makedirs(out_dir, exist_ok=True)
+    answers_path = os.path.join(out_dir, f"{bench}_answers.jsonl")
+    done = _read_done(answers_path)
+    todo = [r for r in rows if r["question_id"] not in done]
+    runner = Runner(checkpoint, spec_args, batch_size, var) if todo else None
+    model_id = f"jaxdebias-{spec_args[0]}-{spec_args[1]}"
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{bench} keep {spec_args[1]}",
+               disable=not progress)
+    t0, tokens = time.perf_counter(), 0
+    with open(answers_path, "a") as f:
+        for row, res, i in (runner(todo, image_dir, max_new_tokens) if todo else ()):
+            text = runner.tok.decode(res.tokens[i])
+            line = {"question_id": row["question_id"], "prompt": row["text"], "text": text,
+                    "answer_id": f"{row['question_id']}", "model_id": model_id, "metadata": {}}
+            f.write(json.dumps(line) + "\n")  # one write per answer, flushed: a kill leaves whole lines
+            f.flush()
+            done[row["question_id"]] = line
+            tokens += len(res.tokens[i])
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    metrics = pope_metrics({q: a["text"] for q, a in done.items()}, {r["question_id"]: r["label"] for r in rows})
+    with open(os.path.join(out_dir, f"{bench}_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    log(f"{bench}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics
+
+
+def calibrate(checkpoint, data_dir, out, method, form="exp", *, limit=None, batch_size=4, pad_tau=0.5, log=print,
+              progress=True) -> dict:
+    """Streams a data set through the model, averages the method's first-stage scores position by position with
+    ``jd.Calibration`` (padding excluded), fits ``form`` and writes the curve with its statistics and a plot."""
+    from tqdm.auto import tqdm
+
+    qfile, image_dir = find_questions(data_dir)
+    rows = read_questions(qfile)[:limit]
+    check_images(rows, image_dir)
+    runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size)
+    cal = jd.Calibration.init(N)
+    for row, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating", disable=not progress):
+        req_size = runner.requests([row], image_dir)[0].size
+        content = np.asarray(jd.pad_mask_expand2square(*req_size, tau=pad_tau))
+        cal = cal.update(res.scores[i], content)
+    curve = cal.fit(form)
+    mean = np.asarray(cal.mean())
+    stats = {k: float(v) for k, v in jd.bias_strength(mean, np.asarray(cal.count) > 0).items() if k != "pad_ratio"}
+    record = {"curve": jd.curve_to_dict(curve), "method": method, "form": form, "samples": int(cal.n_samples),
+              "fit_of_mean": stats}
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, out)
+    plot = os.path.splitext(out)[0] + ".png"
+    figure_curve({"mean score": mean, "fitted trend": np.asarray(1.0 / curve.weights(N)) * mean[mean > 0].mean()},
+                 plot, f"{method}: calibrated over {int(cal.n_samples)} samples ({form})")
+    log(f"wrote {out} ({form}, {int(cal.n_samples)} samples, slope {stats['slope']:.5f}) and {plot}")
+    return record

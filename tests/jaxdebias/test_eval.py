@@ -1,0 +1,99 @@
+"""eval / calibrate on the embedded default model with tiny benchmark samples written by the test."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from jaxdebias import app
+
+QUESTIONS = [("a.png", (640, 400), "Is there a dog in the image?", "yes"),
+             ("b.png", (300, 500), "Is there a cat in the image?", "no"),
+             ("c.png", (400, 400), "Is there a car in the image?", "no"),
+             ("a.png", (640, 400), "Is there a tree in the image?", "yes"),
+             ("b.png", (300, 500), "Is there a person in the image?", "no")]
+
+
+def write_pope(root, questions=QUESTIONS, drop_field=None):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i, (name, size, _, _) in enumerate(questions):
+        Image.new("RGB", size, (40 * i, 120, 200)).save(root / "images" / name)
+    with open(root / "llava_pope_test.jsonl", "w") as f:
+        for i, (name, _, text, label) in enumerate(questions):
+            row = {"question_id": i, "image": name, "text": text, "label": label, "category": "random"}
+            row.pop(drop_field, None)
+            f.write(json.dumps(row) + "\n")
+    return root
+
+
+def test_pope_metrics_by_hand():
+    answers = {1: "Yes, there is.", 2: "No.", 3: "There is not a dog", 4: "yes"}
+    labels = {1: "yes", 2: "no", 3: "yes", 4: "no"}
+    m = app.pope_metrics(answers, labels)  # tp: 1, tn: 2, fn: 3, fp: 4
+    assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5, "n": 4}
+
+
+def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
+    data = write_pope(tmp_path / "pope")
+    args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
+    full = app.evaluate(None, "pope", str(data), str(tmp_path / "full"), args, batch_size=1, progress=False)
+    lines = [json.loads(x) for x in open(tmp_path / "full" / "pope_answers.jsonl")]
+    assert [x["question_id"] for x in lines] == list(range(5))
+    assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    labels = {i: q[3] for i, q in enumerate(QUESTIONS)}
+    assert full == app.pope_metrics({x["question_id"]: x["text"] for x in lines}, labels)
+
+    out = tmp_path / "resumed"
+    answers = out / "pope_answers.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdebias", "eval", "--bench", "pope", "--data", str(data),
+                             "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if answers.exists() and len(answers.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(answers.read_text().splitlines())
+    assert 2 <= written < 5, written  # really interrupted mid-way
+    with open(answers, "a") as f:
+        f.write('{"question_id": 4, "pro')  # and a torn line, as a kill during a write would leave
+    resumed = app.evaluate(None, "pope", str(data), str(out), args, batch_size=1, progress=False)
+    assert resumed == full
+    ids = [json.loads(x)["question_id"] for x in answers.read_text().splitlines()]
+    assert sorted(ids) == list(range(5))  # nothing double-counted
+
+
+def test_eval_and_calibrate_bad_inputs(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "jaxdebias", *args], capture_output=True, text=True)
+
+    bad = write_pope(tmp_path / "nolabel", drop_field="label")
+    r = run("eval", "--bench", "pope", "--data", str(bad), "--out", str(tmp_path / "o1"))
+    assert r.returncode == 2 and "line 1: missing field(s) label" in r.stderr
+    missing = write_pope(tmp_path / "noimage")
+    os.remove(missing / "images" / "c.png")
+    r = run("eval", "--bench", "pope", "--data", str(missing), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "Image c.png of question 2 is missing" in r.stderr
+    r = run("eval", "--bench", "pope", "--data", str(missing), "--keep", "700", "--out", str(tmp_path / "o3"))
+    assert r.returncode == 2
+    r = run("calibrate", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.json"))
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "c.json"))
+
+
+def test_calibrate_writes_a_curve_run_accepts(tmp_path):
+    data = write_pope(tmp_path / "cal")
+    os.rename(data / "llava_pope_test.jsonl", data / "questions.jsonl")
+    rec = app.calibrate(None, str(data), str(tmp_path / "curve.json"), "fastv", "exp", batch_size=2,
+                        progress=False, log=lambda *_: None)
+    assert rec["samples"] == 5 and rec["curve"]["form"] == "exp"
+    assert os.path.getsize(tmp_path / "curve.png") > 5000
+    debias = app.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
+    assert dict(debias.curve)["b"] == pytest.approx(rec["curve"]["b"])
