@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--limit", type=int)
     cal.add_argument("--batch", type=int, default=4)
     cal.add_argument("--pad-tau", type=float, default=0.5)
+    bias = sub.add_parser("bias", help="the bias report of a method's scores over a data set")
+    bias.add_argument("--checkpoint")
+    bias.add_argument("--data", required=True)
+    bias.add_argument("--method", default="fastv")
+    bias.add_argument("--out", default="jaxdebias-bias")
+    bias.add_argument("--limit", type=int)
+    bias.add_argument("--batch", type=int, default=4)
+    bias.add_argument("--pad-tau", type=float, default=0.5)
     demo = sub.add_parser("demo", help="debias + prune synthetic LLaVA-1.5 attention (the core alone, no model)")
     demo.add_argument("--keep", type=int, default=64, help="visual tokens to keep (rounded up to a bucket)")
     demo.add_argument("--seed", type=int, default=0)
@@ -91,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "calibrate":
             app.calibrate(args.checkpoint, args.data, args.out, args.method, args.form, limit=args.limit,
                           batch_size=args.batch, pad_tau=args.pad_tau)
+            return 0
+        if args.command == "bias":
+            app.bias_report(args.checkpoint, args.data, args.out, args.method, limit=args.limit,
+                            batch_size=args.batch, pad_tau=args.pad_tau)
             return 0
         debias = app.parse_debias(args.debias, args.pad_tau, args.curve, args.task)
         var = _var_spec(args, None if args.checkpoint else "discover")

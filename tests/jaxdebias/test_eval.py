@@ -97,3 +97,16 @@ def test_calibrate_writes_a_curve_run_accepts(tmp_path):
     assert os.path.getsize(tmp_path / "curve.png") > 5000
     debias = app.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
     assert dict(debias.curve)["b"] == pytest.approx(rec["curve"]["b"])
+
+
+def test_bias_report(tmp_path):
+    data = write_pope(tmp_path / "b")
+    os.rename(data / "llava_pope_test.jsonl", data / "questions.jsonl")
+    r = subprocess.run([sys.executable, "-m", "jaxdebias", "bias", "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--batch", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.load(open(tmp_path / "o" / "bias.json"))
+    assert rep["samples"] == 5 and len(rep["before"]["row_means"]) == 24
+    assert rep["after"]["pad_ratio"] == 0.0  # padding suppressed after debiasing
+    assert rep["before"]["pad_ratio"] > 0
+    assert os.path.getsize(tmp_path / "o" / "bias.png") > 5000
