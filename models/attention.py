@@ -19,6 +19,7 @@ log-sum-exp, which really skips the middle). Positions i, j are position ids (th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -113,7 +114,7 @@ def put_rows(out, rows, row_valid, new):
 class TriangleMix:
     """TriangleMix settings. Published: n_init 8, n_local 512, n_last 128; starting_layer 16 for Llama-3.1-8B (32
     layers), 20 for Qwen2.5-7B (28 layers); our LLaVA-1.5 default 16 of 32. path: "masked", "split" or "auto"
-    ("split" on GPU/TPU, "masked" on CPU). block: query block of the split path's band."""
+    ("splash" on TPU, "split" on GPU, "masked" on CPU). block: query block of the split path's band."""
 
     n_init: int = 8
     n_local: int = 512
@@ -128,8 +129,8 @@ class TriangleMix:
                 raise ValueError(f"TriangleMix {name} must be >= 0, got {getattr(self, name)}.")
         if self.n_local <= 0:
             raise ValueError(f"TriangleMix n_local must be > 0 (the local window), got {self.n_local}.")
-        if self.path not in ("auto", "masked", "split"):
-            raise ValueError(f"TriangleMix path must be 'auto', 'masked' or 'split', got {self.path!r}.")
+        if self.path not in ("auto", "masked", "split", "splash"):
+            raise ValueError(f"TriangleMix path must be 'auto', 'masked', 'split' or 'splash', got {self.path!r}.")
 
     def check(self, num_layers: int):
         if self.starting_layer >= num_layers:
@@ -137,9 +138,10 @@ class TriangleMix:
                              "layers; nothing would be sparse.")
 
     def resolved_path(self) -> str:
+        """The path that runs: "splash" on TPU, "split" on GPU, "masked" on CPU unless set explicitly."""
         if self.path != "auto":
             return self.path
-        return "masked" if jax.devices()[0].platform == "cpu" else "split"
+        return {"cpu": "masked", "tpu": "splash"}.get(jax.devices()[0].platform, "split")
 
 
 def triangle_allowed(qpos, kpos, n_real, spec: TriangleMix):
@@ -245,7 +247,12 @@ def _merge_and_last_rows(q, k, v, mask, qpos, real, n_real, spec, band, sinks, n
     denom = a1 * l1 + a2 * l2
     out = (a1[..., None] * o1 + a2[..., None] * o2) / jnp.where(denom > 0, denom, 1.0)[..., None]
     out = jnp.moveaxis(out.reshape(B, N, T, Hd), 2, 1)  # [B, T, N, Hd]
-    # the last rows of each sample see every earlier key: recompute them densely
+    return _last_rows(out, q, k, v, mask, qpos, real, n_real, spec).astype(q.dtype)
+
+
+def _last_rows(out, q, k, v, mask, qpos, real, n_real, spec):
+    """The last rows of each sample see every earlier key: recompute them densely into out [B, T, N, Hd]."""
+    T = q.shape[1]
     n_last = min(spec.n_last, T)
     if n_last > 0:
         last_pos = n_real[:, None] - 1 - jnp.arange(n_last)[::-1][None, :]  # positions N-n_last .. N-1
@@ -255,6 +262,57 @@ def _merge_and_last_rows(q, k, v, mask, qpos, real, n_real, spec, band, sinks, n
         from jaxdebias.models.llama import attention_rows
 
         probs = attention_rows(q, k, mask, rows)
-        dense = _grouped(probs, v)
-        out = put_rows(out, rows, valid, dense)
-    return out.astype(q.dtype)
+        out = put_rows(out, rows, valid, _grouped(probs, v))
+    return out
+
+
+def _triangle_band_mask(n_init: int, n_local: int):
+    """Splash's computable mask for the static part of the pattern: j <= i and (j < n_init or i - j < n_local)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    class TriangleBandMask(sm._ComputableMask):
+        def __init__(self, shape):
+            self.params = (n_init, n_local)
+            super().__init__(shape=shape, mask_function=lambda q, kv: (kv <= q) & ((kv < n_init) | (q - kv < n_local)))
+
+        def __eq__(self, other):
+            return type(self) is type(other) and self.shape == other.shape and self.params == other.params
+
+        def __hash__(self):
+            return hash((type(self), self.shape, self.params))
+
+    return TriangleBandMask
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(T: int, heads: int, n_init: int, n_local: int, interpret: bool):
+    """One splash-attention MQA kernel per (padded length, heads per kv group, pattern): built once, reused."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    mask = sm.MultiHeadMask([_triangle_band_mask(n_init, n_local)((T, T)) for _ in range(heads)])
+    blk = 128
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def attend_splash(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
+    """TriangleMix through the Pallas splash-attention kernel (TPU; interpreted elsewhere, for tests): the band and
+    sink columns as a block-sparse computable mask - blocks outside the pattern are skipped - then each sample's
+    last rows recomputed densely. Needs slots == positions (right padding, as ``generate`` produces); the
+    prompt is padded to a multiple of the 128-slot kernel block."""
+    B, T, N, Hd = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    Tp = -(-T // 128) * 128  # kernel blocks are 128 slots; padded keys lie after every real query
+    kernel = _splash_kernel(Tp, G, spec.n_init, spec.n_local, jax.devices()[0].platform != "tpu")
+    pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+    qs = jnp.pad(q.astype(jnp.float32) / math.sqrt(Hd), pad)  # splash does not scale the logits
+    ks, vs = (jnp.pad(x[:, :T].astype(jnp.float32), pad) for x in (k, v))
+    # [B, T, K, G, Hd] -> per (b, kv head): q [G, T, Hd], k, v [T, Hd]
+    qg = jnp.transpose(qs.reshape(B, Tp, K, G, Hd), (0, 2, 3, 1, 4))
+    kg, vg = (jnp.transpose(x, (0, 2, 1, 3)) for x in (ks, vs))
+    out = jax.vmap(jax.vmap(kernel))(qg, kg, vg)  # [B, K, G, Tp, Hd]
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tp, N, Hd)[:, :T]
+    return _last_rows(out.astype(jnp.float32), q, k, v, mask, qpos, real, n_real, spec).astype(q.dtype)

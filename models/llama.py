@@ -321,7 +321,7 @@ class LlamaModel(nnx.Module):
         widen = lambda x: x if S == T else jnp.zeros((B, S), bool).at[:, :T].set(x)  # noqa: E731
         attend = None
         if triangle is not None:
-            fn = A.attend_split if triangle.resolved_path() == "split" else A.attend_masked
+            fn = {"split": A.attend_split, "splash": A.attend_splash}.get(triangle.resolved_path(), A.attend_masked)
             kpos = positions if S == T else jnp.zeros((B, S), positions.dtype).at[:, :T].set(positions)
             n_real = jnp.sum(real, 1)
             attend = lambda q, k, v, m: fn(q, k, v, m, positions, kpos, real, n_real, triangle)  # noqa: E731

@@ -56,3 +56,25 @@ def test_run_bad_inputs_exit_2(tmp_path):
     r = run("--debias", "strong")
     assert r.returncode == 2 and "--debias must be" in r.stderr
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_var_flags_parse():
+    import argparse
+
+    import pytest
+
+    from jaxdebias.__main__ import _var_spec
+
+    def ns(**kw):
+        base = dict(var=True, var_dims=None, var_p=0.6, var_tau=20.0, var_rho=0.5, var_layers="released")
+        return argparse.Namespace(**{**base, **kw})
+
+    assert _var_spec(ns(var=False), None) is None
+    assert _var_spec(ns(var_dims="llava-1.5-7b"), None).sink_dims == (1415, 2533)
+    spec = _var_spec(ns(var_dims="3,9", var_p=0.5, var_layers="2,3"), None)
+    assert spec.sink_dims == (3, 9) and spec.p == 0.5 and spec.layers == (2, 3)
+    assert _var_spec(ns(), "discover").sink_dims == "discover"
+    with pytest.raises(app.UserError, match="--var needs the model's sink dimensions"):
+        _var_spec(ns(), None)
+    with pytest.raises(app.UserError, match="p must lie"):
+        _var_spec(ns(var_dims="1", var_p=2.0), None)

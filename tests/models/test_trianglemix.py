@@ -109,4 +109,20 @@ def test_trianglemix_bad_input():
     with pytest.raises(ValueError, match="starting_layer 40 is past the model's 32 layers"):
         A.TriangleMix(starting_layer=40).check(32)
     with pytest.raises(ValueError, match="path must be"):
-        A.TriangleMix(path="splash")
+        A.TriangleMix(path="flash")
+
+
+@pytest.mark.parametrize("T,n_init,n_local,n_last", [(256, 4, 40, 10), (40, 2, 8, 3), (384, 0, 128, 0)])
+def test_splash_path_equals_masked(T, n_init, n_local, n_last):
+    """The TPU splash-attention path, run by Pallas' interpreter on the CPU (right padding, as generate makes)."""
+    B, N, K, Hd = 2, 4, 2, 16
+    q, k, v = _qkv(B, T, N, K, Hd, seed=3)
+    real = np.zeros((B, T), bool)
+    real[0], real[1, :T - 13] = True, True
+    real = jnp.asarray(real)
+    pos = jnp.where(real, jnp.cumsum(real, 1) - 1, 0)
+    mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), real)
+    spec = A.TriangleMix(n_init=n_init, n_local=n_local, n_last=n_last, starting_layer=0, path="splash")
+    ref = A.attend_masked(q, k, v, mask, pos, pos, real, jnp.sum(real, 1), spec)
+    got = A.attend_splash(q, k, v, mask, pos, pos, real, jnp.sum(real, 1), spec)
+    np.testing.assert_allclose(np.asarray(got)[np.asarray(real)], np.asarray(ref)[np.asarray(real)], atol=1e-5)
