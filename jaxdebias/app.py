@@ -319,7 +319,8 @@ def find_questions(data_dir: str, bench: str | None = None) -> tuple[str, str]:
     and ``images/`` (or the directory itself)."""
     if not os.path.isdir(data_dir):
         raise UserError(f"--data {data_dir} is not a directory.")
-    names = ["questions.jsonl"] + {"pope": ["llava_pope_test.jsonl"]}.get(bench or "", [])
+    known = {"pope": ["llava_pope_test.jsonl"]}
+    names = ["questions.jsonl"] + (known.get(bench, []) if bench else sum(known.values(), []))
     for name in names:
         if os.path.isfile(os.path.join(data_dir, name)):
             images = os.path.join(data_dir, "images")
