@@ -358,11 +358,22 @@ def check_images(rows, image_dir):
 class Runner:
     """Batched pruned inference over questions with one compiled program per shape bucket."""
 
-    def __init__(self, checkpoint, spec_args, batch_size: int, var=None):
+    def __init__(self, checkpoint, spec_args, batch_size: int, var=None, devices=None):
+        import jax
+
         self.model, self.tok, self.mean, self.std = load_model(checkpoint)
         method, keep, debias = spec_args
         self.spec = make_spec(method, keep, debias, self.model.cfg.text.num_layers)
-        self.batch_size, self.var = batch_size, var
+        self.var, self.mesh = var, None
+        devices = jax.devices() if devices is None else devices
+        if len(devices) > 1:  # split every batch over the local devices (all hosts' under jax.distributed)
+            from jaxdebias.models.llava import shard_model
+
+            self.mesh = jax.make_mesh((len(devices), 1), ("data", "model"), devices=devices,
+                                      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+            shard_model(self.model, self.mesh)
+            batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.batch_size = batch_size
 
     def requests(self, rows, image_dir):
         out = []
@@ -383,7 +394,7 @@ class Runner:
             reqs = self.requests(chunk, image_dir)
             reqs += [reqs[-1]] * (self.batch_size - len(reqs))
             res = pruning.prefill_and_generate(self.model, make_batch(reqs, self.tok.pad), prune=self.spec,
-                                               max_new_tokens=max_new_tokens, var=self.var)
+                                               max_new_tokens=max_new_tokens, var=self.var, mesh=self.mesh)
             for i, row in enumerate(chunk):
                 yield row, res, i
 
@@ -425,9 +436,10 @@ def _read_done(path) -> dict:
 
 
 def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, batch_size=4, max_new_tokens=8,
-             var=None, log=print, progress=True) -> dict:
+             var=None, log=print, progress=True, devices=None) -> dict:
     """Pruned inference over a benchmark in the LLaVA layout; answers in LLaVA's answer-file format, resumable;
-    the metric where it is computable locally (POPE here)."""
+    the metric where it is computable locally (POPE here). Batches are split over ``devices`` (default: all
+    local devices; the batch size is rounded up to a multiple of their number)."""
     from tqdm.auto import tqdm
 
     if bench != "pope":
@@ -444,7 +456,7 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
     answers_path = os.path.join(out_dir, f"{bench}_answers.jsonl")
     done = _read_done(answers_path)
     todo = [r for r in rows if r["question_id"] not in done]
-    runner = Runner(checkpoint, spec_args, batch_size, var) if todo else None
+    runner = Runner(checkpoint, spec_args, batch_size, var, devices) if todo else None
     model_id = f"jaxdebias-{spec_args[0]}-{spec_args[1]}"
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{bench} keep {spec_args[1]}",
                disable=not progress)
@@ -469,7 +481,7 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
 
 
 def calibrate(checkpoint, data_dir, out, method, form="exp", *, limit=None, batch_size=4, pad_tau=0.5, log=print,
-              progress=True) -> dict:
+              progress=True, devices=None) -> dict:
     """Streams a data set through the model, averages the method's first-stage scores position by position with
     ``jd.Calibration`` (padding excluded), fits ``form`` and writes the curve with its statistics and a plot."""
     from tqdm.auto import tqdm
@@ -477,7 +489,7 @@ def calibrate(checkpoint, data_dir, out, method, form="exp", *, limit=None, batc
     qfile, image_dir = find_questions(data_dir)
     rows = read_questions(qfile)[:limit]
     check_images(rows, image_dir)
-    runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size)
+    runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size, devices=devices)
     cal = jd.Calibration.init(N)
     for row, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating", disable=not progress):
         req_size = runner.requests([row], image_dir)[0].size
@@ -502,7 +514,7 @@ def calibrate(checkpoint, data_dir, out, method, form="exp", *, limit=None, batc
 
 
 def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, limit=None, batch_size=4, pad_tau=0.5,
-                sink_dims=None, log=print, progress=True) -> dict:
+                sink_dims=None, log=print, progress=True, devices=None) -> dict:
     """The bias of a method's first-stage scores over a data set, before and after debiasing (padding +
     the method's released curve): mean score by grid row and column, fitted slope, padding-to-content ratio,
     and the visual sink tokens VAR would find (layer 2's input; ``sink_dims`` or discovered)."""
@@ -514,7 +526,7 @@ def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, limit=None, ba
     qfile, image_dir = find_questions(data_dir)
     rows = read_questions(qfile)[:limit]
     check_images(rows, image_dir)
-    runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size)
+    runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size, devices=devices)
     curve = jd.released_curve(method, "gqa") if method in ("fastv", "himap", "pdrop", "sparsevlm") else None
     before, after, pads, sinks = [], [], [], []
     for row, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="bias", disable=not progress):

@@ -290,15 +290,23 @@ def prepare(model: Llava, batch: Batch, spec: PruneSpec, prompt_buckets=PROMPT_B
 
 def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None = None, max_new_tokens: int = 32,
                          temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-                         var=None) -> Result:
+                         var=None, mesh: jax.sharding.Mesh | None = None) -> Result:
     """Pruned prefill (dense with ``prune=None``), then generation from the pruned per-layer caches.
     ``var``: an ``attention.VarSpec`` to run VAR on the (pruned) sequence at prefill and decode.
-    See the module docstring."""
+    ``mesh``: a ("data", ...) mesh (Auto axes) to split the batch over; place the model on it first with
+    ``llava.shard_model``. The batch size must divide by the "data" axis. See the module docstring."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
     n = model.cfg.vision.num_features
     spec = prune or PruneSpec("fastv", keep=n, stages=())
     ids, px, am, sizes, instr = prepare(model, batch, spec)
+    if mesh is not None:
+        if ids.shape[0] % mesh.shape["data"]:
+            raise ValueError(f"Batch size {ids.shape[0]} does not divide over the mesh's {mesh.shape['data']} "
+                             "'data' devices; pad the batch.")
+        data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        ids, px, am, sizes = (jax.device_put(x, data) for x in (ids, px, am, sizes))
+        instr = None if instr is None else jax.device_put(instr, data)
     shape, keeps = spec.split(n, model.cfg.text.num_layers)
     extra = -(-max_new_tokens // 64) * 64
     graphdef, state = nnx.split(model)

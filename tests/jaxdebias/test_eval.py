@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 from PIL import Image
 
@@ -41,7 +42,9 @@ def test_pope_metrics_by_hand():
 def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
     data = write_pope(tmp_path / "pope")
     args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
-    full = app.evaluate(None, "pope", str(data), str(tmp_path / "full"), args, batch_size=1, progress=False)
+    one = jax.devices()[:1]  # as the killed subprocess below runs (the test session has 4 fake devices)
+    full = app.evaluate(None, "pope", str(data), str(tmp_path / "full"), args, batch_size=1, progress=False,
+                        devices=one)
     lines = [json.loads(x) for x in open(tmp_path / "full" / "pope_answers.jsonl")]
     assert [x["question_id"] for x in lines] == list(range(5))
     assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
@@ -64,7 +67,7 @@ def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
     assert 2 <= written < 5, written  # really interrupted mid-way
     with open(answers, "a") as f:
         f.write('{"question_id": 4, "pro')  # and a torn line, as a kill during a write would leave
-    resumed = app.evaluate(None, "pope", str(data), str(out), args, batch_size=1, progress=False)
+    resumed = app.evaluate(None, "pope", str(data), str(out), args, batch_size=1, progress=False, devices=one)
     assert resumed == full
     ids = [json.loads(x)["question_id"] for x in answers.read_text().splitlines()]
     assert sorted(ids) == list(range(5))  # nothing double-counted
@@ -92,7 +95,7 @@ def test_calibrate_writes_a_curve_run_accepts(tmp_path):
     data = write_pope(tmp_path / "cal")
     os.rename(data / "llava_pope_test.jsonl", data / "questions.jsonl")
     rec = app.calibrate(None, str(data), str(tmp_path / "curve.json"), "fastv", "exp", batch_size=2,
-                        progress=False, log=lambda *_: None)
+                        progress=False, log=lambda *_: None, devices=jax.devices()[:1])
     assert rec["samples"] == 5 and rec["curve"]["form"] == "exp"
     assert os.path.getsize(tmp_path / "curve.png") > 5000
     debias = app.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
@@ -110,3 +113,26 @@ def test_bias_report(tmp_path):
     assert rep["after"]["pad_ratio"] == 0.0  # padding suppressed after debiasing
     assert rep["before"]["pad_ratio"] > 0
     assert os.path.getsize(tmp_path / "o" / "bias.png") > 5000
+
+
+def test_eval_splits_batches_over_devices(tmp_path):
+    """On 4 (fake) devices the batch is sharded over "data"; the prefill logits equal a single device's."""
+    import numpy as np
+
+    from jaxdebias.models import pruning
+
+    assert len(jax.devices()) >= 4
+    data = write_pope(tmp_path / "multi")
+    args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
+    runner = app.Runner(None, args, 2, devices=jax.devices()[:4])
+    assert runner.batch_size == 4 and runner.mesh.shape["data"] == 4
+    rows = app.read_questions(str(data / "llava_pope_test.jsonl"))[:4]
+    batch = app.make_batch(runner.requests(rows, str(data / "images")), runner.tok.pad)
+    sharded = pruning.prefill_and_generate(runner.model, batch, prune=runner.spec, max_new_tokens=1,
+                                           mesh=runner.mesh)
+    single, _, _, _ = app.load_model(None)
+    ref = pruning.prefill_and_generate(single, batch, prune=runner.spec, max_new_tokens=1)
+    np.testing.assert_allclose(sharded.logits, ref.logits, atol=1e-4)
+    m = app.evaluate(None, "pope", str(data), str(tmp_path / "o"), args, batch_size=2, progress=False,
+                     devices=jax.devices()[:4])
+    assert m["n"] == 5
