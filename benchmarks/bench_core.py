@@ -26,7 +26,6 @@ def llama_layer(p, x):
             v.dtype) * w
 
     B, T, D = x.shape
-    H = 32
     h = rms(x, p["n1"])
     q, k, v = (jnp.einsum("btd,dhk->bthk", h, p[n]) for n in ("wq", "wk", "wv"))
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)

@@ -303,7 +303,7 @@ def attend_splash(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
     last rows recomputed densely. Needs slots == positions (right padding, as ``generate`` produces); the
     prompt is padded to a multiple of the 128-slot kernel block."""
     B, T, N, Hd = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     G = N // K
     Tp = -(-T // 128) * 128  # kernel blocks are 128 slots; padded keys lie after every real query
     kernel = _splash_kernel(Tp, G, spec.n_init, spec.n_local, jax.devices()[0].platform != "tpu")

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 from fractions import Fraction
 
 import chex
-import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings

@@ -1,6 +1,5 @@
 """Parity of the Flax LLaVA port with transformers' LlavaForConditionalGeneration (weights via our converter)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
