@@ -262,16 +262,24 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
         triangle.check(model.cfg.text.num_layers)
     tok, cache = _prefill(graphdef, state, jnp.asarray(ids), pixel_values, jnp.asarray(am), keys[0],
                           cache_size=cache_size, temperature=float(temperature), var=var, triangle=triangle)
+    return decode_loop(graphdef, state, tok, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
+                       temperature=temperature, var=var)
+
+
+def decode_loop(graphdef, state, tok, cache, keys, *, eos, stop_at_eos, temperature, var=None) -> np.ndarray:
+    """Greedy / sampled decoding from a prefilled cache: ``tok`` int[B] is the first new token; one jitted,
+    cache-donating step per further token. After a sample's EOS its tokens are EOS (with ``stop_at_eos`` the
+    loop ends once every sample is done). Returns int32[B, len(keys)]."""
     out = [np.asarray(tok)]
-    done = out[0] == model.cfg.eos_token_id
-    for i in range(1, max_new_tokens):
+    done = out[0] == eos
+    for i in range(1, len(keys)):
         if stop_at_eos and done.all():
-            out.append(np.full((B,), model.cfg.eos_token_id, np.int32))
+            out.append(np.full(done.shape, eos, np.int32))
             continue
         tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature), var=var)
-        t = np.where(done, model.cfg.eos_token_id, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
+        t = np.where(done, eos, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
         out.append(t)
-        done = done | (t == model.cfg.eos_token_id)
+        done = done | (t == eos)
     return np.stack(out, 1).astype(np.int32)
 
 

@@ -29,7 +29,7 @@ from jaxdebias.methods import PruneSpec, debias_scores, stage_scores, visionzip_
 from jaxdebias.models import _common as C
 from jaxdebias.models.attention import VarContext
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
-from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, _round_up
+from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, _round_up, decode_loop
 
 
 @dataclasses.dataclass
@@ -240,13 +240,6 @@ def _prefill(graphdef, state, ids, px, am, sizes, instr, keeps, key, *, spec, ex
     return _pick(logits, temperature, key), cache, info
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
-def _decode(graphdef, state, tokens, cache, key, *, temperature, var=None):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(tokens, cache, var=var)
-    return _pick(logits, temperature, key), cache
-
-
 @dataclasses.dataclass
 class Result:
     """tokens int32[B, new]; kept: per stage (raster idx int[B, K], slot mask bool[B, K]) as numpy;
@@ -313,18 +306,9 @@ def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None 
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     tok, cache, info = _prefill(graphdef, state, ids, px, am, sizes, instr, jnp.asarray(keeps + (0,), jnp.int32),
                                 keys[0], spec=shape, extra=extra, temperature=float(temperature), var=var)
-    eos = model.cfg.eos_token_id
-    out = [np.asarray(tok)]
-    done = out[0] == eos
-    for i in range(1, max_new_tokens):
-        if stop_at_eos and done.all():
-            out.append(np.full(done.shape, eos, np.int32))
-            continue
-        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature), var=var)
-        t = np.where(done, eos, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
-        out.append(t)
-        done = done | (t == eos)
+    tokens = decode_loop(graphdef, state, tok, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
+                         temperature=temperature, var=var)
     segs, _ = _stage_lengths(ids.shape[1], shape, n, model.cfg.text.num_layers)
-    return Result(np.stack(out, 1).astype(np.int32), [(np.asarray(a), np.asarray(b)) for a, b in info["kept"]],
+    return Result(tokens, [(np.asarray(a), np.asarray(b)) for a, b in info["kept"]],
                   np.asarray(info["scores"]), np.asarray(info["debiased"]), [(a, b, t) for a, b, t in segs],
                   np.asarray(info["logits"]))
