@@ -385,8 +385,8 @@ class Runner:
         return out
 
     def __call__(self, rows, image_dir, max_new_tokens):
-        """Yields (row, result of its batch, index in the batch) in order; the last batch is padded by repetition
-        so that every batch has the same shape."""
+        """Yields (row, its Request, result of its batch, index in the batch) in order; the last batch is padded
+        by repetition so that every batch has the same shape."""
         from jaxdebias.models import pruning
 
         for lo in range(0, len(rows), self.batch_size):
@@ -396,7 +396,7 @@ class Runner:
             res = pruning.prefill_and_generate(self.model, make_batch(reqs, self.tok.pad), prune=self.spec,
                                                max_new_tokens=max_new_tokens, var=self.var, mesh=self.mesh)
             for i, row in enumerate(chunk):
-                yield row, res, i
+                yield row, reqs[i], res, i
 
 
 def pope_metrics(answers: dict, labels: dict) -> dict:
@@ -462,7 +462,7 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
                disable=not progress)
     t0, tokens = time.perf_counter(), 0
     with open(answers_path, "a") as f:
-        for row, res, i in (runner(todo, image_dir, max_new_tokens) if todo else ()):
+        for row, _, res, i in (runner(todo, image_dir, max_new_tokens) if todo else ()):
             text = runner.tok.decode(res.tokens[i])
             line = {"question_id": row["question_id"], "prompt": row["text"], "text": text,
                     "answer_id": f"{row['question_id']}", "model_id": model_id, "metadata": {}}
@@ -491,9 +491,9 @@ def calibrate(checkpoint, data_dir, out, method, form="exp", *, limit=None, batc
     check_images(rows, image_dir)
     runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size, devices=devices)
     cal = jd.Calibration.init(N)
-    for row, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating", disable=not progress):
-        req_size = runner.requests([row], image_dir)[0].size
-        content = np.asarray(jd.pad_mask_expand2square(*req_size, tau=pad_tau))
+    for _, req, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating",
+                               disable=not progress):
+        content = np.asarray(jd.pad_mask_expand2square(*req.size, tau=pad_tau))
         cal = cal.update(res.scores[i], content)
     curve = cal.fit(form)
     mean = np.asarray(cal.mean())
@@ -529,8 +529,7 @@ def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, limit=None, ba
     runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size, devices=devices)
     curve = jd.released_curve(method, "gqa") if method in ("fastv", "himap", "pdrop", "sparsevlm") else None
     before, after, pads, sinks = [], [], [], []
-    for row, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="bias", disable=not progress):
-        req = runner.requests([row], image_dir)[0]
+    for _, req, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="bias", disable=not progress):
         pad = np.asarray(jd.pad_mask_expand2square(*req.size, tau=pad_tau))
         s = res.scores[i]
         before.append(s)

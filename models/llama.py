@@ -198,6 +198,13 @@ class Attention(nnx.Module):
         self.o_proj = C.linear(N * Hd, D, bias=cfg.o_bias, shard="row", **col)
         self.shape = (N, K, Hd)
 
+    def qk(self, x, positions, inv_freq):
+        """Rotated queries [B, T, N, Hd] and keys [B, T, K, Hd] of x [B, T, D]."""
+        B, T, _ = x.shape
+        N, K, Hd = self.shape
+        return (rope(self.q_proj(x).reshape(B, T, N, Hd), positions, inv_freq),
+                rope(self.k_proj(x).reshape(B, T, K, Hd), positions, inv_freq))
+
     def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None, attend=None, var=None):
         """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, K, Hd] cache of this layer,
         written at ``slot``; tap_rows: int[B, Q] rows whose probabilities are returned; attend: optional
@@ -208,8 +215,7 @@ class Attention(nnx.Module):
         """
         B, T, _ = x.shape
         N, K, Hd = self.shape
-        q = rope(self.q_proj(x).reshape(B, T, N, Hd), positions, inv_freq)
-        k = rope(self.k_proj(x).reshape(B, T, K, Hd), positions, inv_freq)
+        q, k = self.qk(x, positions, inv_freq)
         v = self.v_proj(x).reshape(B, T, K, Hd)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), slot, axis=1)
@@ -247,13 +253,8 @@ class DecoderLayer(nnx.Module):
 
     def probe(self, x, positions, inv_freq, mask, rows):
         """The attention rows this layer would compute on input x, without running it: float32[B, N, Q, T]."""
-        h = self.input_layernorm(x)
-        att = self.self_attn
-        B, T, _ = x.shape
-        N, K, Hd = att.shape
-        q = rope(att.q_proj(h).reshape(B, T, N, Hd), positions, inv_freq)
-        k = rope(att.k_proj(h).reshape(B, T, K, Hd), positions, inv_freq)
-        return attention_rows(q, k, mask[:, :, :T], rows)
+        q, k = self.self_attn.qk(self.input_layernorm(x), positions, inv_freq)
+        return attention_rows(q, k, mask[:, :, :x.shape[1]], rows)
 
     def __call__(self, x, positions, inv_freq, mask, **kw):
         a, kv, probs = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, **kw)

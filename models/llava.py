@@ -225,6 +225,12 @@ def _round_up(n: int, buckets) -> int:
     return -(-n // step) * step
 
 
+def pad_to_bucket(ids, am, pad_id: int, buckets=PROMPT_BUCKETS):
+    """Right-pads int[B, T] ids (with ``pad_id``) and bool[B, T] mask (with False) to a prompt bucket length."""
+    extra = _round_up(ids.shape[1], buckets) - ids.shape[1]
+    return (np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id), np.pad(am, ((0, 0), (0, extra))))
+
+
 def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
              temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
              prompt_buckets=PROMPT_BUCKETS, var: A.VarSpec | None = None,
@@ -250,9 +256,8 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     am = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     model.check_inputs(ids, pixel_values, am)
     B, T = ids.shape
-    Tb = _round_up(T, prompt_buckets)
-    ids = np.pad(ids, ((0, 0), (0, Tb - T)), constant_values=model.cfg.pad_token_id)
-    am = np.pad(am, ((0, 0), (0, Tb - T)))
+    ids, am = pad_to_bucket(ids, am, model.cfg.pad_token_id, prompt_buckets)
+    Tb = ids.shape[1]
     cache_size = -(-(Tb + max_new_tokens) // 64) * 64
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)

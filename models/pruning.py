@@ -29,7 +29,7 @@ from jaxdebias.methods import PruneSpec, debias_scores, stage_scores, visionzip_
 from jaxdebias.models import _common as C
 from jaxdebias.models.attention import VarContext
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
-from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, _round_up, decode_loop
+from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, decode_loop, pad_to_bucket
 
 
 @dataclasses.dataclass
@@ -274,9 +274,7 @@ def prepare(model: Llava, batch: Batch, spec: PruneSpec, prompt_buckets=PROMPT_B
         raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original (width, height) "
                          "of each image.")
     sizes = np.ones((B, 2), np.int32) if sizes is None else np.asarray(sizes, np.int32).reshape(B, 2)
-    Tb = _round_up(T, prompt_buckets)
-    ids = np.pad(ids, ((0, 0), (0, Tb - T)), constant_values=model.cfg.pad_token_id)
-    am = np.pad(am, ((0, 0), (0, Tb - T)))
+    ids, am = pad_to_bucket(ids, am, model.cfg.pad_token_id, prompt_buckets)
     instr = None if batch.instruction_pos is None else jnp.asarray(batch.instruction_pos, jnp.int32)
     return jnp.asarray(ids), jnp.asarray(batch.pixel_values), jnp.asarray(am), jnp.asarray(sizes), instr
 
