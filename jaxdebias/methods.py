@@ -145,6 +145,8 @@ class PruneSpec:
     debias: a ``Debias``; positions: "keep" / "reindex" (default: the method's).
     buckets: keep counts are rounded up to these (static shapes).
     visionzip_contextual: contextual (merged) tokens for VisionZip (published: 10 / 20 / 30 for 64 / 128 / 192).
+    visionzip_cls: the tower's CLS feature is the first dominant token (as in the released code, where
+      ``keep = 64`` is CLS + 53 patches + 10 contextual); False keeps ``keep - contextual`` patches instead.
     """
 
     method: str = "fastv"
@@ -155,6 +157,7 @@ class PruneSpec:
     positions: str | None = None
     buckets: tuple = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 576)
     visionzip_contextual: int | None = None
+    visionzip_cls: bool = True
 
     def __post_init__(self):
         m = {"pyramiddrop": "pdrop"}.get(self.method.lower(), self.method.lower())
@@ -202,9 +205,13 @@ class PruneSpec:
         stages = self.schedule(n_visual, num_layers)
         if self.method == "visionzip":
             dom, ctx = contextual_split(self.keep, self.visionzip_contextual)
-            shape = dataclasses.replace(self, keep=self.bucketed(dom, n_visual) + ctx, visionzip_contextual=ctx,
-                                        stages=())
-            return shape, (dom,)
+            patches = dom - self.visionzip_cls
+            if patches < 1:
+                raise ValueError(f"visionzip: keep={self.keep} leaves no dominant patch beside the CLS token and "
+                                 f"{ctx} contextual tokens; raise keep.")
+            shape = dataclasses.replace(self, keep=self.visionzip_cls + self.bucketed(patches, n_visual) + ctx,
+                                        visionzip_contextual=ctx, stages=())
+            return shape, (patches,)
         shaped, prev = [], n_visual
         for s in stages:
             prev = self.bucketed(s.keep, prev)

@@ -159,13 +159,16 @@ class ClipVisionTower(nnx.Module):
         return x[:, 1:] if cfg.select_strategy == "default" else x
 
     def with_cls_attention(self, pixel_values):
-        """Features as ``__call__``, plus the CLS-to-patch attention of the feature layer (heads summed,
-        float32[B, G*G]) and that layer's keys averaged over heads (float32[B, G*G, Hd]) - VisionZip's inputs."""
+        """VisionZip's inputs from the feature layer (the last layer run): the patch features as ``__call__``
+        (float[B, G*G, D]), the CLS token's feature there (float[B, D]), its attention to the patches (heads
+        summed, float32[B, G*G]) and that layer's patch keys averaged over heads (float32[B, G*G, Hd])."""
+        if self.cfg.select_strategy != "default":
+            raise ValueError("VisionZip needs vision_feature_select_strategy 'default' (patch features without "
+                             "CLS); this tower keeps CLS in its features.")
         x = self.pre_layrnorm(self.embed(pixel_values))
         for layer in self.layers[:-1]:
             x = layer(x)
         last = self.layers[-1]
         probs, keys = last.self_attn.cls_probe(last.layer_norm1(x))
         x = last(x)
-        feats = x[:, 1:] if self.cfg.select_strategy == "default" else x
-        return feats, jnp.sum(probs, axis=1)[:, 1:], jnp.mean(keys, axis=2)[:, 1:]
+        return x[:, 1:], x[:, 0], jnp.sum(probs, axis=1)[:, 1:], jnp.mean(keys, axis=2)[:, 1:]

@@ -177,22 +177,23 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
         return deb, candidates
 
     if spec.method == "visionzip":
-        feats, cls_attn, keys = model.vision_tower.with_cls_attention(px)
-        ctx = spec.visionzip_contextual
+        feats, cls_feat, cls_attn, keys = model.vision_tower.with_cls_attention(px)
+        ctx, cls = spec.visionzip_contextual, int(spec.visionzip_cls)
         ones = jnp.ones((B, n), bool)
         scores, cand = debias_stage(0, cls_attn, jnp.broadcast_to(jnp.arange(n), (B, n)), ones)
-        idx, slot, merge, cmask = visionzip_select(scores, keys, cand, spec.keep - ctx, ctx, limit=keeps[0])
+        idx, slot, merge, cmask = visionzip_select(scores, keys, cand, spec.keep - ctx - cls, ctx, limit=keeps[0])
         feats = feats.astype(cfg.text.dtype)
-        block_v = jnp.concatenate([jd.gather_tokens(feats, idx), jnp.einsum("bcn,bnd->bcd", merge, feats)], 1)
+        block_v = jnp.concatenate([cls_feat[:, None, :].astype(feats.dtype)[:, :cls], jd.gather_tokens(feats, idx),
+                                   jnp.einsum("bcn,bnd->bcd", merge, feats)], 1)  # [CLS], dominant, contextual
         block_h = model.multi_modal_projector(block_v).astype(cfg.text.dtype)
         info["kept"].append((idx, slot))
         h, _ = model.embed(ids, None)
         seq = Seq(h, C.default_positions(am), am, is_img, raster, orig, vslots[:, 0], n)
-        block_valid = jnp.concatenate([slot, cmask], 1)
-        block_raster = jnp.concatenate([idx, jnp.full((B, ctx), -1)], 1)
+        block_valid = jnp.concatenate([jnp.ones((B, cls), bool), slot, cmask], 1)
+        block_raster = jnp.concatenate([jnp.full((B, cls), -1), idx, jnp.full((B, ctx), -1)], 1)
+        img_pos = jd.gather_tokens(seq.pos, vslots[:, 0:1] + jnp.concatenate([jnp.zeros((B, cls), int), idx], 1))
         last_pos = jnp.max(jnp.where(is_img, seq.pos, 0), 1, keepdims=True)
-        block_pos = jnp.concatenate([jd.gather_tokens(seq.pos, vslots[:, 0:1] + idx), jnp.broadcast_to(
-            last_pos, (B, ctx))], 1)
+        block_pos = jnp.concatenate([img_pos, jnp.broadcast_to(last_pos, (B, ctx))], 1)
         seq = replace_visual(seq, block_h, block_valid, block_raster, block_pos, spec.positions)
     else:
         h, _ = model.embed(ids, px)

@@ -108,21 +108,61 @@ def test_himap_text_stage_equals_numpy(tiny):
         assert set(kept_sets(r, 1)[b]) <= set(kept_sets(r)[b]) and len(kept_sets(r, 1)[b]) == 3
 
 
-def test_visionzip_dominant_tokens_equal_numpy(tiny):
+def np_visionzip(attn, hidden, keys, dominant, contextual):
+    """The released VisionZip algorithm (dvlab-research/VisionZip, clip_encoder.py), re-derived in NumPy for one
+    image: CLS + the dominant-1 patches CLS attends to most (heads summed), in index order; of the rest, targets
+    every (n_rest // contextual)-th, the others joined to the target of most similar normalised key; a contextual
+    token is its target plus the mean of its joiners. attn [H, P+1, P+1], hidden [P+1, D], keys [P+1, Hd]."""
+    cls = attn[:, 0, 1:].sum(0)
+    top = np.sort(np.argsort(-cls, kind="stable")[:dominant - 1] + 1)
+    keep = np.concatenate([[0], top])
+    rest = np.setdiff1d(np.arange(len(hidden)), keep)
+    k = keys[rest] / np.linalg.norm(keys[rest], axis=-1, keepdims=True)
+    step = max(1, len(rest) // contextual)
+    targets = np.arange(0, len(rest), step)[:contextual]
+    others = np.setdiff1d(np.arange(len(rest)), targets)
+    joined = np.argmax(k[others] @ k[targets].T, axis=1)
+    ctx = [hidden[rest[t]] + (hidden[rest[others[joined == c]]].mean(0) if (joined == c).any() else 0)
+           for c, t in enumerate(targets)]
+    return np.concatenate([hidden[keep], np.stack(ctx)]), top - 1
+
+
+def test_visionzip_equals_the_released_algorithm_on_transformers(tiny):
+    """keep 6 = CLS + 3 dominant patches + 2 contextual tokens. The reference runs the released rule on
+    transformers' CLIP outputs, projects the block with transformers' projector and runs transformers' decoder
+    with the image span replaced by it (positions re-indexed, as the block is simply shorter)."""
     spec = jd.PruneSpec("visionzip", keep=6, visionzip_contextual=2, buckets=BUCKETS)
     r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
-    layer = tiny["model"].cfg.vision.layers_run - 1  # the feature layer's own attention
-    for b in range(2):
-        cls = tiny["vis_attn"][layer][b][:, 0, 1:].sum(0)
-        assert kept_sets(r)[b] == np_select(cls, 4, np.ones(9, bool))
-    assert r.stage_lengths[0][2] == tiny["ids"].shape[1] + 64 - 9 + 6 - tiny["ids"].shape[1]  # 64-bucket prompt
+    hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
+    tower = hf.model.vision_tower
+    with torch.no_grad():
+        out = tower(torch.tensor(tiny["px"]), output_hidden_states=True, output_attentions=True)
+        layer = tower.encoder.layers[-2]
+        x = layer.layer_norm1(out.hidden_states[-3])
+        keys = layer.self_attn.k_proj(x).reshape(*x.shape[:2], layer.self_attn.num_heads, -1).mean(2).numpy()
+        embeds, masks, kept = [], [], []
+        for b in range(2):
+            block, top = np_visionzip(out.attentions[-2][b].numpy(), out.hidden_states[-2][b].numpy(), keys[b], 4, 2)
+            kept.append(sorted(top.tolist()))
+            img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
+            proj = hf.model.multi_modal_projector(torch.tensor(block))
+            tok = hf.model.get_input_embeddings()(torch.tensor(ids[b]))
+            embeds.append(torch.cat([tok[:img[0]], proj, tok[img[-1] + 1:]]))
+            masks.append(np.concatenate([am[b][:img[0]], np.ones(len(block), int), am[b][img[-1] + 1:]]))
+        am2 = np.stack(masks)
+        logits = hf(inputs_embeds=torch.stack(embeds), attention_mask=torch.tensor(am2),
+                    position_ids=torch.tensor(np.where(am2 == 1, am2.cumsum(-1) - 1, 0))).logits.numpy()
+    assert kept_sets(r) == kept
+    last = [np.nonzero(am2[b])[0].max() for b in range(2)]
+    np.testing.assert_allclose(r.logits, logits[[0, 1], last], atol=1e-4)
+    assert r.stage_lengths[0][2] == 64 - 9 + 6  # the prompt's 64-slot bucket with the image span shortened
 
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip"])
 def test_keep_all_equals_unpruned(tiny, method):
     stages = {"fastv": None, "pdrop": (Stage(1, 9, "instruction", "probe"), Stage(3, 9, "instruction", "probe")),
               "himap": (Stage(1, 9, "text", "tap"), Stage(2, 9, "image", "tap")), "visionzip": None}[method]
-    spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0)
+    spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0, visionzip_cls=False)
     r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
     out = tiny["model"](tiny["ids"], tiny["px"], tiny["am"])
     ref = np.asarray(C.last_real(out.logits, jnp.asarray(tiny["am"], bool)))
@@ -169,7 +209,7 @@ def test_fifty_requests_compile_once_per_bucket(tiny):
         ids = np.concatenate([tiny["ids"][:, :1], rng.integers(3, 140, (2, extra)), tiny["ids"][:, 1:]], 1)
         am = np.concatenate([tiny["am"][:, :1], np.ones((2, extra), int), tiny["am"][:, 1:]], 1)
         sizes = rng.integers(50, 2000, (2, 2))
-        keep = int(rng.integers(1, 10))
+        keep = int(rng.integers(2, 10))
         method = ["fastv", "visionzip"][i % 2]
         spec = jd.PruneSpec(method, keep=keep, buckets=buckets, visionzip_contextual=0 if keep < 3 else 1,
                             debias=jd.Debias(curve="online", pad_tau=0.5))
