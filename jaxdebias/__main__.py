@@ -1,4 +1,5 @@
-"""The ``jaxdebias`` command: ``run`` (pruned + debiased inference with figures) and ``demo`` (the core alone)."""
+"""The ``jaxdebias`` command: ``run`` (pruned + debiased inference with figures), ``eval``, ``calibrate``, ``bias``
+and ``demo`` (the core alone)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_prune_args(run)
     ev = sub.add_parser("eval", help="pruned inference over a benchmark in the LLaVA layout, with its metric")
     ev.add_argument("--checkpoint")
-    ev.add_argument("--bench", required=True, help="pope")
-    ev.add_argument("--data", required=True, help="directory with the question JSONL and images/")
+    ev.add_argument("--bench", required=True, help="pope, mme, gqa, textvqa, scienceqa, mmbench, vqav2 or vizwiz")
+    ev.add_argument("--data", required=True, help="the benchmark's folder in the LLaVA layout "
+                                                  "(playground/data/eval/<bench>): question file, images, answers")
     ev.add_argument("--out", default="jaxdebias-eval")
     ev.add_argument("--limit", type=int)
     ev.add_argument("--batch", type=int, default=4)
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     cal = sub.add_parser("calibrate", help="fit a positional-debiasing curve over a data set")
     cal.add_argument("--checkpoint")
     cal.add_argument("--data", required=True)
+    cal.add_argument("--bench", help="read --data as this benchmark (default: questions.jsonl or any known)")
     cal.add_argument("--method", default="fastv")
     cal.add_argument("--form", default="exp", help="exp, exp+c or poly3_inverse")
     cal.add_argument("--out", default="curve.json")
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     bias = sub.add_parser("bias", help="the bias report of a method's scores over a data set")
     bias.add_argument("--checkpoint")
     bias.add_argument("--data", required=True)
+    bias.add_argument("--bench", help="read --data as this benchmark (default: questions.jsonl or any known)")
     bias.add_argument("--method", default="fastv")
     bias.add_argument("--out", default="jaxdebias-bias")
     bias.add_argument("--limit", type=int)
@@ -97,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "calibrate":
-            app.calibrate(args.checkpoint, args.data, args.out, args.method, args.form, limit=args.limit,
+            app.calibrate(args.checkpoint, args.data, args.out, args.method, args.form, bench=args.bench,
+                          limit=args.limit,
                           batch_size=args.batch, pad_tau=args.pad_tau)
             return 0
         if args.command == "bias":
-            app.bias_report(args.checkpoint, args.data, args.out, args.method, limit=args.limit,
+            app.bias_report(args.checkpoint, args.data, args.out, args.method, bench=args.bench, limit=args.limit,
                             batch_size=args.batch, pad_tau=args.pad_tau)
             return 0
         debias = app.parse_debias(args.debias, args.pad_tau, args.curve, args.task)

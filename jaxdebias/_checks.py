@@ -13,6 +13,10 @@ import numpy as np
 from jax.experimental import checkify
 
 
+class UserError(Exception):
+    """Bad input from the user: the ``jaxdebias`` command prints the message and exits with code 2."""
+
+
 def is_concrete(x) -> bool:
     """True when ``x`` holds real values (not a tracer inside jit/vmap)."""
     return not isinstance(x, jax.core.Tracer)

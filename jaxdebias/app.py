@@ -23,22 +23,26 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPT = "USER: <image>\n{} ASSISTANT:"
 
 
-class UserError(Exception):
-    """Bad input from the user: the command prints the message and exits with code 2."""
+from jaxdebias import evals
+from jaxdebias._checks import UserError
+from jaxdebias.evals import pope_metrics  # noqa: F401  (re-exported)
 
 
 def default_image_path() -> str:
     return str(resources.files("jaxdebias") / "assets" / "default.png")
 
 
-def load_image(path):
-    """An RGB PIL image, or UserError saying what is wrong with the file."""
+def load_image(path, data: bytes | None = None):
+    """An RGB PIL image from a file (or from encoded ``data``, ``path`` naming it), or UserError saying what is
+    wrong with it."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
+    if data is None and not os.path.isfile(path):
         raise UserError(f"Image {path} does not exist.")
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"Image {path} cannot be read ({e.__class__.__name__}: {e}).") from None
@@ -311,47 +315,9 @@ def run(checkpoint, image_path, prompt, method, keep, debias: jd.Debias, out_dir
 # Data sets in the LLaVA evaluation layout: a question JSONL ({"question_id", "image", "text", ...} per line)
 # and an image folder.
 
-REQUIRED = ("question_id", "image", "text")
-
-
-def find_questions(data_dir: str, bench: str | None = None) -> tuple[str, str]:
-    """(question file, image folder) inside ``data_dir``: ``questions.jsonl`` or the benchmark's LLaVA file name,
-    and ``images/`` (or the directory itself)."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"--data {data_dir} is not a directory.")
-    known = {"pope": ["llava_pope_test.jsonl"]}
-    names = ["questions.jsonl"] + (known.get(bench, []) if bench else sum(known.values(), []))
-    for name in names:
-        if os.path.isfile(os.path.join(data_dir, name)):
-            images = os.path.join(data_dir, "images")
-            return os.path.join(data_dir, name), images if os.path.isdir(images) else data_dir
-    raise UserError(f"No question file in {data_dir}: expected one of {', '.join(names)}.")
-
-
-def read_questions(path: str, need=REQUIRED) -> list[dict]:
-    """Every line parsed and checked; an error names the line and the missing field."""
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {n}: not JSON ({e}).") from None
-            missing = [k for k in need if k not in row]
-            if missing:
-                raise UserError(f"{path}, line {n}: missing field(s) {', '.join(missing)} (each line needs "
-                                f"{', '.join(need)}).")
-            rows.append(row)
-    if not rows:
-        raise UserError(f"{path} holds no questions.")
-    return rows
-
-
 def check_images(rows, image_dir):
     for r in rows:
-        if not os.path.isfile(os.path.join(image_dir, r["image"])):
+        if "image_b64" not in r and not os.path.isfile(os.path.join(image_dir, r["image"])):
             raise UserError(f"Image {r['image']} of question {r['question_id']} is missing from {image_dir}.")
 
 
@@ -378,7 +344,8 @@ class Runner:
     def requests(self, rows, image_dir):
         out = []
         for r in rows:
-            pixels, _, size = preprocess(load_image(os.path.join(image_dir, r["image"])), self.mean, self.std,
+            name = os.path.join(image_dir, r["image"]) if "image" in r else f"of question {r['question_id']}"
+            pixels, _, size = preprocess(load_image(name, r.get("image_b64")), self.mean, self.std,
                                          self.model.cfg.vision.image_size)
             ids, instr = build_prompt(self.tok, r["text"], self.model.cfg.vision.num_features)
             out.append(Request(ids, pixels, size, instr))
@@ -399,26 +366,9 @@ class Runner:
                 yield row, reqs[i], res, i
 
 
-def pope_metrics(answers: dict, labels: dict) -> dict:
-    """POPE's official scoring: an answer is "no" when its words include no / not / No, else "yes"."""
-    tp = fp = tn = fn = 0
-    for qid, label in labels.items():
-        words = answers[qid].replace(".", " ").replace(",", " ").split()
-        pred = "no" if any(w in ("No", "not", "no") for w in words) else "yes"
-        if pred == "yes":
-            tp, fp = tp + (label == "yes"), fp + (label == "no")
-        else:
-            tn, fn = tn + (label == "no"), fn + (label == "yes")
-    n = tp + fp + tn + fn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": (tp + fp) / n, "n": n}
-
-
 def _read_done(path) -> dict:
-    """Answers already written (resume). A torn last line from an interrupted run is dropped from the file."""
+    """Answers already written (resume), by (question_id, prompt): some benchmarks (MME) ask several questions
+    under one question_id. A torn last line from an interrupted run is dropped from the file."""
     done = {}
     if not os.path.isfile(path):
         return done
@@ -431,31 +381,30 @@ def _read_done(path) -> dict:
     for line in keep.decode().splitlines():
         if line.strip():
             row = json.loads(line)
-            done[row["question_id"]] = row
+            done[row["question_id"], row["prompt"]] = row
     return done
 
 
 def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, batch_size=4, max_new_tokens=8,
              var=None, log=print, progress=True, devices=None) -> dict:
-    """Pruned inference over a benchmark in the LLaVA layout; answers in LLaVA's answer-file format, resumable;
-    the metric where it is computable locally (POPE here). Batches are split over ``devices`` (default: all
-    local devices; the batch size is rounded up to a multiple of their number)."""
+    """Pruned inference over a benchmark in the LLaVA layout (``jaxdebias.evals``): answers in LLaVA's answer-file
+    format (``<bench>_answers.jsonl``, resumable: a rerun skips what is there and never double-counts), the files
+    the official scorers take, and the metric where the ground truth is local (``<bench>_metrics.json``; without
+    it the metrics say ``"metric": null``). Batches are split over ``devices`` (default: all local devices; the
+    batch size is rounded up to a multiple of their number)."""
     from tqdm.auto import tqdm
 
-    if bench != "pope":
-        raise UserError(f"--bench {bench!r} is not supported yet; supported: pope.")
-    qfile, image_dir = find_questions(data_dir, bench)
-    rows = read_questions(qfile, REQUIRED + ("label",))
+    b = evals.get(bench)
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data {data_dir} is not a directory.")
+    rows, image_dir = b.read(data_dir)
     if limit is not None:
         rows = rows[:limit]
     check_images(rows, image_dir)
-    bad = [r["question_id"] for r in rows if r["label"] not in ("yes", "no")]
-    if bad:
-        raise UserError(f"POPE labels must be 'yes' or 'no'; question(s) {bad[:5]} have others.")
     os.makedirs(out_dir, exist_ok=True)
     answers_path = os.path.join(out_dir, f"{bench}_answers.jsonl")
     done = _read_done(answers_path)
-    todo = [r for r in rows if r["question_id"] not in done]
+    todo = [r for r in rows if (r["question_id"], r["text"]) not in done]
     runner = Runner(checkpoint, spec_args, batch_size, var, devices) if todo else None
     model_id = f"jaxdebias-{spec_args[0]}-{spec_args[1]}"
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{bench} keep {spec_args[1]}",
@@ -468,26 +417,31 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
                     "answer_id": f"{row['question_id']}", "model_id": model_id, "metadata": {}}
             f.write(json.dumps(line) + "\n")  # one write per answer, flushed: a kill leaves whole lines
             f.flush()
-            done[row["question_id"]] = line
+            done[row["question_id"], row["text"]] = line
             tokens += len(res.tokens[i])
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
-    metrics = pope_metrics({q: a["text"] for q, a in done.items()}, {r["question_id"]: r["label"] for r in rows})
+    answers = [done[r["question_id"], r["text"]]["text"] for r in rows]
+    files = b.export(rows, answers, out_dir)
+    metrics = b.score(rows, answers) if b.has_truth(rows) else {"metric": None, "n": len(rows)}
     with open(os.path.join(out_dir, f"{bench}_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    log(f"{bench}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    log(f"{bench}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())
+        + (f"; wrote {', '.join(files)}" if files else "")
+        + ("" if b.has_truth(rows) else " (no local ground truth: submit the files above)"))
     return metrics
 
 
-def calibrate(checkpoint, data_dir, out, method, form="exp", *, limit=None, batch_size=4, pad_tau=0.5, log=print,
-              progress=True, devices=None) -> dict:
+def calibrate(checkpoint, data_dir, out, method, form="exp", *, bench=None, limit=None, batch_size=4, pad_tau=0.5,
+              log=print, progress=True, devices=None) -> dict:
     """Streams a data set through the model, averages the method's first-stage scores position by position with
     ``jd.Calibration`` (padding excluded), fits ``form`` and writes the curve with its statistics and a plot."""
     from tqdm.auto import tqdm
 
-    qfile, image_dir = find_questions(data_dir)
-    rows = read_questions(qfile)[:limit]
+    rows, image_dir = evals.read_any(data_dir, bench)
+    rows = rows[:limit]
     check_images(rows, image_dir)
     runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size, devices=devices)
     cal = jd.Calibration.init(N)
@@ -513,7 +467,7 @@ def calibrate(checkpoint, data_dir, out, method, form="exp", *, limit=None, batc
     return record
 
 
-def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, limit=None, batch_size=4, pad_tau=0.5,
+def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, bench=None, limit=None, batch_size=4, pad_tau=0.5,
                 sink_dims=None, log=print, progress=True, devices=None) -> dict:
     """The bias of a method's first-stage scores over a data set, before and after debiasing (padding +
     the method's released curve): mean score by grid row and column, fitted slope, padding-to-content ratio,
@@ -523,8 +477,8 @@ def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, limit=None, ba
 
     from jaxdebias.models.llama import Taps
 
-    qfile, image_dir = find_questions(data_dir)
-    rows = read_questions(qfile)[:limit]
+    rows, image_dir = evals.read_any(data_dir, bench)
+    rows = rows[:limit]
     check_images(rows, image_dir)
     runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size, devices=devices)
     curve = jd.released_curve(method, "gqa") if method in ("fastv", "himap", "pdrop", "sparsevlm") else None

@@ -11,7 +11,7 @@ import jax
 import pytest
 from PIL import Image
 
-from jaxdebias import app
+from jaxdebias import app, evals
 
 QUESTIONS = [("a.png", (640, 400), "Is there a dog in the image?", "yes"),
              ("b.png", (300, 500), "Is there a cat in the image?", "no"),
@@ -126,7 +126,7 @@ def test_eval_splits_batches_over_devices(tmp_path):
     args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
     runner = app.Runner(None, args, 2, devices=jax.devices()[:4])
     assert runner.batch_size == 4 and runner.mesh.shape["data"] == 4
-    rows = app.read_questions(str(data / "llava_pope_test.jsonl"))[:4]
+    rows = evals.read_pope(str(data))[0][:4]
     batch = app.make_batch(runner.requests(rows, str(data / "images")), runner.tok.pad)
     sharded = pruning.prefill_and_generate(runner.model, batch, prune=runner.spec, max_new_tokens=1,
                                            mesh=runner.mesh)
