@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--limit", type=int)
     ev.add_argument("--batch", type=int, default=4)
     ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--distributed", action="store_true", help="run under jax.distributed, one process per host "
+                    "(TPU pod slices and SLURM are detected; elsewhere give the three flags below)")
+    ev.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    ev.add_argument("--num-processes", type=int)
+    ev.add_argument("--process-id", type=int)
     _add_prune_args(ev)
     cal = sub.add_parser("calibrate", help="fit a positional-debiasing curve over a data set")
     cal.add_argument("--checkpoint")
@@ -112,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         debias = app.parse_debias(args.debias, args.pad_tau, args.curve, args.task)
         var = _var_spec(args, None if args.checkpoint else "discover")
         if args.command == "eval":
+            if args.distributed:
+                import jax
+
+                jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; others ignore it
+                jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
             app.evaluate(args.checkpoint, args.bench, args.data, args.out, (args.method, args.keep, debias),
                          limit=args.limit, batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var)
         else:

@@ -331,8 +331,8 @@ class Runner:
         method, keep, debias = spec_args
         self.spec = make_spec(method, keep, debias, self.model.cfg.text.num_layers)
         self.var, self.mesh = var, None
-        devices = jax.devices() if devices is None else devices
-        if len(devices) > 1:  # split every batch over the local devices (all hosts' under jax.distributed)
+        devices = jax.local_devices() if devices is None else devices
+        if len(devices) > 1:  # split every batch over this process's devices
             from jaxdebias.models.llava import shard_model
 
             self.mesh = jax.make_mesh((len(devices), 1), ("data", "model"), devices=devices,
@@ -390,9 +390,13 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
     """Pruned inference over a benchmark in the LLaVA layout (``jaxdebias.evals``): answers in LLaVA's answer-file
     format (``<bench>_answers.jsonl``, resumable: a rerun skips what is there and never double-counts), the files
     the official scorers take, and the metric where the ground truth is local (``<bench>_metrics.json``; without
-    it the metrics say ``"metric": null``). Batches are split over ``devices`` (default: all local devices; the
-    batch size is rounded up to a multiple of their number)."""
+    it the metrics say ``"metric": null``). Batches are split over ``devices`` (default: this process's devices;
+    the batch size is rounded up to a multiple of their number). Under ``jax.distributed`` (several processes,
+    e.g. the hosts of a TPU pod slice) process i answers questions i, i + P, ... into its own part file; process 0
+    merges them in question order and scores, the others return ``{"process": i, "answered": n}``."""
     from tqdm.auto import tqdm
+
+    import jax
 
     b = evals.get(bench)
     if not os.path.isdir(data_dir):
@@ -403,14 +407,17 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
     check_images(rows, image_dir)
     os.makedirs(out_dir, exist_ok=True)
     answers_path = os.path.join(out_dir, f"{bench}_answers.jsonl")
-    done = _read_done(answers_path)
-    todo = [r for r in rows if (r["question_id"], r["text"]) not in done]
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = rows[pid::nproc]  # under jax.distributed every process answers its own share, on its own devices
+    part = answers_path if nproc == 1 else os.path.join(out_dir, f"{bench}_answers.part{pid}of{nproc}.jsonl")
+    done = _read_done(part)
+    todo = [r for r in mine if (r["question_id"], r["text"]) not in done]
     runner = Runner(checkpoint, spec_args, batch_size, var, devices) if todo else None
     model_id = f"jaxdebias-{spec_args[0]}-{spec_args[1]}"
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"{bench} keep {spec_args[1]}",
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{bench} keep {spec_args[1]}",
                disable=not progress)
     t0, tokens = time.perf_counter(), 0
-    with open(answers_path, "a") as f:
+    with open(part, "a") as f:
         for row, _, res, i in (runner(todo, image_dir, max_new_tokens) if todo else ()):
             text = runner.tok.decode(res.tokens[i])
             line = {"question_id": row["question_id"], "prompt": row["text"], "text": text,
@@ -422,6 +429,18 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxdebias eval {bench}")  # every share is written
+        if pid != 0:
+            return {"process": pid, "answered": len(mine)}
+        for other in range(1, nproc):
+            done.update(_read_done(os.path.join(out_dir, f"{bench}_answers.part{other}of{nproc}.jsonl")))
+        tmp = answers_path + ".tmp"
+        with open(tmp, "w") as f:  # the merged file, in question order, as one process would have written it
+            f.writelines(json.dumps(done[r["question_id"], r["text"]]) + "\n" for r in rows)
+        os.replace(tmp, answers_path)
     answers = [done[r["question_id"], r["text"]]["text"] for r in rows]
     files = b.export(rows, answers, out_dir)
     metrics = b.score(rows, answers) if b.has_truth(rows) else {"metric": None, "n": len(rows)}

@@ -136,3 +136,32 @@ def test_eval_splits_batches_over_devices(tmp_path):
     m = app.evaluate(None, "pope", str(data), str(tmp_path / "o"), args, batch_size=2, progress=False,
                      devices=jax.devices()[:4])
     assert m["n"] == 5
+
+
+def test_eval_under_jax_distributed_equals_one_process(tmp_path):
+    """Two processes joined by jax.distributed (as two hosts would be) split the questions, write their parts,
+    and process 0 merges them: the same answer file and metric as one process."""
+    import socket
+
+    data = write_pope(tmp_path / "mh")
+    args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
+    one = app.evaluate(None, "pope", str(data), str(tmp_path / "one"), args, batch_size=1, progress=False,
+                       devices=jax.devices()[:1])
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxdebias", "eval", "--bench", "pope", "--data", str(data),
+                               "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad", "--distributed",
+                               "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-2000:]
+    assert json.load(open(out / "pope_metrics.json")) == one
+    merged = (out / "pope_answers.jsonl").read_text().splitlines()
+    assert [json.loads(x)["text"] for x in merged] == [
+        json.loads(x)["text"] for x in (tmp_path / "one" / "pope_answers.jsonl").read_text().splitlines()]
+    parts = [[json.loads(x)["question_id"] for x in (out / f"pope_answers.part{i}of2.jsonl").read_text().splitlines()]
+             for i in range(2)]
+    assert parts == [[0, 2, 4], [1, 3]]
