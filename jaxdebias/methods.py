@@ -91,8 +91,10 @@ class Debias:
 class Stage:
     layer: int  # the first decoder layer that sees only the kept tokens
     keep: int  # visual tokens kept (before bucketing)
-    query: str  # "last" | "instruction" | "text" | "image"
+    query: str  # "last" | "instruction" | "text" | "image" | "raters"
     source: str  # "tap" | "probe"
+    recycle: int = 0  # pruned tokens recycled (the best-scored), merged into ``clusters`` tokens (SparseVLM)
+    clusters: int = 0
 
 
 def _pdrop_ratio(budget: int, n: int = 576, layers=(2, 10, 20), total=32) -> float:
@@ -126,11 +128,91 @@ def himap_stages(keep: int, layers=(2, 8), second_ratio: float = 0.5) -> tuple[S
             Stage(layers[1], max(1, round(keep * second_ratio)), "image", "tap"))
 
 
+SPARSEVLM_KEEPS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+
+
+def sparsevlm_stages(keep: int, layers=(2, 6, 15), n: int = 576, recycle: float = 0.3,
+                     per_cluster: int = 10) -> tuple[Stage, ...]:
+    """SparseVLM (Zhang et al., ICML 2025) on LLaVA-1.5, as we read its v1 release: text raters (the text tokens
+    after the image whose mean relevance to the visual tokens is at least the average, see ``text_raters``) vote
+    with the attention of decoder layers 2, 6 and 15 (heads and raters averaged), and from those layers on only
+    300/200/110 (budget 192), 303/110/36 (128) or 66/30/17 (64) visual tokens remain: the lists' averages over
+    the 32 layers (2 x 576 + 4 x l1 + 9 x l2 + 17 x l3) / 32 = 188, 124 and 62 match the budgets only when the
+    sparsification layer itself already runs on the kept tokens, so the scores are that layer's attention
+    computed for the rater rows before it runs ("probe"). Of the tokens pruned at a stage, the
+    int(0.3 * pruned) + 1 best-scored are recycled: grouped into int(recycled / 10) + 1 clusters (DPC-KNN,
+    ``dpc_knn_merge``) whose means follow the kept tokens. Positions are re-indexed. Other budgets scale the 128
+    list (ours). The lists and the 0.3 / 10 constants are from our reading of the release, not checked against
+    its code in this repository's sessions; the paper's rank-adaptive deletion count is replaced by the fixed
+    lists (as in the released LLaVA scripts), which also keeps shapes static."""
+    ks = SPARSEVLM_KEEPS.get(keep) or tuple(max(1, round(k * keep / 128)) for k in SPARSEVLM_KEEPS[128])
+    stages, prev = [], n
+    for layer, k in zip(layers, ks):
+        k = min(k, prev)
+        pruned = prev - k
+        r = int(pruned * recycle) + 1 if pruned > 0 else 0
+        c = int(r / per_cluster) + 1 if r else 0
+        stages.append(Stage(layer, k, "raters", "probe", recycle=r, clusters=c))
+        prev = k + c
+    return tuple(stages)
+
+
+def text_raters(h_visual, h_text, text_valid):
+    """SparseVLM's raters: R = softmax_j(H_v H_t^T / sqrt(D)) over the text tokens j, r_j = mean_i R_ij over the
+    visual tokens; a text token rates when r_j >= mean_j r_j.
+
+    h_visual: float[B, N, D]; h_text: float[B, T, D]; text_valid: bool[B, T]. Returns bool[B, T]."""
+    d = h_visual.shape[-1]
+    logits = jnp.einsum("bnd,btd->bnt", h_visual.astype(jnp.float32), h_text.astype(jnp.float32)) / jnp.sqrt(d)
+    logits = jnp.where(text_valid[:, None, :], logits, -jnp.inf)
+    r = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)  # [B, T]
+    m = jnp.sum(jnp.where(text_valid, r, 0.0), 1, keepdims=True) / jnp.maximum(jnp.sum(text_valid, 1, keepdims=True), 1)
+    return text_valid & (r >= m)
+
+
+def dpc_knn_merge(x, valid, clusters: int, k: int = 7):
+    """Density-peak clustering with k nearest neighbours (DPC-KNN, as in TCFormer) and the mean of each cluster.
+
+    density_i = exp(-mean of the squared distances to its k nearest neighbours) (distances / sqrt(D)); parent
+    distance = the distance to the nearest denser token (the largest distance for the densest); the ``clusters``
+    tokens with the largest density * parent distance are the centres; every token joins its nearest centre.
+
+    x: float[B, M, D]; valid: bool[B, M]. Returns (merged float32[B, clusters, D], cluster_valid bool[B, clusters]).
+    """
+    B, M, D = x.shape
+    x = x.astype(jnp.float32)
+    sq = jnp.sum(x * x, -1)
+    dist = jnp.sqrt(jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * jnp.einsum("bmd,bnd->bmn", x, x), 0.0))
+    dist = dist / jnp.sqrt(D)
+    pair = valid[:, :, None] & valid[:, None, :]
+    big = jnp.max(jnp.where(pair, dist, 0.0), axis=(1, 2), keepdims=True)
+    kk = max(1, min(k, M))
+    near = -jax.lax.top_k(-jnp.where(valid[:, None, :], dist, jnp.inf), kk)[0]  # [B, M, kk] (self included)
+    nv = jnp.sum(valid, 1)[:, None, None]
+    near_ok = jnp.arange(kk)[None, None, :] < jnp.minimum(nv, kk)
+    density = jnp.exp(-jnp.sum(jnp.where(near_ok, near**2, 0.0), -1) / jnp.maximum(jnp.sum(near_ok, -1), 1))
+    denser = (density[:, None, :] > density[:, :, None]) & valid[:, None, :]
+    parent = jnp.min(jnp.where(denser, dist, big), axis=-1)
+    score = jnp.where(valid, parent * density, -jnp.inf)
+    centre_score, centres = jax.lax.top_k(score, clusters)  # [B, C]
+    centre_ok = centre_score > -jnp.inf
+    to_centre = jnp.take_along_axis(dist, centres[:, :, None], axis=1)  # [B, C, M]
+    assign = jnp.argmin(jnp.where(centre_ok[:, :, None], to_centre, jnp.inf), axis=1)  # [B, M]
+    onehot = jax.nn.one_hot(assign, clusters) * valid[..., None]  # [B, M, C]
+    is_centre = jnp.zeros((B, M), bool).at[jnp.arange(B)[:, None], centres].set(centre_ok)
+    own = jnp.zeros((B, M), jnp.int32).at[jnp.arange(B)[:, None], centres].set(jnp.arange(clusters)[None])
+    onehot = jnp.where(is_centre[..., None], jax.nn.one_hot(own, clusters), onehot)  # centres join themselves
+    counts = jnp.sum(onehot, 1)  # [B, C]
+    merged = jnp.einsum("bmc,bmd->bcd", onehot, x) / jnp.maximum(counts, 1.0)[..., None]
+    return merged, centre_ok & (counts > 0)
+
+
 METHOD_DEFAULTS = {
     "fastv": dict(positions="keep"),
     "pdrop": dict(positions="keep"),
     "himap": dict(positions="keep"),
     "visionzip": dict(positions="reindex"),
+    "sparsevlm": dict(positions="reindex"),
 }
 
 
@@ -138,8 +220,9 @@ METHOD_DEFAULTS = {
 class PruneSpec:
     """One line that says how to prune.
 
-    method: "fastv", "pdrop" (alias "pyramiddrop"), "himap" or "visionzip".
-    keep: visual tokens kept (FastV, HiMAP first stage, VisionZip) or the layer-average budget (PyramidDrop).
+    method: "fastv", "pdrop" (alias "pyramiddrop"), "himap", "sparsevlm" or "visionzip".
+    keep: visual tokens kept (FastV, HiMAP first stage, VisionZip) or the layer-average budget (PyramidDrop,
+      SparseVLM).
     layer: pruning layer for FastV (default 2).
     stages: explicit ``Stage`` tuple, overriding the method's schedule.
     debias: a ``Debias``; positions: "keep" / "reindex" (default: the method's).
@@ -180,6 +263,8 @@ class PruneSpec:
             stages = pdrop_stages(self.keep, n=n_visual, num_layers=num_layers)
         elif self.method == "himap":
             stages = himap_stages(self.keep)
+        elif self.method == "sparsevlm":
+            stages = sparsevlm_stages(self.keep, n=n_visual)
         else:
             stages = ()
         prev_layer, prev_keep = 0, n_visual
@@ -190,7 +275,11 @@ class PruneSpec:
             if not 0 < s.keep <= prev_keep:
                 raise ValueError(f"{self.method}: stage at layer {s.layer} keeps {s.keep} tokens but only {prev_keep} "
                                  "remain; --keep must not exceed the visual tokens.")
-            prev_layer, prev_keep = s.layer, s.keep
+            if s.recycle < s.clusters or (s.recycle and s.keep + s.recycle > prev_keep):
+                raise ValueError(f"{self.method}: stage at layer {s.layer} recycles {s.recycle} of the "
+                                 f"{prev_keep - s.keep} pruned tokens into {s.clusters} clusters; need clusters <= "
+                                 "recycled <= pruned.")
+            prev_layer, prev_keep = s.layer, s.keep + s.clusters
         if self.method == "visionzip" and self.keep > n_visual:
             raise ValueError(f"visionzip: keep={self.keep} exceeds the {n_visual} visual tokens.")
         return stages
@@ -214,8 +303,10 @@ class PruneSpec:
             return shape, (patches,)
         shaped, prev = [], n_visual
         for s in stages:
-            prev = self.bucketed(s.keep, prev)
+            # recycling stages keep exact counts (their cluster counts follow from them): one program per budget
+            prev = s.keep if s.recycle else self.bucketed(s.keep, prev)
             shaped.append(dataclasses.replace(s, keep=prev))
+            prev += s.clusters
         return dataclasses.replace(self, keep=n_visual, stages=tuple(shaped)), tuple(s.keep for s in stages)
 
 
@@ -234,22 +325,26 @@ def stage_scores(probs, query_valid, key_slots, key_valid):
 def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int):
     """Debias scores of tokens identified by their raster index (they may already be a pruned subset).
 
-    scores: float[B, Nv]; raster_idx: int[B, Nv] index of each token in the N-token image; valid: bool[B, Nv];
-    content: bool[B, Nv] or None (padding suppression); curve: None, "online" or a curve.
+    scores: float[B, Nv]; raster_idx: int[B, Nv] index of each token in the N-token image, -1 for a merged token
+    (left as it is); valid: bool[B, Nv]; content: bool[B, Nv] or None (padding suppression); curve: None, "online"
+    or a curve.
     """
     s = scores
+    own = raster_idx >= 0
+    ridx = jnp.clip(raster_idx, 0)
     if isinstance(curve, str):  # online: fit on the full raster grid, where the rows are rows of the image
-        full = jnp.zeros((s.shape[0], n_raster)).at[jnp.arange(s.shape[0])[:, None], raster_idx].set(
-            jnp.where(valid, s, 0.0))
-        fit_valid = jnp.zeros((s.shape[0], n_raster), bool).at[jnp.arange(s.shape[0])[:, None], raster_idx].set(
-            valid if content is None else valid & content)
+        bidx = jnp.arange(s.shape[0])[:, None]
+        ok = valid & own
+        full = jnp.zeros((s.shape[0], n_raster)).at[bidx, ridx].max(jnp.where(ok, s, 0.0))
+        fit_valid = jnp.zeros((s.shape[0], n_raster), bool).at[bidx, ridx].max(
+            ok if content is None else ok & content)
         curve = fit_online(full, fit_valid)
     if curve is not None:
         w = curve.weights(n_raster)
         w = jnp.broadcast_to(w, (s.shape[0], n_raster)) if w.ndim == 1 else w
-        s = s * jnp.take_along_axis(w, raster_idx, axis=1)
+        s = s * jnp.where(own, jnp.take_along_axis(w, ridx, axis=1), 1.0)
     if content is not None:
-        s = jnp.where(content, s, 0.0)
+        s = jnp.where(content | ~own, s, 0.0)
     return s
 
 
@@ -302,5 +397,5 @@ def contextual_split(keep: int, contextual: int | None) -> tuple[int, int]:
     return keep - ctx, ctx
 
 
-__all__ = ["Debias", "PruneSpec", "Stage", "contextual_split", "debias_scores", "fastv_stages", "himap_stages",
-           "pdrop_stages", "stage_scores", "visionzip_select"]
+__all__ = ["Debias", "PruneSpec", "Stage", "contextual_split", "debias_scores", "dpc_knn_merge", "fastv_stages",
+           "himap_stages", "pdrop_stages", "sparsevlm_stages", "stage_scores", "text_raters", "visionzip_select"]

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 import jaxdebias as jd
-from jaxdebias.methods import PruneSpec, debias_scores, stage_scores, visionzip_select
+from jaxdebias.methods import PruneSpec, debias_scores, dpc_knn_merge, stage_scores, text_raters, visionzip_select
 from jaxdebias.models import _common as C
 from jaxdebias.models.attention import VarContext
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
@@ -103,7 +103,7 @@ def _var_context(seq: Seq, var):
     return VarContext(seq.vis & seq.valid, rows, row_valid, dims, var)
 
 
-def _rows(seq: Seq, query: str, instruction_orig):
+def _rows(seq: Seq, query: str, instruction_orig, raters=None):
     """(rows int[B, Q], row_valid bool[B, Q]) of the voting query slots in the current sequence."""
     B, Ts = seq.valid.shape
     slots = jnp.broadcast_to(jnp.arange(Ts), (B, Ts))
@@ -114,8 +114,15 @@ def _rows(seq: Seq, query: str, instruction_orig):
         hit = seq.orig == instruction_orig[:, None]
         row = jnp.where(jnp.any(hit, 1), jnp.argmax(hit, 1), last)
         return row[:, None], jnp.ones((B, 1), bool)
-    if query == "text":
-        return slots, seq.valid & ~seq.vis & (slots >= seq.first[:, None] + seq.nv)
+    if query in ("text", "raters"):  # the slots after the image span
+        rows = seq.first[:, None] + seq.nv + jnp.arange(max(Ts - seq.nv, 1))[None, :]
+        ok = rows < Ts
+        rows = jnp.clip(rows, 0, Ts - 1)
+        ok &= jnp.take_along_axis(seq.valid & ~seq.vis, rows, axis=1)
+        if query == "raters":  # raters: bool[B, T] over the original prompt
+            orig = jnp.take_along_axis(seq.orig, rows, axis=1)
+            ok &= jnp.take_along_axis(raters, jnp.clip(orig, 0), axis=1) & (orig >= 0)
+        return rows, ok
     if query == "image":
         rows = seq.first[:, None] + jnp.arange(seq.nv)
         return rows, jnp.take_along_axis(seq.valid, rows, axis=1)
@@ -129,7 +136,7 @@ def _stage_lengths(T: int, shape: PruneSpec, n: int, L: int):
     segs, cur, Ts, nv = [], 0, T, n
     for s in shape.stages:
         segs.append((cur, s.layer, Ts))
-        Ts, nv, cur = Ts - nv + s.keep, s.keep, s.layer
+        Ts, nv, cur = Ts - nv + s.keep + s.clusters, s.keep + s.clusters, s.layer
     segs.append((cur, L, Ts))
     return segs, shape.stages
 
@@ -167,8 +174,9 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
 
     def debias_stage(i, scores, seq_raster, valid):
         use = spec.debias.enabled and (i == 0 or spec.debias.every_stage)
-        cont = None if content is None else jnp.take_along_axis(content, jnp.clip(seq_raster, 0), axis=1)
-        deb = debias_scores(scores, jnp.clip(seq_raster, 0), valid, cont if use else None, curve if use else None, n)
+        cont = None if content is None else jnp.take_along_axis(content, jnp.clip(seq_raster, 0), axis=1) | (
+            seq_raster < 0)  # merged tokens are not padding
+        deb = debias_scores(scores, seq_raster, valid, cont if use else None, curve if use else None, n)
         if i == 0:
             bidx = jnp.arange(B)[:, None]
             info["scores"] = info["scores"].at[bidx, jnp.clip(seq_raster, 0)].set(jnp.where(valid, scores, 0.0))
@@ -199,6 +207,10 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
         h, _ = model.embed(ids, px)
         seq = Seq(h, C.default_positions(am), am, is_img, raster, orig, vslots[:, 0], n)
     instr = jnp.max(jnp.where(am, jnp.arange(T), 0), 1) if instruction_pos is None else instruction_pos
+    raters = None
+    if any(s.query == "raters" for s in stages):
+        text = am & ~is_img & (jnp.arange(T)[None] >= vslots[:, :1] + n)
+        raters = text_raters(jd.gather_tokens(seq.h, vslots), seq.h, text)
     inv_freq = jnp.asarray(rope_inv_freq(cfg.text))
     n_real = jnp.sum(am, 1)
     for i, (start, stop, Ts) in enumerate(segs):
@@ -209,7 +221,7 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
         taps = Taps() if stage is None or stage.source != "tap" else None
         rows = None
         if stage is not None:
-            rows, row_valid = _rows(seq, stage.query, instr)
+            rows, row_valid = _rows(seq, stage.query, instr, raters)
             if stage.source == "tap":
                 taps = Taps(attn_layers=(stage.layer - 1,), rows=rows)
         h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps,
@@ -228,8 +240,17 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
         scores, cand = debias_stage(i, scores, seq_raster, kvalid)
         idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=keeps[i])
         info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))
-        take = lambda x: jd.gather_tokens(x, seq.first[:, None] + idx)  # noqa: E731
-        seq = replace_visual(seq, take(seq.h), slot, take(seq.raster), take(seq.pos), spec.positions)
+        take = lambda x, i=idx: jd.gather_tokens(x, seq.first[:, None] + i)  # noqa: E731
+        block = [take(seq.h), slot, take(seq.raster), take(seq.pos)]
+        if stage.recycle:  # SparseVLM: the best-scored pruned tokens, clustered and merged, follow the kept ones
+            chosen = jnp.zeros(cand.shape, bool).at[jnp.arange(B)[:, None], idx].max(slot)
+            ridx, rslot = jd.select_topk(scores, stage.recycle, valid=cand & ~chosen)
+            merged, mvalid = dpc_knn_merge(take(seq.h, ridx), rslot, stage.clusters)
+            last_pos = jnp.max(jnp.where(slot, block[3], 0), 1, keepdims=True)
+            block = [jnp.concatenate([block[0], merged.astype(seq.h.dtype)], 1), jnp.concatenate([slot, mvalid], 1),
+                     jnp.concatenate([block[2], jnp.full(mvalid.shape, -1)], 1),
+                     jnp.concatenate([block[3], jnp.broadcast_to(last_pos, mvalid.shape)], 1)]
+        seq = replace_visual(seq, *block, spec.positions)
     return lm.logits(C.last_real(seq.h, seq.valid)), cache, info
 
 

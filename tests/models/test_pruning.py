@@ -158,9 +158,52 @@ def test_visionzip_equals_the_released_algorithm_on_transformers(tiny):
     assert r.stage_lengths[0][2] == 64 - 9 + 6  # the prompt's 64-slot bucket with the image span shortened
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip"])
+def test_sparsevlm_stage_equals_numpy_and_transformers(tiny):
+    """Raters from the decoder inputs, the stage layer's own attention (rater rows, heads then raters averaged),
+    top-4 kept, the best 3 of the pruned recycled into one merged token after the kept ones, positions
+    re-indexed: kept set = NumPy on transformers' tensors, logits = transformers' layers 2-3 run on that sequence."""
+    from tests.jaxdebias.test_methods import np_raters
+
+    spec = jd.PruneSpec("sparsevlm", stages=(Stage(2, 4, "raters", "probe", recycle=3, clusters=1),),
+                        buckets=BUCKETS)
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
+    lm = hf.model.language_model
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(tiny["px"]), attention_mask=torch.tensor(am),
+                 position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)), output_attentions=True,
+                 output_hidden_states=True)
+        for b in range(2):
+            img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
+            n_valid = am[b].sum()
+            h0 = out.hidden_states[0][b].numpy()
+            text = np.zeros(len(h0), bool)
+            text[img[-1] + 1:n_valid] = True
+            rows = np.nonzero(np_raters(h0[img][None], h0[None], text[None])[0])[0]
+            scores = out.attentions[2][b][:, rows][:, :, img].mean(0).mean(0).numpy()
+            kept = np_select(scores, 4, np.ones(9, bool))
+            assert kept_sets(r)[b] == kept
+            pruned = [i for i in range(9) if i not in kept]
+            recycled = sorted(pruned, key=lambda i: (-scores[i], i))[:3]
+            h2 = out.hidden_states[2][b]  # the input of layer 2
+            x = torch.cat([h2[:img[0]], h2[img[kept]], h2[img[recycled]].mean(0, keepdim=True),
+                           h2[img[-1] + 1:n_valid]])[None]
+            L = x.shape[1]
+            pos = torch.arange(L)[None]
+            mask = torch.full((1, 1, L, L), torch.finfo(x.dtype).min).triu(1)
+            pe = lm.rotary_emb(x, pos)
+            for layer in lm.layers[2:]:
+                x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                x = x[0] if isinstance(x, tuple) else x
+            logits = hf.lm_head(lm.norm(x))[0, -1].numpy()
+            np.testing.assert_allclose(r.logits[b], logits, atol=1e-4)
+    assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 4 + 1)]
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip", "sparsevlm"])
 def test_keep_all_equals_unpruned(tiny, method):
     stages = {"fastv": None, "pdrop": (Stage(1, 9, "instruction", "probe"), Stage(3, 9, "instruction", "probe")),
+              "sparsevlm": (Stage(2, 9, "raters", "probe"),),
               "himap": (Stage(1, 9, "text", "tap"), Stage(2, 9, "image", "tap")), "visionzip": None}[method]
     spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0, visionzip_cls=False)
     r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
@@ -261,3 +304,12 @@ def test_prefill_flops_match_the_analytic_count():
         analytic_saving = 4 * (layer_flops(T) - layer_flops(Ts))  # layers 2..5 see Ts tokens instead of T
         ratio = (dense - pruned) / analytic_saving
         assert 0.97 < ratio < 1.06, ratio
+    sv = (jd.Stage(2, 300, "raters", "probe", recycle=83, clusters=9), jd.Stage(4, 110, "raters", "probe", recycle=63,
+                                                                                   clusters=7))
+    pruned, shape = _flops(model, jd.PruneSpec("sparsevlm", stages=sv))
+    T1, T2 = T - 576 + 309, T - 576 + 117  # kept + merged tokens
+    analytic_saving = 2 * (layer_flops(T) - layer_flops(T1)) + 2 * (layer_flops(T) - layer_flops(T2))
+    Q = T - 576  # the rows after the image that may rate
+    overhead = 2 * 576 * T * D + sum(2 * Ts * D * D + 2 * Q * D * D + 2 * Q * Ts * D for Ts in (T, T1))  # raters,
+    ratio = (dense - pruned) / (analytic_saving - overhead)  # and each probe's keys, queries and scores
+    assert 0.93 < ratio < 1.06, ratio  # the rest: DPC-KNN distances, softmaxes, gathers

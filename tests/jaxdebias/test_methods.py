@@ -1,0 +1,94 @@
+"""SparseVLM's pure parts against NumPy re-derivations: text raters and DPC-KNN clustering + merging."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import jaxdebias as jd
+from jaxdebias import methods
+
+
+def np_raters(hv, ht, valid):
+    out = []
+    for v, t, ok in zip(hv, ht, valid):
+        idx = np.nonzero(ok)[0]
+        logits = v @ t[idx].T / np.sqrt(v.shape[-1])
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        r = (p / p.sum(1, keepdims=True)).mean(0)
+        row = np.zeros(len(t), bool)
+        row[idx] = r >= r.mean()
+        out.append(row)
+    return np.stack(out)
+
+
+def np_dpc_knn(x, k, clusters):
+    """TCFormer-style DPC-KNN on the valid tokens of one sample, then the mean of each cluster."""
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)) / np.sqrt(x.shape[-1])
+    kk = min(k, len(x))
+    density = np.exp(-(np.sort(d, 1)[:, :kk] ** 2).mean(1))
+    parent = np.array([d[i][density > density[i]].min() if (density > density[i]).any() else d.max()
+                       for i in range(len(x))])
+    centres = np.argsort(-(parent * density), kind="stable")[:clusters]
+    assign = d[centres].argmin(0)
+    assign[centres] = np.arange(len(centres))
+    return np.stack([x[assign == c].mean(0) for c in range(len(centres))])
+
+
+class RatersTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_equal_numpy(self):
+        rng = np.random.default_rng(0)
+        hv, ht = rng.normal(size=(3, 9, 16)), rng.normal(size=(3, 12, 16))
+        valid = rng.random((3, 12)) < 0.7
+        got = self.variant(methods.text_raters)(hv, ht, valid)
+        np.testing.assert_array_equal(np.asarray(got), np_raters(hv, ht, valid))
+        assert not np.asarray(got)[~valid].any()
+
+
+class DpcKnnTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_equal_numpy_with_invalid_slots(self):
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(4, 20, 8)).astype(np.float32)
+        x[:, :6] += 3.0  # a dense group
+        valid = np.ones((4, 20), bool)
+        valid[1, 15:] = False
+        valid[2, ::3] = False
+        fn = self.variant(lambda a, v: methods.dpc_knn_merge(a, v, 3, k=5))
+        merged, ok = fn(x, valid)
+        for b in range(4):
+            ref = np_dpc_knn(x[b][valid[b]], 5, 3)
+            np.testing.assert_allclose(np.asarray(merged[b]), ref, atol=1e-5)
+            assert np.asarray(ok[b]).all()
+
+    def test_fewer_valid_tokens_than_clusters(self):
+        x = np.random.default_rng(2).normal(size=(1, 6, 4)).astype(np.float32)
+        valid = np.array([[True, False, True, False, False, False]])
+        merged, ok = methods.dpc_knn_merge(x, valid, 4)
+        assert np.asarray(ok).tolist() == [[True, True, False, False]]
+        np.testing.assert_allclose(np.sort(np.asarray(merged)[0, :2], 0), np.sort(x[0, [0, 2]], 0), atol=1e-6)
+
+
+def test_sparsevlm_schedule_matches_the_published_lists():
+    for keep, lists in {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}.items():
+        stages = jd.PruneSpec("sparsevlm", keep=keep).schedule(576, 32)
+        assert [s.layer for s in stages] == [2, 6, 15] and tuple(s.keep for s in stages) == lists
+        prev = 576
+        for s in stages:  # int(0.3 * pruned) + 1 recycled into int(recycled / 10) + 1 clusters
+            assert s.recycle == int((prev - s.keep) * 0.3) + 1 and s.clusters == int(s.recycle / 10) + 1
+            prev = s.keep + s.clusters
+        layer_avg = (2 * 576 + 4 * lists[0] + 9 * lists[1] + 17 * lists[2]) / 32
+        assert abs(layer_avg - keep) / keep < 0.07
+    shape, keeps = jd.PruneSpec("sparsevlm", keep=128).split(576, 32)
+    assert keeps == (303, 110, 36) and [s.keep for s in shape.stages] == [303, 110, 36]  # exact, not bucketed
+    with pytest.raises(ValueError, match="need clusters <= recycled <= pruned"):
+        jd.PruneSpec("sparsevlm", stages=(jd.Stage(2, 5, "raters", "tap", recycle=6, clusters=1),)).schedule(9, 4)
+
+
+def test_merged_tokens_pass_debiasing_unchanged():
+    s = jax.numpy.ones((1, 4))
+    raster = jax.numpy.array([[0, 5, -1, 8]])
+    out = methods.debias_scores(s, raster, jax.numpy.ones((1, 4), bool), jax.numpy.array([[False, True, False, True]]),
+                                jd.ExpCurve(0.1), 9)
+    np.testing.assert_allclose(np.asarray(out), [[0.0, np.exp(-0.5), 1.0, np.exp(-0.8)]], rtol=1e-6)
