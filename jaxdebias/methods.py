@@ -349,7 +349,9 @@ def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int):
 
 
 def visionzip_select(cls_attn, keys, valid, dominant: int, contextual: int, limit=None):
-    """VisionZip (Yang et al., CVPR 2025) on the tower's feature layer, as we read the released code.
+    """VisionZip (Yang et al., CVPR 2025) on the tower's feature layer, checked against the released code
+    (dvlab-research/VisionZip, PyPI ``visionzip`` 0.1.3, ``clip_encoder.py``); the CLS feature that the release
+    puts first among the dominant tokens is added by the caller (``PruneSpec.visionzip_cls``).
 
     Dominant tokens: the ``dominant`` patches the CLS token attends to most (heads summed). Contextual tokens:
     among the remaining patches, ``contextual`` targets are taken evenly spaced (every ``n_rest // contextual``-th);
