@@ -89,16 +89,20 @@ def replace_visual(seq: Seq, block_h, block_valid, block_raster, block_pos, posi
                first=seq.first, nv=M)
 
 
+def _after_image(seq: Seq):
+    """(rows int[B, Q], valid bool[B, Q]): the slots after each sample's image span, Q = Ts - nv."""
+    Ts = seq.valid.shape[1]
+    rows = seq.first[:, None] + seq.nv + jnp.arange(max(Ts - seq.nv, 1))[None, :]
+    ok = rows < Ts
+    rows = jnp.clip(rows, 0, Ts - 1)
+    return rows, ok & jnp.take_along_axis(seq.valid & ~seq.vis, rows, axis=1)
+
+
 def _var_context(seq: Seq, var):
     """VAR on the current sequence: image span = its valid visual slots; rows = the text slots after them."""
     if var is None:
         return None
-    B, Ts = seq.valid.shape
-    Q = max(Ts - seq.nv, 1)
-    rows = seq.first[:, None] + seq.nv + jnp.arange(Q)[None, :]
-    row_valid = rows < Ts
-    rows = jnp.clip(rows, 0, Ts - 1)
-    row_valid &= jnp.take_along_axis(seq.valid, rows, axis=1)
+    rows, row_valid = _after_image(seq)
     dims = jnp.zeros((0,), jnp.int32) if var.sink_dims == "discover" else jnp.asarray(var.sink_dims, jnp.int32)
     return VarContext(seq.vis & seq.valid, rows, row_valid, dims, var)
 
@@ -115,10 +119,7 @@ def _rows(seq: Seq, query: str, instruction_orig, raters=None):
         row = jnp.where(jnp.any(hit, 1), jnp.argmax(hit, 1), last)
         return row[:, None], jnp.ones((B, 1), bool)
     if query in ("text", "raters"):  # the slots after the image span
-        rows = seq.first[:, None] + seq.nv + jnp.arange(max(Ts - seq.nv, 1))[None, :]
-        ok = rows < Ts
-        rows = jnp.clip(rows, 0, Ts - 1)
-        ok &= jnp.take_along_axis(seq.valid & ~seq.vis, rows, axis=1)
+        rows, ok = _after_image(seq)
         if query == "raters":  # raters: bool[B, T] over the original prompt
             orig = jnp.take_along_axis(seq.orig, rows, axis=1)
             ok &= jnp.take_along_axis(raters, jnp.clip(orig, 0), axis=1) & (orig >= 0)
