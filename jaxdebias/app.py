@@ -16,16 +16,14 @@ from importlib import resources
 import numpy as np
 
 import jaxdebias as jd
+from jaxdebias import evals
+from jaxdebias._checks import UserError
+from jaxdebias.evals import atomic_open
 
 GRID, N, SIDE = 24, 576, 336
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPT = "USER: <image>\n{} ASSISTANT:"
-
-
-from jaxdebias import evals
-from jaxdebias._checks import UserError
-from jaxdebias.evals import pope_metrics  # noqa: F401  (re-exported)
 
 
 def default_image_path() -> str:
@@ -187,9 +185,13 @@ def parse_debias(mode: str, pad_tau: float, curve_file: str | None, task: str) -
     return jd.Debias(curve=curve, pad_tau=pad_tau if "pad" in mode else None, task=task)
 
 
-def make_spec(method: str, keep: int, debias: jd.Debias, n_layers: int) -> jd.PruneSpec:
+def check_keep(keep: int):
     if not 0 < keep <= N:
         raise UserError(f"--keep must be in 1..{N} (the visual tokens of one image), got {keep}.")
+
+
+def make_spec(method: str, keep: int, debias: jd.Debias, n_layers: int) -> jd.PruneSpec:
+    check_keep(keep)
     try:
         spec = jd.PruneSpec(method, keep=keep, debias=debias)
         spec.schedule(N, n_layers)
@@ -257,8 +259,7 @@ def run(checkpoint, image_path, prompt, method, keep, debias: jd.Debias, out_dir
     from jaxdebias.models import pruning
 
     image = load_image(image_path)  # cheap checks first: nothing is built for a bad request
-    if not 0 < keep <= N:
-        raise UserError(f"--keep must be in 1..{N} (the visual tokens of one image), got {keep}.")
+    check_keep(keep)
     model, tok, mean, std = load_model(checkpoint)
     pixels, square, size = preprocess(image, mean, std, model.cfg.vision.image_size)
     n = model.cfg.vision.num_features
@@ -394,14 +395,11 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
     the batch size is rounded up to a multiple of their number). Under ``jax.distributed`` (several processes,
     e.g. the hosts of a TPU pod slice) process i answers questions i, i + P, ... into its own part file; process 0
     merges them in question order and scores, the others return ``{"process": i, "answered": n}``."""
+    import jax
     from tqdm.auto import tqdm
 
-    import jax
-
     b = evals.get(bench)
-    if not os.path.isdir(data_dir):
-        raise UserError(f"--data {data_dir} is not a directory.")
-    rows, image_dir = b.read(data_dir)
+    rows, image_dir = evals.read_any(data_dir, bench)
     if limit is not None:
         rows = rows[:limit]
     check_images(rows, image_dir)
@@ -409,15 +407,18 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
     answers_path = os.path.join(out_dir, f"{bench}_answers.jsonl")
     pid, nproc = jax.process_index(), jax.process_count()
     mine = rows[pid::nproc]  # under jax.distributed every process answers its own share, on its own devices
-    part = answers_path if nproc == 1 else os.path.join(out_dir, f"{bench}_answers.part{pid}of{nproc}.jsonl")
-    done = _read_done(part)
+
+    def part(i):
+        return answers_path if nproc == 1 else os.path.join(out_dir, f"{bench}_answers.part{i}of{nproc}.jsonl")
+
+    done = _read_done(part(pid))
     todo = [r for r in mine if (r["question_id"], r["text"]) not in done]
     runner = Runner(checkpoint, spec_args, batch_size, var, devices) if todo else None
     model_id = f"jaxdebias-{spec_args[0]}-{spec_args[1]}"
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{bench} keep {spec_args[1]}",
                disable=not progress)
     t0, tokens = time.perf_counter(), 0
-    with open(part, "a") as f:
+    with open(part(pid), "a") as f:
         for row, _, res, i in (runner(todo, image_dir, max_new_tokens) if todo else ()):
             text = runner.tok.decode(res.tokens[i])
             line = {"question_id": row["question_id"], "prompt": row["text"], "text": text,
@@ -436,20 +437,19 @@ def evaluate(checkpoint, bench, data_dir, out_dir, spec_args, *, limit=None, bat
         if pid != 0:
             return {"process": pid, "answered": len(mine)}
         for other in range(1, nproc):
-            done.update(_read_done(os.path.join(out_dir, f"{bench}_answers.part{other}of{nproc}.jsonl")))
-        tmp = answers_path + ".tmp"
-        with open(tmp, "w") as f:  # the merged file, in question order, as one process would have written it
+            done.update(_read_done(part(other)))
+        with atomic_open(answers_path) as f:  # the merged file, in question order, as one process writes it
             f.writelines(json.dumps(done[r["question_id"], r["text"]]) + "\n" for r in rows)
-        os.replace(tmp, answers_path)
     answers = [done[r["question_id"], r["text"]]["text"] for r in rows]
     files = b.export(rows, answers, out_dir)
-    metrics = b.score(rows, answers) if b.has_truth(rows) else {"metric": None, "n": len(rows)}
-    with open(os.path.join(out_dir, f"{bench}_metrics.json"), "w") as f:
+    truth = b.has_truth(rows)
+    metrics = b.score(rows, answers) if truth else {"metric": None, "n": len(rows)}
+    with atomic_open(os.path.join(out_dir, f"{bench}_metrics.json")) as f:
         json.dump(metrics, f, indent=1)
     flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     log(f"{bench}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat.items())
         + (f"; wrote {', '.join(files)}" if files else "")
-        + ("" if b.has_truth(rows) else " (no local ground truth: submit the files above)"))
+        + ("" if truth else " (no local ground truth: submit the files above)"))
     return metrics
 
 
@@ -475,10 +475,8 @@ def calibrate(checkpoint, data_dir, out, method, form="exp", *, bench=None, limi
               "fit_of_mean": stats}
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(out) as f:
         json.dump(record, f, indent=1)
-    os.replace(tmp, out)
     plot = os.path.splitext(out)[0] + ".png"
     figure_curve({"mean score": mean, "fitted trend": np.asarray(1.0 / curve.weights(N)) * mean[mean > 0].mean()},
                  plot, f"{method}: calibrated over {int(cal.n_samples)} samples ({form})")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -105,12 +106,38 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
 # --- reading -----------------------------------------------------------------------------------------------
 
 
-def _find(data_dir, names, what):
+class _NotFound(UserError):
+    """The benchmark's question file is not in the folder (``read_any`` then tries the next benchmark)."""
+
+
+def _optional(data_dir, names):
+    """The first file matching one of ``names`` (glob patterns) in ``data_dir``, or None."""
     for name in names:
-        matches = sorted(glob.glob(os.path.join(data_dir, name)))
+        matches = sorted(p for p in glob.glob(os.path.join(data_dir, name)) if os.path.isfile(p))
         if matches:
             return matches[0]
-    raise UserError(f"No {what} in {data_dir}: expected {' or '.join(names)}.")
+    return None
+
+
+def _find(data_dir, names, what):
+    path = _optional(data_dir, names)
+    if path is None:
+        raise _NotFound(f"No {what} in {data_dir}: expected {' or '.join(names)}.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kw):
+    """A file written beside ``path`` and renamed onto it when the block ends without error (else removed):
+    readers never see a half-written file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode, **kw) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _image_dir(data_dir, names):
@@ -146,14 +173,6 @@ def _json(path, what):
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{what} {path} cannot be read ({e}).") from None
-
-
-def _optional(data_dir, names):
-    for name in names:
-        p = os.path.join(data_dir, name)
-        if os.path.isfile(p):
-            return p
-    return None
 
 
 QUESTION_FIELDS = ("question_id", "image", "text")
@@ -403,11 +422,9 @@ def _gqa_prediction(text: str) -> str:
 # --- exports (the files the official scorers / servers take) -----------------------------------------------
 
 
-def _dump(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+def _dump(path, obj, indent=None):
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent)
     return path
 
 
@@ -420,7 +437,7 @@ def _export_mme(rows, texts, out_dir):
         by_cat[r["category"]].append("\t".join([os.path.basename(str(r["question_id"])), _mme_key(r["text"]),
                                                r.get("answer", ""), t.replace("\n", " ").replace("\t", " ")]))
     for cat, lines in by_cat.items():
-        with open(os.path.join(folder, f"{cat}.txt"), "w") as f:
+        with atomic_open(os.path.join(folder, f"{cat}.txt")) as f:
             f.write("\n".join(lines) + "\n")
     return [folder]
 
@@ -429,12 +446,11 @@ def _export_mmbench(rows, texts, out_dir):
     """The TSV's columns (without the image) plus ``prediction``, as LLaVA's convert_mmbench_for_submission."""
     path = os.path.join(out_dir, "mmbench_predictions.tsv")
     fields = list(rows[0]["record"]) + ["prediction"]
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fields, delimiter="\t")
         w.writeheader()
         for r, t in zip(rows, texts):
             w.writerow({**r["record"], "prediction": t})
-    os.replace(path + ".tmp", path)
     return [path]
 
 
@@ -456,9 +472,10 @@ def _vqa(rows, texts):
     return {"accuracy": sum(accs) / len(accs), "n": len(accs)}
 
 
-def _submission(name, key, answer=normalize_vqa):
+def _submission(name, key):
+    """The VQA-style submission: one {key..., "answer": normalised answer} per question."""
     def export(rows, texts, out):
-        return [_dump(os.path.join(out, name), [{k: f(r) for k, f in key.items()} | {"answer": answer(t)}
+        return [_dump(os.path.join(out, name), [{k: f(r) for k, f in key.items()} | {"answer": normalize_vqa(t)}
                                                 for r, t in zip(rows, texts)])]
     return export
 
@@ -503,9 +520,8 @@ def read_any(data_dir: str, bench: str | None = None):
     for b in BENCHES.values():
         try:
             return b.read(data_dir)
-        except UserError as e:
-            if not str(e).startswith("No "):
-                raise
+        except _NotFound:
+            pass
     raise UserError(f"No question file in {data_dir}: expected questions.jsonl or a benchmark's LLaVA file "
                     f"({', '.join(BENCHES)}; pass --bench to name it).")
 

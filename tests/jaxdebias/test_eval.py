@@ -35,7 +35,7 @@ def write_pope(root, questions=QUESTIONS, drop_field=None):
 def test_pope_metrics_by_hand():
     answers = {1: "Yes, there is.", 2: "No.", 3: "There is not a dog", 4: "yes"}
     labels = {1: "yes", 2: "no", 3: "yes", 4: "no"}
-    m = app.pope_metrics(answers, labels)  # tp: 1, tn: 2, fn: 3, fp: 4
+    m = evals.pope_metrics(answers, labels)  # tp: 1, tn: 2, fn: 3, fp: 4
     assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5, "n": 4}
 
 
@@ -49,7 +49,7 @@ def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
     assert [x["question_id"] for x in lines] == list(range(5))
     assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     labels = {i: q[3] for i, q in enumerate(QUESTIONS)}
-    assert full == app.pope_metrics({x["question_id"]: x["text"] for x in lines}, labels)
+    assert full == evals.pope_metrics({x["question_id"]: x["text"] for x in lines}, labels)
 
     out = tmp_path / "resumed"
     answers = out / "pope_answers.jsonl"
