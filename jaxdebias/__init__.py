@@ -17,7 +17,15 @@ from jaxdebias.curves import (
 from jaxdebias.fitting import Calibration, bias_strength, fit_curve, fit_exp_curve, fit_online
 from jaxdebias.methods import Debias, PruneSpec, Stage
 from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square
-from jaxdebias.prune import DEFAULT_BUCKETS, bucket, debias, debias_and_select, gather_tokens, select_topk
+from jaxdebias.prune import (
+    DEFAULT_BUCKETS,
+    bucket,
+    debias,
+    debias_and_select,
+    gather_tokens,
+    kept_mask,
+    select_topk,
+)
 from jaxdebias.scores import query_mask, visual_positions, visual_scores
 from jaxdebias.sinks import (
     KNOWN_SINK_DIMS,
@@ -35,7 +43,7 @@ __all__ = [
     "AnyresMask", "Calibration", "Debias", "PruneSpec", "Stage", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
     "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
     "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
-    "fit_online", "gather_tokens", "image_centric_heads", "known_sink_dims", "pad_mask_anyres",
+    "fit_online", "gather_tokens", "image_centric_heads", "kept_mask", "known_sink_dims", "pad_mask_anyres",
     "pad_mask_expand2square", "query_mask", "released_curve", "select_topk", "sink_dim_value", "sink_tokens",
     "var_redistribute", "visual_positions", "visual_scores",
 ]

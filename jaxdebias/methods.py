@@ -28,8 +28,7 @@ import jax.numpy as jnp
 
 from jaxdebias import _checks
 from jaxdebias.curves import Curve, curve_from_dict, curve_to_dict, released_curve
-from jaxdebias.fitting import fit_online
-from jaxdebias.prune import bucket
+from jaxdebias.prune import bucket, debias, kept_mask, select_topk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,29 +322,26 @@ def stage_scores(probs, query_valid, key_slots, key_valid):
 
 
 def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int):
-    """Debias scores of tokens identified by their raster index (they may already be a pruned subset).
+    """``jaxdebias.debias`` for tokens identified by their raster index (they may already be a pruned subset):
+    the valid tokens are placed at their raster positions, debiased there (the online fit sees only them, and
+    only content), and read back.
 
     scores: float[B, Nv]; raster_idx: int[B, Nv] index of each token in the N-token image, -1 for a merged token
-    (left as it is); valid: bool[B, Nv]; content: bool[B, Nv] or None (padding suppression); curve: None, "online"
-    or a curve.
+    (its score is returned as it is); valid: bool[B, Nv] (invalid tokens get 0); content: bool[B, Nv] or None
+    (padding suppression); curve: None, "online" or a curve. Returns float32[B, Nv].
     """
-    s = scores
+    B = scores.shape[0]
+    s = jnp.asarray(scores, jnp.float32)
     own = raster_idx >= 0
-    ridx = jnp.clip(raster_idx, 0)
-    if isinstance(curve, str):  # online: fit on the full raster grid, where the rows are rows of the image
-        bidx = jnp.arange(s.shape[0])[:, None]
-        ok = valid & own
-        full = jnp.zeros((s.shape[0], n_raster)).at[bidx, ridx].max(jnp.where(ok, s, 0.0))
-        fit_valid = jnp.zeros((s.shape[0], n_raster), bool).at[bidx, ridx].max(
-            ok if content is None else ok & content)
-        curve = fit_online(full, fit_valid)
-    if curve is not None:
-        w = curve.weights(n_raster)
-        w = jnp.broadcast_to(w, (s.shape[0], n_raster)) if w.ndim == 1 else w
-        s = s * jnp.where(own, jnp.take_along_axis(w, ridx, axis=1), 1.0)
-    if content is not None:
-        s = jnp.where(content | ~own, s, 0.0)
-    return s
+    at = jnp.where(valid & own, raster_idx, n_raster)  # the others go to a spare column, dropped
+
+    def on_grid(x, fill):
+        return jnp.full((B, n_raster + 1), fill, x.dtype).at[jnp.arange(B)[:, None], at].set(x)[:, :n_raster]
+
+    pad = None if content is None else on_grid(jnp.asarray(content, bool), True)
+    d = debias(on_grid(s, 0.0), curve=curve, pad_mask=pad, valid=on_grid(jnp.ones(s.shape, bool), False))
+    mine = jnp.take_along_axis(d, jnp.clip(raster_idx, 0), axis=1)
+    return jnp.where(own, jnp.where(valid, mine, 0.0), s)
 
 
 def visionzip_select(cls_attn, keys, valid, dominant: int, contextual: int, limit=None):
@@ -368,12 +364,9 @@ def visionzip_select(cls_attn, keys, valid, dominant: int, contextual: int, limi
        merge float32[B, C, N]: contextual token c = sum_n merge[b, c, n] * feature[b, n],
        contextual_mask bool[B, C]).
     """
-    from jaxdebias.prune import select_topk
-
     idx, slot = select_topk(cls_attn, dominant, valid=valid, limit=limit)
     B, N = cls_attn.shape
-    chosen = jnp.zeros((B, N), bool).at[jnp.arange(B)[:, None], idx].set(slot)
-    rest = valid & ~chosen
+    rest = valid & ~kept_mask(idx, slot, N)
     if contextual == 0:
         return idx, slot, jnp.zeros((B, 0, N), jnp.float32), jnp.zeros((B, 0), bool)
     order = jnp.cumsum(rest, axis=1) - 1  # rank of each remaining patch, in raster order

@@ -79,6 +79,18 @@ def select_topk(scores, k: int, *, valid=None, limit=None):
     return _select_topk(scores.astype(jnp.float32), valid, k, limit)
 
 
+def kept_mask(idx, slot_mask, n: int):
+    """The kept set of ``select_topk`` as a mask: bool[B, n], True at idx[b, k] where slot_mask[b, k].
+
+    Args:
+      idx: int[B, K]; slot_mask: bool[B, K]; n: static number of tokens N.
+    """
+    _checks.check_rank("idx", idx, 2, "int[B, K]")
+    B = idx.shape[0]
+    at = jnp.where(slot_mask, idx, n)  # masked slots point out of range and are dropped
+    return jnp.zeros((B, n), bool).at[jnp.arange(B)[:, None], at].set(True, mode="drop")
+
+
 def gather_tokens(x, idx):
     """x[b, idx[b, k], ...] for every b, k.
 

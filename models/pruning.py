@@ -244,8 +244,7 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
         take = lambda x, i=idx: jd.gather_tokens(x, seq.first[:, None] + i)  # noqa: E731
         block = [take(seq.h), slot, take(seq.raster), take(seq.pos)]
         if stage.recycle:  # SparseVLM: the best-scored pruned tokens, clustered and merged, follow the kept ones
-            chosen = jnp.zeros(cand.shape, bool).at[jnp.arange(B)[:, None], idx].max(slot)
-            ridx, rslot = jd.select_topk(scores, stage.recycle, valid=cand & ~chosen)
+            ridx, rslot = jd.select_topk(scores, stage.recycle, valid=cand & ~jd.kept_mask(idx, slot, seq.nv))
             merged, mvalid = dpc_knn_merge(take(seq.h, ridx), rslot, stage.clusters)
             last_pos = jnp.max(jnp.where(slot, block[3], 0), 1, keepdims=True)
             block = [jnp.concatenate([block[0], merged.astype(seq.h.dtype)], 1), jnp.concatenate([slot, mvalid], 1),

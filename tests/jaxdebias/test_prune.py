@@ -132,3 +132,12 @@ def test_one_compile_per_bucket():
     for trial in range(5):  # the online fit is its own program, again once per bucket
         jd.debias_and_select(rng.random((4, 576)).astype(np.float32), jd.bucket(50), curve="online", pad_mask=pad)
     assert prune._debias_and_select._cache_size() - before == 3
+
+
+def test_kept_mask_marks_exactly_the_kept_slots():
+    scores = jnp.asarray(np.random.default_rng(3).random((3, 12)), jnp.float32)
+    valid = jnp.asarray(np.arange(12)[None] < np.array([[12], [5], [2]]))
+    idx, slot = jd.select_topk(scores, 4, valid=valid)  # rows 2: fewer valid tokens than slots
+    m = np.asarray(jd.kept_mask(idx, slot, 12))
+    ref, _ = np_topk(np.asarray(scores), np.asarray(valid), 4)
+    assert [sorted(np.nonzero(r)[0].tolist()) for r in m] == ref
