@@ -83,6 +83,28 @@ class VarContext:
     spec: VarSpec = dataclasses.field(metadata={"static": True})
 
 
+def rows_after_image(is_img, real, span: int):
+    """The query rows after each sample's image span: (rows int[B, Q], valid bool[B, Q]), Q = T - span.
+
+    is_img: bool[B, T] the (contiguous) image span; real: bool[B, T] real slots; span: static span length.
+    A sample without image slots has no valid row."""
+    B, T = is_img.shape
+    last = jnp.max(jnp.where(is_img, jnp.arange(T), -1), axis=1)
+    rows = last[:, None] + 1 + jnp.arange(max(T - span, 1))[None, :]
+    ok = (rows < T) & (last[:, None] >= 0)
+    rows = jnp.clip(rows, 0, T - 1)
+    return rows, ok & jnp.take_along_axis(real & ~is_img, rows, axis=1)
+
+
+def var_context(var: VarSpec | None, is_img, real, span: int) -> VarContext | None:
+    """VAR's inputs for a prefill: the real image slots and the rows after the image span (``rows_after_image``)."""
+    if var is None:
+        return None
+    rows, row_valid = rows_after_image(is_img, real, span)
+    dims = jnp.zeros((0,), jnp.int32) if var.sink_dims == "discover" else jnp.asarray(var.sink_dims, jnp.int32)
+    return VarContext(is_img & real, rows, row_valid, dims, var)
+
+
 def _grouped(probs, v):
     """probs float32[B, N, Q, S] @ v [B, S, K, Hd] -> [B, Q, N, Hd] (grouped-query heads)."""
     B, N, Q, S = probs.shape

@@ -138,18 +138,7 @@ class Llava(nnx.Module):
     def var_context(self, ids, am, var: A.VarSpec | None):
         """VAR's inputs for a prompt batch: the image span and the query rows after it (a sample without image
         tokens has no rows: VAR leaves it untouched)."""
-        if var is None:
-            return None
-        B, T = ids.shape
-        is_img = (ids == self.cfg.image_token_id) & am
-        last_img = jnp.max(jnp.where(is_img, jnp.arange(T), -1), axis=1)
-        Q = max(T - self.cfg.vision.num_features, 1)
-        rows = last_img[:, None] + 1 + jnp.arange(Q)[None, :]
-        row_valid = (rows < T) & (last_img[:, None] >= 0)
-        rows = jnp.clip(rows, 0, T - 1)
-        row_valid &= jnp.take_along_axis(am, rows, axis=1)
-        dims = jnp.zeros((0,), jnp.int32) if var.sink_dims == "discover" else jnp.asarray(var.sink_dims, jnp.int32)
-        return A.VarContext(is_img, rows, row_valid, dims, var)
+        return A.var_context(var, (ids == self.cfg.image_token_id) & am, am, self.cfg.vision.num_features)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
                  taps: Taps = Taps(), var: A.VarSpec | None = None, triangle: A.TriangleMix | None = None):

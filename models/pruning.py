@@ -27,7 +27,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias.methods import PruneSpec, debias_scores, dpc_knn_merge, stage_scores, text_raters, visionzip_select
 from jaxdebias.models import _common as C
-from jaxdebias.models.attention import VarContext
+from jaxdebias.models.attention import rows_after_image, var_context
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
 from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, decode_loop, pad_to_bucket
 
@@ -89,22 +89,9 @@ def replace_visual(seq: Seq, block_h, block_valid, block_raster, block_pos, posi
                first=seq.first, nv=M)
 
 
-def _after_image(seq: Seq):
-    """(rows int[B, Q], valid bool[B, Q]): the slots after each sample's image span, Q = Ts - nv."""
-    Ts = seq.valid.shape[1]
-    rows = seq.first[:, None] + seq.nv + jnp.arange(max(Ts - seq.nv, 1))[None, :]
-    ok = rows < Ts
-    rows = jnp.clip(rows, 0, Ts - 1)
-    return rows, ok & jnp.take_along_axis(seq.valid & ~seq.vis, rows, axis=1)
-
-
 def _var_context(seq: Seq, var):
-    """VAR on the current sequence: image span = its valid visual slots; rows = the text slots after them."""
-    if var is None:
-        return None
-    rows, row_valid = _after_image(seq)
-    dims = jnp.zeros((0,), jnp.int32) if var.sink_dims == "discover" else jnp.asarray(var.sink_dims, jnp.int32)
-    return VarContext(seq.vis & seq.valid, rows, row_valid, dims, var)
+    """VAR on the current sequence: image span = its visual slots; rows = the text slots after them."""
+    return var_context(var, seq.vis, seq.valid, seq.nv)
 
 
 def _rows(seq: Seq, query: str, instruction_orig, raters=None):
@@ -119,7 +106,7 @@ def _rows(seq: Seq, query: str, instruction_orig, raters=None):
         row = jnp.where(jnp.any(hit, 1), jnp.argmax(hit, 1), last)
         return row[:, None], jnp.ones((B, 1), bool)
     if query in ("text", "raters"):  # the slots after the image span
-        rows, ok = _after_image(seq)
+        rows, ok = rows_after_image(seq.vis, seq.valid, seq.nv)
         if query == "raters":  # raters: bool[B, T] over the original prompt
             orig = jnp.take_along_axis(seq.orig, rows, axis=1)
             ok &= jnp.take_along_axis(raters, jnp.clip(orig, 0), axis=1) & (orig >= 0)
