@@ -44,7 +44,6 @@ if not os.path.exists(CHECKPOINT):
 # %%
 import jax
 
-import jaxdebias as jd
 from jaxdebias import app
 
 print("devices:", jax.devices())

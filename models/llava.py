@@ -220,6 +220,14 @@ def pad_to_bucket(ids, am, pad_id: int, buckets=PROMPT_BUCKETS):
     return (np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id), np.pad(am, ((0, 0), (0, extra))))
 
 
+def prompt_arrays(model: Llava, input_ids, pixel_values, attention_mask, buckets=PROMPT_BUCKETS):
+    """Checked numpy (ids int[B, Tb], mask bool[B, Tb]), right-padded to a prompt bucket (default mask: all)."""
+    ids = np.asarray(input_ids)
+    am = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    model.check_inputs(ids, pixel_values, am)
+    return pad_to_bucket(ids, am, model.cfg.pad_token_id, buckets)
+
+
 def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
              temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
              prompt_buckets=PROMPT_BUCKETS, var: A.VarSpec | None = None,
@@ -241,11 +249,7 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
-    ids = np.asarray(input_ids)
-    am = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    model.check_inputs(ids, pixel_values, am)
-    B, T = ids.shape
-    ids, am = pad_to_bucket(ids, am, model.cfg.pad_token_id, prompt_buckets)
+    ids, am = prompt_arrays(model, input_ids, pixel_values, attention_mask, prompt_buckets)
     Tb = ids.shape[1]
     cache_size = -(-(Tb + max_new_tokens) // 64) * 64
     graphdef, state = nnx.split(model)

@@ -29,7 +29,7 @@ from jaxdebias.methods import PruneSpec, debias_scores, dpc_knn_merge, stage_sco
 from jaxdebias.models import _common as C
 from jaxdebias.models.attention import rows_after_image, var_context
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
-from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, decode_loop, pad_to_bucket
+from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, decode_loop, prompt_arrays
 
 
 @dataclasses.dataclass
@@ -265,10 +265,8 @@ class Result:
 
 def prepare(model: Llava, batch: Batch, spec: PruneSpec, prompt_buckets=PROMPT_BUCKETS):
     """Checks the batch and right-pads it to a prompt bucket. Returns arrays ready for ``_prefill``."""
-    ids = np.asarray(batch.input_ids)
-    am = np.ones(ids.shape, bool) if batch.attention_mask is None else np.asarray(batch.attention_mask).astype(bool)
-    model.check_inputs(ids, batch.pixel_values, am)
-    B, T = ids.shape
+    ids, am = prompt_arrays(model, batch.input_ids, batch.pixel_values, batch.attention_mask, prompt_buckets)
+    B = ids.shape[0]
     n = model.cfg.vision.num_features
     img = ids == model.cfg.image_token_id
     if not (img.sum(1) == n).all():
@@ -283,7 +281,6 @@ def prepare(model: Llava, batch: Batch, spec: PruneSpec, prompt_buckets=PROMPT_B
         raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original (width, height) "
                          "of each image.")
     sizes = np.ones((B, 2), np.int32) if sizes is None else np.asarray(sizes, np.int32).reshape(B, 2)
-    ids, am = pad_to_bucket(ids, am, model.cfg.pad_token_id, prompt_buckets)
     instr = None if batch.instruction_pos is None else jnp.asarray(batch.instruction_pos, jnp.int32)
     return jnp.asarray(ids), jnp.asarray(batch.pixel_values), jnp.asarray(am), jnp.asarray(sizes), instr
 
