@@ -10,13 +10,13 @@ and bf16 on accelerators, at prefill over ``--tokens`` positions.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxdebias as jd
+from _timing import median_time
 
 
 def llama_layer(p, x):
@@ -35,14 +35,6 @@ def llama_layer(p, x):
     return x + g @ p["wd"]
 
 
-def timeit(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    best = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best.append(time.perf_counter() - t)
-    return float(np.median(best))
 
 
 def main():
@@ -74,13 +66,13 @@ def main():
         "pad + released curve": dict(curve=jd.released_curve("pdrop", "gqa")),
         "pad + online fit": dict(curve="online"),
     }
-    t_layer = timeit(layer, p, x, repeats=args.repeats)
+    t_layer = median_time(lambda: layer(p, x), args.repeats)
     print(f"device: {dev.platform} ({dev.device_kind}); dtype {jnp.dtype(dtype).name}")
     print(f"one 7B-shaped decoder layer, batch 1, {args.tokens} tokens: {t_layer * 1e3:.1f} ms")
     print(f"debias + select, batch {args.batch} x 576 scores, keep {k}:")
     for name, kw in variants.items():
         fn = lambda s, kw=kw: jd.debias_and_select(s, k, pad_mask=pad, **kw)  # noqa: E731
-        t = timeit(fn, scores, repeats=args.repeats * 5)
+        t = median_time(lambda fn=fn: fn(scores), args.repeats * 5)
         print(f"  {name:22s} {t * 1e6:8.1f} us   = {100 * t / t_layer:.3f}% of one layer")
 
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +24,9 @@ from jaxdebias.models import attention as A
 from jaxdebias.models import llava
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig, LlamaForCausalLM, slot_mask
+from _timing import median_time
 
 
-def median_time(fn, repeats):
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def var_overhead(layers, repeats):

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
 import numpy as np
+from _timing import median_time
 
 
-def median_time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def main():

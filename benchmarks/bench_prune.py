@@ -12,7 +12,6 @@ debias + select step alone as a share of the pruned prefill.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +22,9 @@ import jaxdebias as jd
 from jaxdebias.models import llava, pruning
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
+from _timing import median_time
 
 
-def median_time(fn, repeats):
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def main():
