@@ -6,7 +6,8 @@ A random mid-sized LLaVA (CLIP-style 336/14 tower -> 576 visual tokens, Llama de
 ``--hidden``) runs the same prompt (576 visual + ``--text`` text tokens, batch 1) unpruned and pruned to
 64/128/192 visual tokens with padding + released-curve debiasing. Reported per budget: median prefill time, its
 ratio to unpruned, the decoder's analytic FLOP ratio (the physical limit of the speed-up), and the cost of the
-debias + select step alone as a share of the pruned prefill.
+debias + select step alone as a share of the pruned prefill (for TokenCarve also its SVD information scores and
+merge, which are inside the pruned prefill's time).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import numpy as np
 from flax import nnx
 
 import jaxdebias as jd
+from jaxdebias import methods as jdm
 from jaxdebias.models import llava, pruning
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
 from _timing import median_time
-
-
 
 
 def main():
@@ -52,10 +52,10 @@ def main():
     graphdef, state = nnx.split(model)
 
     def runner(spec):
-        shape, keeps = spec.split(576, L)
+        shape, limits = spec.split(576, L)
         ids_, px, am, sizes, instr = pruning.prepare(model, batch, spec)
-        keeps = jnp.asarray(keeps + (0,), jnp.int32)
-        return lambda: pruning._prefill(graphdef, state, ids_, px, am, sizes, instr, keeps, jax.random.key(0),
+        limits = pruning.limits_array(limits)
+        return lambda: pruning._prefill(graphdef, state, ids_, px, am, sizes, instr, limits, jax.random.key(0),
                                         spec=shape, extra=64, temperature=0.0)[0], shape
 
     def decoder_flops(segs):
@@ -83,6 +83,15 @@ def main():
         k = shape.stages[0].keep if shape.stages else shape.keep
         sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
         print(f"{keep:5d} {t * 1e3:11.1f} {t / t_dense:11.3f} {f / f_dense:11.3f} {100 * sel / t:19.3f}%")
+        if args.method == "tokencarve":  # its own selection work: the SVD information scores and the merge
+            h = jnp.asarray(rng.normal(size=(1, 576, D)), dtype)
+            ok = jnp.ones((1, 576), bool)
+            m = shape.stages[0].merge
+            carve = jax.jit(lambda h: jdm.merge_into(h[:, :k], ok[:, :k], h[:, k:k + m], ok[:, :m]).sum()
+                            + jdm.information_scores(h, ok).sum())
+            c = median_time(lambda: carve(h), args.repeats)
+            print(f"      information scores (Gram + eigh, 576 x {D}) + merge of {m}: {c * 1e3:.1f} ms = "
+                  f"{100 * c / t:.1f}% of this prefill")
 
 
 if __name__ == "__main__":

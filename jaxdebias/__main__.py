@@ -8,7 +8,8 @@ import sys
 
 
 def _add_prune_args(p):
-    p.add_argument("--method", default="fastv", help="fastv, pdrop, sparsevlm, himap or visionzip (default fastv)")
+    p.add_argument("--method", default="fastv",
+                   help="fastv, pdrop, sparsevlm, himap, tokencarve or visionzip (default fastv)")
     p.add_argument("--keep", type=int, default=128, help="visual tokens to keep (PyramidDrop, SparseVLM: layer average)")
     p.add_argument("--debias", default="pad+curve", help="off, pad, curve or pad+curve (default pad+curve)")
     p.add_argument("--curve", default=None, help="curve.json from `jaxdebias calibrate`, 'online', or "

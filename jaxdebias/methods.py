@@ -94,6 +94,8 @@ class Stage:
     source: str  # "tap" | "probe"
     recycle: int = 0  # pruned tokens recycled (the best-scored), merged into ``clusters`` tokens (SparseVLM)
     clusters: int = 0
+    merge: int = 0  # the next-best ``merge`` tokens are merged into the kept ones by similarity (TokenCarve)
+    info_weight: float = 0.0  # weight of the SVD information score fused with the attention score (TokenCarve)
 
 
 def _pdrop_ratio(budget: int, n: int = 576, layers=(2, 10, 20), total=32) -> float:
@@ -125,6 +127,65 @@ def himap_stages(keep: int, layers=(2, 8), second_ratio: float = 0.5) -> tuple[S
     defaults here are ours, not taken from the HiMAP release; set them to the paper's for a faithful run."""
     return (Stage(layers[0], keep, "text", "tap"),
             Stage(layers[1], max(1, round(keep * second_ratio)), "image", "tap"))
+
+
+def tokencarve_stages(keep: int, layer: int = 2, merge: int | None = None, info_weight: float = 0.5,
+                      n: int = 576) -> tuple[Stage, ...]:
+    """TokenCarve (Tan et al., 2025, arXiv 2503.10501), reconstructed from our recollection of the paper's method
+    (neither the paper nor its release could be fetched where this was written; the layer, the score fusion and
+    the merge count below are ours, not checked against either).
+    One stage before decoder layer ``layer`` (2, as FastV): each visual token gets an attention score (the last
+    token's attention in layer ``layer - 1``, heads averaged - the signal the debiasing plugs into) and an
+    information score (its contribution to the singular values of the visual-token matrix, ``information_scores``);
+    both are min-max normalised and fused with weight ``info_weight`` on the information score (``carve_scores``).
+    The ``keep`` best-fused tokens stay; the next ``merge`` best (default ``keep``, at most what remains) are
+    merged into the kept token they are most similar to (cosine of hidden states, ``merge_into``): information
+    from pruned-but-useful tokens is folded into the survivors instead of dropped. Positions are re-indexed."""
+    merge = min(keep, max(n - keep, 0)) if merge is None else merge
+    return (Stage(layer, keep, "last", "tap", merge=merge, info_weight=info_weight),)
+
+
+def information_scores(x, valid):
+    """Each token's contribution to the singular values of the token matrix X = U S V^T (rows = tokens):
+    c_i = sum_j s_j |U_ij|. Computed from the Gram matrix X X^T = U S^2 U^T (``eigh``, N x N) rather than an
+    N x D SVD; singular values below 1e-3 of the largest are dropped (they are round-off in the Gram route).
+
+    x: float[B, N, D]; valid: bool[B, N] (invalid rows are left out of X). Returns float32[B, N], 0 at invalid."""
+    x = jnp.where(valid[..., None], x.astype(jnp.float32), 0.0)
+    lam, u = jnp.linalg.eigh(jnp.einsum("bnd,bmd->bnm", x, x))  # ascending eigenvalues, u[:, :, j] eigvectors
+    lam = jnp.where(lam > 1e-6 * lam[:, -1:], lam, 0.0)
+    return jnp.where(valid, jnp.einsum("bnj,bj->bn", jnp.abs(u), jnp.sqrt(lam)), 0.0)
+
+
+def carve_scores(attn, info, valid, info_weight: float):
+    """(1 - w) * minmax(attn) + w * minmax(info), min and max over each sample's valid tokens (0 elsewhere).
+
+    attn, info: float[B, N]; valid: bool[B, N]. Returns float32[B, N]."""
+    def minmax(s):
+        s = s.astype(jnp.float32)
+        lo = jnp.min(jnp.where(valid, s, jnp.inf), 1, keepdims=True)
+        hi = jnp.max(jnp.where(valid, s, -jnp.inf), 1, keepdims=True)
+        return (s - lo) / jnp.where(hi > lo, hi - lo, 1.0)
+
+    return jnp.where(valid, (1 - info_weight) * minmax(attn) + info_weight * minmax(info), 0.0)
+
+
+def merge_into(x_keep, keep_valid, x_drop, drop_valid):
+    """Each valid dropped token joins the valid kept token whose feature is most cosine-similar; a kept token
+    becomes the mean of itself and the tokens that joined it.
+
+    x_keep: float[B, K, D]; keep_valid: bool[B, K]; x_drop: float[B, M, D]; drop_valid: bool[B, M].
+    Returns float32[B, K, D] (invalid kept slots unchanged)."""
+    def unit(x):
+        x = x.astype(jnp.float32)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+    sim = jnp.einsum("bmd,bkd->bmk", unit(x_drop), unit(x_keep))
+    sim = jnp.where(keep_valid[:, None, :], sim, -jnp.inf)
+    joins = jax.nn.one_hot(jnp.argmax(sim, -1), x_keep.shape[1]) * (drop_valid & jnp.any(keep_valid, 1,
+                                                                                        keepdims=True))[..., None]
+    total = x_keep.astype(jnp.float32) + jnp.einsum("bmk,bmd->bkd", joins, x_drop.astype(jnp.float32))
+    return total / (1.0 + jnp.sum(joins, 1))[..., None]
 
 
 SPARSEVLM_KEEPS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -212,6 +273,7 @@ METHOD_DEFAULTS = {
     "himap": dict(positions="keep"),
     "visionzip": dict(positions="reindex"),
     "sparsevlm": dict(positions="reindex"),
+    "tokencarve": dict(positions="reindex"),
 }
 
 
@@ -219,10 +281,10 @@ METHOD_DEFAULTS = {
 class PruneSpec:
     """One line that says how to prune.
 
-    method: "fastv", "pdrop" (alias "pyramiddrop"), "himap", "sparsevlm" or "visionzip".
-    keep: visual tokens kept (FastV, HiMAP first stage, VisionZip) or the layer-average budget (PyramidDrop,
-      SparseVLM).
-    layer: pruning layer for FastV (default 2).
+    method: "fastv", "pdrop" (alias "pyramiddrop"), "himap", "sparsevlm", "tokencarve" or "visionzip".
+    keep: visual tokens kept (FastV, HiMAP first stage, TokenCarve, VisionZip) or the layer-average budget
+      (PyramidDrop, SparseVLM).
+    layer: pruning layer for FastV and TokenCarve (default 2).
     stages: explicit ``Stage`` tuple, overriding the method's schedule.
     debias: a ``Debias``; positions: "keep" / "reindex" (default: the method's).
     buckets: keep counts are rounded up to these (static shapes).
@@ -264,6 +326,8 @@ class PruneSpec:
             stages = himap_stages(self.keep)
         elif self.method == "sparsevlm":
             stages = sparsevlm_stages(self.keep, n=n_visual)
+        elif self.method == "tokencarve":
+            stages = tokencarve_stages(self.keep, 2 if self.layer is None else self.layer, n=n_visual)
         else:
             stages = ()
         prev_layer, prev_keep = 0, n_visual
@@ -274,6 +338,11 @@ class PruneSpec:
             if not 0 < s.keep <= prev_keep:
                 raise ValueError(f"{self.method}: stage at layer {s.layer} keeps {s.keep} tokens but only {prev_keep} "
                                  "remain; --keep must not exceed the visual tokens.")
+            if s.merge < 0 or s.keep + s.merge > prev_keep:
+                raise ValueError(f"{self.method}: stage at layer {s.layer} keeps {s.keep} and merges {s.merge} more "
+                                 f"tokens but only {prev_keep} remain; lower keep or merge.")
+            if not 0 <= s.info_weight <= 1:
+                raise ValueError(f"{self.method}: info_weight must be in [0, 1], got {s.info_weight}.")
             if s.recycle < s.clusters or (s.recycle and s.keep + s.recycle > prev_keep):
                 raise ValueError(f"{self.method}: stage at layer {s.layer} recycles {s.recycle} of the "
                                  f"{prev_keep - s.keep} pruned tokens into {s.clusters} clusters; need clusters <= "
@@ -286,10 +355,10 @@ class PruneSpec:
     def bucketed(self, keep: int, n_visual: int) -> int:
         return min(bucket(keep, self.buckets + (n_visual,)), n_visual)
 
-    def split(self, n_visual: int, num_layers: int) -> tuple[PruneSpec, tuple[int, ...]]:
-        """(the static shape of this spec, the real keep of each stage). The shape has every keep rounded up to
-        its bucket, so requests whose budgets share buckets share one compiled program; the real keeps are
-        passed at run time and mask the surplus slots."""
+    def split(self, n_visual: int, num_layers: int) -> tuple[PruneSpec, tuple[tuple[int, int], ...]]:
+        """(the static shape of this spec, the real (keep, merge) of each stage). The shape has every keep and
+        merge count rounded up to its bucket, so requests whose budgets share buckets share one compiled
+        program; the real counts are passed at run time and mask the surplus slots."""
         stages = self.schedule(n_visual, num_layers)
         if self.method == "visionzip":
             dom, ctx = contextual_split(self.keep, self.visionzip_contextual)
@@ -299,14 +368,16 @@ class PruneSpec:
                                  f"{ctx} contextual tokens; raise keep.")
             shape = dataclasses.replace(self, keep=self.visionzip_cls + self.bucketed(patches, n_visual) + ctx,
                                         visionzip_contextual=ctx, stages=())
-            return shape, (patches,)
+            return shape, ((patches, 0),)
         shaped, prev = [], n_visual
         for s in stages:
             # recycling stages keep exact counts (their cluster counts follow from them): one program per budget
-            prev = s.keep if s.recycle else self.bucketed(s.keep, prev)
-            shaped.append(dataclasses.replace(s, keep=prev))
-            prev += s.clusters
-        return dataclasses.replace(self, keep=n_visual, stages=tuple(shaped)), tuple(s.keep for s in stages)
+            keep = s.keep if s.recycle else self.bucketed(s.keep, prev)
+            merge = self.bucketed(s.merge, prev) if s.merge else 0
+            shaped.append(dataclasses.replace(s, keep=keep, merge=merge))
+            prev = keep + s.clusters
+        return (dataclasses.replace(self, keep=n_visual, stages=tuple(shaped)),
+                tuple((s.keep, s.merge) for s in stages))
 
 
 def stage_scores(probs, query_valid, key_slots, key_valid):
@@ -392,5 +463,6 @@ def contextual_split(keep: int, contextual: int | None) -> tuple[int, int]:
     return keep - ctx, ctx
 
 
-__all__ = ["Debias", "PruneSpec", "Stage", "contextual_split", "debias_scores", "dpc_knn_merge", "fastv_stages",
-           "himap_stages", "pdrop_stages", "sparsevlm_stages", "stage_scores", "text_raters", "visionzip_select"]
+__all__ = ["Debias", "PruneSpec", "Stage", "carve_scores", "contextual_split", "debias_scores", "dpc_knn_merge",
+           "fastv_stages", "himap_stages", "information_scores", "merge_into", "pdrop_stages", "sparsevlm_stages",
+           "stage_scores", "text_raters", "tokencarve_stages", "visionzip_select"]

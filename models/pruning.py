@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 import jaxdebias as jd
-from jaxdebias.methods import PruneSpec, debias_scores, dpc_knn_merge, stage_scores, text_raters, visionzip_select
+from jaxdebias.methods import (PruneSpec, carve_scores, debias_scores, dpc_knn_merge, information_scores, merge_into,
+                               stage_scores, text_raters, visionzip_select)
 from jaxdebias.models import _common as C
 from jaxdebias.models.attention import rows_after_image, var_context
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
@@ -129,9 +130,15 @@ def _stage_lengths(T: int, shape: PruneSpec, n: int, L: int):
     return segs, shape.stages
 
 
-def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keeps, spec: PruneSpec, extra: int,
+def limits_array(limits) -> jax.Array:
+    """The real (keep, merge) of each stage (``PruneSpec.split``) as the int32[stages + 1, 2] that the prefill
+    takes (one spare row, so that a spec without stages still has an array)."""
+    return jnp.asarray(tuple(limits) + ((0, 0),), jnp.int32)
+
+
+def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limits, spec: PruneSpec, extra: int,
                    var=None):
-    """The staged prefill for a shape spec (``PruneSpec.split``) and the real per-stage keeps (int32[stages]).
+    """The staged prefill for a shape spec (``PruneSpec.split``) and the real per-stage counts (``limits_array``).
     Returns (logits float32[B, V] at the last real token, KVCache, info dict).
 
     info: "kept" list (per stage) of (raster idx int[B, K], slot mask bool[B, K]); "scores" / "debiased":
@@ -177,7 +184,7 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
         ctx, cls = spec.visionzip_contextual, int(spec.visionzip_cls)
         ones = jnp.ones((B, n), bool)
         scores, cand = debias_stage(0, cls_attn, jnp.broadcast_to(jnp.arange(n), (B, n)), ones)
-        idx, slot, merge, cmask = visionzip_select(scores, keys, cand, spec.keep - ctx - cls, ctx, limit=keeps[0])
+        idx, slot, merge, cmask = visionzip_select(scores, keys, cand, spec.keep - ctx - cls, ctx, limit=limits[0, 0])
         feats = feats.astype(cfg.text.dtype)
         block_v = jnp.concatenate([cls_feat[:, None, :].astype(feats.dtype)[:, :cls], jd.gather_tokens(feats, idx),
                                    jnp.einsum("bcn,bnd->bcd", merge, feats)], 1)  # [CLS], dominant, contextual
@@ -226,10 +233,17 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
         scores = stage_scores(probs, row_valid, kslots, kvalid)
         seq_raster = jnp.take_along_axis(seq.raster, kslots, axis=1)
         scores, cand = debias_stage(i, scores, seq_raster, kvalid)
-        idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=keeps[i])
+        if stage.info_weight:  # TokenCarve: fused with each token's share of the visual matrix's singular values
+            info_scores = information_scores(jd.gather_tokens(seq.h, kslots), cand)
+            scores = carve_scores(scores, info_scores, cand, stage.info_weight)
+        idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=limits[i, 0])
         info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))
         take = lambda x, i=idx: jd.gather_tokens(x, seq.first[:, None] + i)  # noqa: E731
         block = [take(seq.h), slot, take(seq.raster), take(seq.pos)]
+        if stage.merge:  # TokenCarve: the next-best tokens are merged into the kept ones they resemble most
+            midx, mslot = jd.select_topk(scores, stage.merge, valid=cand & ~jd.kept_mask(idx, slot, seq.nv),
+                                         limit=limits[i, 1])
+            block[0] = merge_into(block[0], slot, take(seq.h, midx), mslot).astype(seq.h.dtype)
         if stage.recycle:  # SparseVLM: the best-scored pruned tokens, clustered and merged, follow the kept ones
             ridx, rslot = jd.select_topk(scores, stage.recycle, valid=cand & ~jd.kept_mask(idx, slot, seq.nv))
             merged, mvalid = dpc_knn_merge(take(seq.h, ridx), rslot, stage.clusters)
@@ -242,9 +256,9 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, keep
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "extra", "temperature", "var"))
-def _prefill(graphdef, state, ids, px, am, sizes, instr, keeps, key, *, spec, extra, temperature, var=None):
+def _prefill(graphdef, state, ids, px, am, sizes, instr, limits, key, *, spec, extra, temperature, var=None):
     model = nnx.merge(graphdef, state)
-    logits, cache, info = pruned_prefill(model, ids, px, am, sizes, instr, keeps, spec, extra, var)
+    logits, cache, info = pruned_prefill(model, ids, px, am, sizes, instr, limits, spec, extra, var)
     info["logits"] = logits
     return _pick(logits, temperature, key), cache, info
 
@@ -304,11 +318,11 @@ def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None 
         data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         ids, px, am, sizes = (jax.device_put(x, data) for x in (ids, px, am, sizes))
         instr = None if instr is None else jax.device_put(instr, data)
-    shape, keeps = spec.split(n, model.cfg.text.num_layers)
+    shape, limits = spec.split(n, model.cfg.text.num_layers)
     extra = -(-max_new_tokens // 64) * 64
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    tok, cache, info = _prefill(graphdef, state, ids, px, am, sizes, instr, jnp.asarray(keeps + (0,), jnp.int32),
+    tok, cache, info = _prefill(graphdef, state, ids, px, am, sizes, instr, limits_array(limits),
                                 keys[0], spec=shape, extra=extra, temperature=float(temperature), var=var)
     tokens = decode_loop(graphdef, state, tok, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
                          temperature=temperature, var=var)

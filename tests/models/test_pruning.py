@@ -200,10 +200,53 @@ def test_sparsevlm_stage_equals_numpy_and_transformers(tiny):
     assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 4 + 1)]
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip", "sparsevlm"])
+@pytest.mark.parametrize("debias", ["off", "curve"])
+def test_tokencarve_stage_equals_numpy_and_transformers(tiny, debias):
+    """Last-token attention of layer 1 (debiased or not), fused half and half with the SVD information scores of
+    layer 2's visual inputs; the best 3 kept, the next 3 merged into their most cosine-similar kept token,
+    positions re-indexed: kept set = NumPy on transformers' tensors, logits = transformers' layers 2-3."""
+    from tests.jaxdebias.test_methods import np_information, np_minmax
+
+    spec = jd.PruneSpec("tokencarve", stages=(Stage(2, 3, "last", "tap", merge=3, info_weight=0.5),),
+                        buckets=BUCKETS, debias=jd.Debias(curve=CURVE) if debias == "curve" else jd.Debias())
+    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
+    lm = hf.model.language_model
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(tiny["px"]), attention_mask=torch.tensor(am),
+                 position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)), output_attentions=True,
+                 output_hidden_states=True)
+        for b in range(2):
+            img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
+            n_valid = am[b].sum()
+            attn = out.attentions[1][b][:, n_valid - 1, img].mean(0).numpy()
+            if debias == "curve":
+                attn = attn * np.exp(-CURVE["b"] * np.arange(9))
+            h2 = out.hidden_states[2][b]  # the input of layer 2
+            fused = 0.5 * np_minmax(attn) + 0.5 * np_minmax(np_information(h2[img].numpy()))
+            order = np.lexsort((np.arange(9), -fused))
+            kept, merged = sorted(order[:3]), order[3:6]
+            assert kept_sets(r)[b] == kept
+            unit = h2[img].numpy() / np.linalg.norm(h2[img].numpy(), axis=-1, keepdims=True)
+            to = np.array(kept)[(unit[merged] @ unit[kept].T).argmax(1)]
+            block = torch.stack([h2[img[[k, *merged[to == k]]]].mean(0) for k in kept])
+            x = torch.cat([h2[:img[0]], block, h2[img[-1] + 1:n_valid]])[None]
+            L = x.shape[1]
+            pos = torch.arange(L)[None]
+            mask = torch.full((1, 1, L, L), torch.finfo(x.dtype).min).triu(1)
+            pe = lm.rotary_emb(x, pos)
+            for layer in lm.layers[2:]:
+                x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                x = x[0] if isinstance(x, tuple) else x
+            logits = hf.lm_head(lm.norm(x))[0, -1].numpy()
+            np.testing.assert_allclose(r.logits[b], logits, atol=1e-4)
+    assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 3)]
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip", "sparsevlm", "tokencarve"])
 def test_keep_all_equals_unpruned(tiny, method):
     stages = {"fastv": None, "pdrop": (Stage(1, 9, "instruction", "probe"), Stage(3, 9, "instruction", "probe")),
-              "sparsevlm": (Stage(2, 9, "raters", "probe"),),
+              "sparsevlm": (Stage(2, 9, "raters", "probe"),), "tokencarve": (Stage(2, 9, "last", "tap", info_weight=0.5),),
               "himap": (Stage(1, 9, "text", "tap"), Stage(2, 9, "image", "tap")), "visionzip": None}[method]
     spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0, visionzip_cls=False)
     r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
@@ -242,32 +285,43 @@ def test_pruned_logits_equal_masked_attention_reference(tiny):
 
 
 def test_fifty_requests_compile_once_per_bucket(tiny):
+    """50 requests of four methods with mixed prompt lengths, image shapes and budgets: one prefill program per
+    (prompt bucket, shape spec) and one decode program per (prompt bucket, per-layer cache sizes)."""
     rng = np.random.default_rng(0)
     pruning._prefill.clear_cache()  # other tests in this process may have compiled the same shapes
-    p0 = pruning._prefill._cache_size()
-    seen = set()
+    llava._decode.clear_cache()
+    p0, d0 = pruning._prefill._cache_size(), llava._decode._cache_size()
+    seen, caches = set(), set()
     buckets = (3, 6, 9)
     for i in range(50):
         extra = int(rng.integers(0, 70))  # prompt lengths 21..90: the 64 and 128 buckets
         ids = np.concatenate([tiny["ids"][:, :1], rng.integers(3, 140, (2, extra)), tiny["ids"][:, 1:]], 1)
         am = np.concatenate([tiny["am"][:, :1], np.ones((2, extra), int), tiny["am"][:, 1:]], 1)
         sizes = rng.integers(50, 2000, (2, 2))
-        keep = int(rng.integers(2, 10))
-        method = ["fastv", "visionzip"][i % 2]
-        spec = jd.PruneSpec(method, keep=keep, buckets=buckets, visionzip_contextual=0 if keep < 3 else 1,
-                            debias=jd.Debias(curve="online", pad_tau=0.5))
+        method = ["fastv", "visionzip", "tokencarve", "sparsevlm"][i % 4]
+        keep = int(rng.integers(2, 10)) if method in ("fastv", "visionzip") else int(rng.integers(2, 6))
+        stages = None
+        if method == "sparsevlm":  # exact keeps (one program per budget): two budgets
+            keep = 4 + 2 * (keep % 2)
+            stages = (Stage(2, keep, "raters", "probe", recycle=2, clusters=1),)
+        spec = jd.PruneSpec(method, keep=keep, stages=stages, buckets=buckets,
+                            visionzip_contextual=0 if keep < 3 else 1, debias=jd.Debias(curve="online", pad_tau=0.5))
         r = pruning.prefill_and_generate(tiny["model"], pruning.Batch(ids, tiny["px"], am, sizes), prune=spec,
-                                         max_new_tokens=2)
-        shape, keeps = spec.split(9, 4)
-        seen.add((llava._round_up(ids.shape[1], llava.PROMPT_BUCKETS), shape))
+                                         max_new_tokens=2, stop_at_eos=False)
+        shape, limits = spec.split(9, 4)
+        prompt = llava._round_up(ids.shape[1], llava.PROMPT_BUCKETS)
+        seen.add((prompt, shape))
+        caches.add(tuple(r.stage_lengths))
         assert all((s.sum(1) <= keep).all() for _, s in r.kept)
-    assert len(seen) < 20
+    assert {m for _, m in {(p, s.method) for p, s in seen}} == {"fastv", "visionzip", "tokencarve", "sparsevlm"}
+    assert len(seen) <= 24
     assert pruning._prefill._cache_size() - p0 == len(seen)
+    assert llava._decode._cache_size() - d0 == len(caches) < len(seen)  # equal cache layouts share a decode
 
 
 def _flops(model, spec, T=640):
     n = model.cfg.vision.num_features
-    shape, keeps = spec.split(n, model.cfg.text.num_layers)
+    shape, limits = spec.split(n, model.cfg.text.num_layers)
     B = 1
     ids = np.full((B, T), 5)
     ids[:, 10:10 + n] = model.cfg.image_token_id
@@ -276,7 +330,7 @@ def _flops(model, spec, T=640):
 
     g, st = nnx.split(model)
     lowered = pruning._prefill.lower(g, st, jnp.asarray(ids), px, jnp.ones((B, T), bool), jnp.ones((B, 2), jnp.int32),
-                                     None, jnp.asarray(keeps + (0,), jnp.int32), jax.random.key(0), spec=shape,
+                                     None, pruning.limits_array(limits), jax.random.key(0), spec=shape,
                                      extra=64, temperature=0.0)
     return lowered.compile().cost_analysis()["flops"], shape
 
@@ -313,3 +367,8 @@ def test_prefill_flops_match_the_analytic_count():
     overhead = 2 * 576 * T * D + sum(2 * Ts * D * D + 2 * Q * D * D + 2 * Q * Ts * D for Ts in (T, T1))  # raters,
     ratio = (dense - pruned) / (analytic_saving - overhead)  # and each probe's keys, queries and scores
     assert 0.93 < ratio < 1.06, ratio  # the rest: DPC-KNN distances, softmaxes, gathers
+    pruned, shape = _flops(model, jd.PruneSpec("tokencarve", keep=128))  # keep 128, merge the next 128
+    analytic_saving = 4 * (layer_flops(T) - layer_flops(T - 576 + 128))
+    overhead = 2 * 576 * 576 * D + 2 * 128 * 128 * D  # the Gram matrix of the SVD, the merge similarities
+    ratio = (dense - pruned) / (analytic_saving - overhead)
+    assert 0.97 < ratio < 1.06, ratio
