@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from importlib import resources
 
 import numpy as np
@@ -241,7 +242,9 @@ def figure_curve(series: dict, path: str, title: str):
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, s in series.items():
         s = np.asarray(s, np.float64).reshape(-1, N)
-        rows = np.nanmean(s.reshape(s.shape[0], GRID, GRID), axis=(0, 2))  # NaN marks excluded (padding) tokens
+        with warnings.catch_warnings():  # an all-padding grid row has no mean: NaN, left out of the line
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rows = np.nanmean(s.reshape(s.shape[0], GRID, GRID), axis=(0, 2))  # NaN marks excluded (padding) tokens
         ax.plot(np.arange(GRID), rows / max(np.nanmean(rows), 1e-12), marker="o", ms=3, label=name)
     ax.set_xlabel("grid row (later in the sequence ->)")
     ax.set_ylabel("mean score / overall mean")

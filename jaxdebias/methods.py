@@ -14,6 +14,10 @@ remain - plus how each stage scores the visual tokens:
            compute on its input, computed exactly for the voting rows before the layer runs (PyramidDrop)
   positions  "keep" the original position ids of the kept tokens, or "reindex" them 0..n-1
 
+and what happens to (some of) the pruned tokens: recycled into merged tokens after the kept ones (SparseVLM,
+``recycle`` / ``clusters``), or merged into the kept tokens they resemble most (TokenCarve, ``merge``, whose
+scores also fuse an SVD information score, ``info_weight``).
+
 Debiasing (``Debias``) multiplies the scores of the first stage (or of every stage) by the positional weights
 of each token's raster index and zeroes letterbox-padding patches, which are also excluded from selection.
 """
