@@ -200,33 +200,36 @@ def test_sparsevlm_stage_equals_numpy_and_transformers(tiny):
     assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 4 + 1)]
 
 
-@pytest.mark.parametrize("debias", ["off", "curve"])
-def test_tokencarve_stage_equals_numpy_and_transformers(tiny, debias):
+def test_tokencarve_stage_equals_numpy_and_transformers(tiny):
     """Last-token attention of layer 1 (debiased or not), fused half and half with the SVD information scores of
-    layer 2's visual inputs; the best 3 kept, the next 3 merged into their most cosine-similar kept token,
-    positions re-indexed: kept set = NumPy on transformers' tensors, logits = transformers' layers 2-3."""
+    layer 2's visual inputs (the candidates only: padding is left out); the best K kept, the next M merged into
+    their most cosine-similar kept token, positions re-indexed: kept set = NumPy on transformers' tensors,
+    logits = transformers' layers 2-3 on that sequence; the debiased kept set differs from the plain one."""
     from tests.jaxdebias.test_methods import np_information, np_minmax
 
-    spec = jd.PruneSpec("tokencarve", stages=(Stage(2, 3, "last", "tap", merge=3, info_weight=0.5),),
-                        buckets=BUCKETS, debias=jd.Debias(curve=CURVE) if debias == "curve" else jd.Debias())
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     lm = hf.model.language_model
     with torch.no_grad():
         out = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(tiny["px"]), attention_mask=torch.tensor(am),
                  position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)), output_attentions=True,
                  output_hidden_states=True)
+    kept_by = {}
+    for debias, K, M in (("off", 3, 3), ("curve", 3, 3), ("pad+curve", 2, 1)):
+        spec = jd.PruneSpec("tokencarve", stages=(Stage(2, K, "last", "tap", merge=M, info_weight=0.5),),
+                            buckets=BUCKETS, debias=DEBIAS.get(debias, jd.Debias(curve=CURVE)))
+        r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+        kept_by[debias] = kept_sets(r)
         for b in range(2):
             img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
             n_valid = am[b].sum()
-            attn = out.attentions[1][b][:, n_valid - 1, img].mean(0).numpy()
-            if debias == "curve":
-                attn = attn * np.exp(-CURVE["b"] * np.arange(9))
+            s, cand = np_debias(out.attentions[1][b][:, n_valid - 1, img].mean(0).numpy(), debias)
+            s, cand = (s[b] if s.ndim == 2 else s), np.array(cand[b])
             h2 = out.hidden_states[2][b]  # the input of layer 2
-            fused = 0.5 * np_minmax(attn) + 0.5 * np_minmax(np_information(h2[img].numpy()))
+            fused = np.full(9, -np.inf)
+            fused[cand] = 0.5 * np_minmax(s[cand]) + 0.5 * np_minmax(np_information(h2[img][cand].numpy()))
             order = np.lexsort((np.arange(9), -fused))
-            kept, merged = sorted(order[:3]), order[3:6]
-            assert kept_sets(r)[b] == kept
+            kept, merged = sorted(order[:K]), order[K:K + M]
+            assert kept_by[debias][b] == kept
             unit = h2[img].numpy() / np.linalg.norm(h2[img].numpy(), axis=-1, keepdims=True)
             to = np.array(kept)[(unit[merged] @ unit[kept].T).argmax(1)]
             block = torch.stack([h2[img[[k, *merged[to == k]]]].mean(0) for k in kept])
@@ -234,13 +237,15 @@ def test_tokencarve_stage_equals_numpy_and_transformers(tiny, debias):
             L = x.shape[1]
             pos = torch.arange(L)[None]
             mask = torch.full((1, 1, L, L), torch.finfo(x.dtype).min).triu(1)
-            pe = lm.rotary_emb(x, pos)
-            for layer in lm.layers[2:]:
-                x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-                x = x[0] if isinstance(x, tuple) else x
-            logits = hf.lm_head(lm.norm(x))[0, -1].numpy()
+            with torch.no_grad():
+                pe = lm.rotary_emb(x, pos)
+                for layer in lm.layers[2:]:
+                    x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                    x = x[0] if isinstance(x, tuple) else x
+                logits = hf.lm_head(lm.norm(x))[0, -1].numpy()
             np.testing.assert_allclose(r.logits[b], logits, atol=1e-4)
-    assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 3)]
+        assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + K)]
+    assert kept_by["curve"] != kept_by["off"]
 
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip", "sparsevlm", "tokencarve"])
