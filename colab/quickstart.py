@@ -23,7 +23,7 @@ HF_REPO = "llava-hf/llava-1.5-7b-hf"  # converted once in the `colab` cells belo
 CHECKPOINT = None  # None: the embedded untrained tiny model (CI); the Colab cells set the converted path
 IMAGE = None  # None: the image shipped with jaxdebias
 PROMPT = "What is in the picture? Answer briefly."
-METHOD, KEEP = "fastv", 128
+METHOD, KEEP = "fastv", 128  # fastv, pdrop, sparsevlm, himap, tokencarve or visionzip
 OUT = "quickstart-out"
 
 # %% tags=["colab"]
