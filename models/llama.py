@@ -200,10 +200,12 @@ class Attention(nnx.Module):
 
     def qk(self, x, positions, inv_freq):
         """Rotated queries [B, T, N, Hd] and keys [B, T, K, Hd] of x [B, T, D]."""
+        return self._rotated(self.q_proj, 0, x, positions, inv_freq), self._rotated(self.k_proj, 1, x, positions,
+                                                                                     inv_freq)
+
+    def _rotated(self, proj, which, x, positions, inv_freq):
         B, T, _ = x.shape
-        N, K, Hd = self.shape
-        return (rope(self.q_proj(x).reshape(B, T, N, Hd), positions, inv_freq),
-                rope(self.k_proj(x).reshape(B, T, K, Hd), positions, inv_freq))
+        return rope(proj(x).reshape(B, T, self.shape[which], self.shape[2]), positions, inv_freq)
 
     def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None, attend=None, var=None):
         """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, K, Hd] cache of this layer,
@@ -252,9 +254,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def probe(self, x, positions, inv_freq, mask, rows):
-        """The attention rows this layer would compute on input x, without running it: float32[B, N, Q, T]."""
-        q, k = self.self_attn.qk(self.input_layernorm(x), positions, inv_freq)
-        return attention_rows(q, k, mask[:, :, :x.shape[1]], rows)
+        """The attention rows this layer would compute on input x, without running it: float32[B, N, Q, T].
+        Queries are projected for the Q rows only, keys for every token."""
+        h = self.input_layernorm(x)
+        at = lambda a: jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+        attn = self.self_attn
+        q = attn._rotated(attn.q_proj, 0, at(h), at(positions), inv_freq)  # [B, Q, N, Hd]
+        k = attn._rotated(attn.k_proj, 1, h, positions, inv_freq)
+        return attention_rows(q, k, at(mask)[:, :, :x.shape[1]], jnp.broadcast_to(jnp.arange(rows.shape[1]),
+                                                                                  rows.shape))
 
     def __call__(self, x, positions, inv_freq, mask, **kw):
         a, kv, probs = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, **kw)

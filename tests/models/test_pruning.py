@@ -371,7 +371,7 @@ def test_prefill_flops_match_the_analytic_count():
     Q = T - 576  # the rows after the image that may rate
     overhead = 2 * 576 * T * D + sum(2 * Ts * D * D + 2 * Q * D * D + 2 * Q * Ts * D for Ts in (T, T1))  # raters,
     ratio = (dense - pruned) / (analytic_saving - overhead)  # and each probe's keys, queries and scores
-    assert 0.93 < ratio < 1.06, ratio  # the rest: DPC-KNN distances, softmaxes, gathers
+    assert 0.97 < ratio < 1.06, ratio  # the rest: DPC-KNN distances, softmaxes, gathers
     pruned, shape = _flops(model, jd.PruneSpec("tokencarve", keep=128))  # keep 128, merge the next 128
     analytic_saving = 4 * (layer_flops(T) - layer_flops(T - 576 + 128))
     overhead = 2 * 576 * 576 * D + 2 * 128 * 128 * D  # the Gram matrix of the SVD, the merge similarities
