@@ -301,7 +301,7 @@ def run(checkpoint, image_path, prompt, method, keep, debias: jd.Debias, out_dir
         "seconds": times, "stage_lengths": {k: r.stage_lengths for k, r in results.items()},
         "figures": [os.path.join(out_dir, "kept.png"), os.path.join(out_dir, "curve.png")],
     }
-    with open(os.path.join(out_dir, "run.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "run.json")) as f:
         json.dump(summary, f, indent=1)
     log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
     log(f"kept {keep} of {n} visual tokens with {method}; padding patches kept: "
@@ -495,7 +495,7 @@ def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, bench=None, li
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from jaxdebias.models.llama import Taps
+    from jaxdebias.models.llava import layer_input
 
     rows, image_dir = evals.read_any(data_dir, bench)
     rows = rows[:limit]
@@ -510,7 +510,7 @@ def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, bench=None, li
         after.append(np.asarray(jd.debias(s, curve=curve, pad_mask=pad)))
         pads.append(pad)
         ids = jnp.asarray(req.input_ids)[None]
-        h = runner.model(ids, jnp.asarray(req.pixel_values)[None], taps=Taps(hidden_layers=(2,))).hidden_states[2]
+        h = layer_input(runner.model, ids, jnp.asarray(req.pixel_values)[None], jnp.ones(ids.shape, bool), 2)
         dims = sink_dims if sink_dims is not None else jd.discover_sink_dims(h, top=2)[0]
         is_sink = np.asarray(jd.sink_tokens(h, dims))[0]
         sinks.append(int((is_sink & (req.input_ids == runner.tok.image)).sum()))
@@ -526,7 +526,7 @@ def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, bench=None, li
     report = {"method": method, "samples": len(rows), "before": numbers(before),
               "after": numbers(np.where(pads, after, 0.0)), "visual_sinks_per_image": float(np.mean(sinks))}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bias.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "bias.json")) as f:
         json.dump(report, f, indent=1)
     figure_curve({"before": before, "after (padding + released curve)": np.where(pads, after, np.nan)},
                  os.path.join(out_dir, "bias.png"), f"{method}: score by position over {len(rows)} samples")

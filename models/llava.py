@@ -281,6 +281,18 @@ def decode_loop(graphdef, state, tok, cache, keys, *, eos, stop_at_eos, temperat
     return np.stack(out, 1).astype(np.int32)
 
 
+@functools.partial(nnx.jit, static_argnames=("layer",))
+def layer_input(model: Llava, input_ids, pixel_values, attention_mask, layer: int):
+    """The residual-stream input of decoder layer ``layer``, float[B, T, D], running only the vision tower and
+    the layers before it (what the sink statistics of a prompt need; ``Taps(hidden_layers=...)`` on a full
+    forward gives the same for every layer)."""
+    ids = jnp.asarray(input_ids)
+    am = jnp.asarray(attention_mask).astype(bool)
+    h, _ = model.embed(ids, pixel_values)
+    mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
+    return model.language_model.run_layers(h, C.default_positions(am), mask, stop=layer, real=am)[0]
+
+
 def abstract_model(cfg: LlavaConfig) -> Llava:
     """The model with ShapeDtypeStruct leaves: no memory is allocated (for counting, sharding, loading)."""
     return nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))

@@ -61,6 +61,10 @@ def test_generation_compiles_once_per_bucket(tmp_path):
     pre, pre_am = longer(60)  # 79 tokens: the 128 bucket, a second prefill and a second cache size
     llava.generate(model, pre, px, pre_am, max_new_tokens=5)
     assert llava._prefill._cache_size() - p0 == 2
+    from jaxdebias.models.llama import Taps  # the layer-input shortcut (bias report) = the full forward's tap
+
+    tapped = model(ids, px, am, taps=Taps(hidden_layers=(2,))).hidden_states[2]
+    np.testing.assert_allclose(np.asarray(llava.layer_input(model, ids, px, am, 2)), np.asarray(tapped), atol=1e-5)
 
 
 def test_sharded_logits_equal_single_device(tmp_path):
