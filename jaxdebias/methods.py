@@ -16,7 +16,7 @@ remain - plus how each stage scores the visual tokens:
 
 and what happens to (some of) the pruned tokens: recycled into merged tokens after the kept ones (SparseVLM,
 ``recycle`` / ``clusters``), or merged into the kept tokens they resemble most (TokenCarve, ``merge``, whose
-scores also fuse an SVD information score, ``info_weight``).
+scores also fuse an SVD information score of the tapped layer's attention output, ``info_weight``).
 
 Debiasing (``Debias``) multiplies the scores of the first stage (or of every stage) by the positional weights
 of each token's raster index and zeroes letterbox-padding patches, which are also excluded from selection.
@@ -138,10 +138,12 @@ def tokencarve_stages(keep: int, layer: int = 2, merge: int | None = None, info_
     """TokenCarve (Tan et al., 2025, arXiv 2503.10501), reconstructed from our recollection of the paper's method
     (neither the paper nor its release could be fetched where this was written; the layer, the score fusion and
     the merge count below are ours, not checked against either).
-    One stage before decoder layer ``layer`` (2, as FastV): each visual token gets an attention score (the last
-    token's attention in layer ``layer - 1``, heads averaged - the signal the debiasing plugs into) and an
-    information score (its contribution to the singular values of the visual-token matrix, ``information_scores``);
-    both are min-max normalised and fused with weight ``info_weight`` on the information score (``carve_scores``).
+    The paper ties accuracy loss to the information lost from the attention output matrix; here, one stage before
+    decoder layer ``layer`` (2, as FastV): each visual token gets an attention score (the last token's attention
+    in layer ``layer - 1``, heads averaged - the signal the debiasing plugs into) and an information score (its
+    row's contribution to the singular values of layer ``layer - 1``'s attention output over the visual rows,
+    ``information_scores``); both are min-max normalised and fused with weight ``info_weight`` on the information
+    score (``carve_scores``).
     The ``keep`` best-fused tokens stay; the next ``merge`` best (default ``keep``, at most what remains) are
     merged into the kept token they are most similar to (cosine of hidden states, ``merge_into``): information
     from pruned-but-useful tokens is folded into the survivors instead of dropped. Positions are re-indexed."""
@@ -347,6 +349,9 @@ class PruneSpec:
                                  f"tokens but only {prev_keep} remain; lower keep or merge.")
             if not 0 <= s.info_weight <= 1:
                 raise ValueError(f"{self.method}: info_weight must be in [0, 1], got {s.info_weight}.")
+            if s.info_weight and s.source != "tap":
+                raise ValueError(f"{self.method}: info_weight needs source 'tap' (the information score is computed "
+                                 f"on layer {s.layer - 1}'s attention output), got {s.source!r}.")
             if s.recycle < s.clusters or (s.recycle and s.keep + s.recycle > prev_keep):
                 raise ValueError(f"{self.method}: stage at layer {s.layer} recycles {s.recycle} of the "
                                  f"{prev_keep - s.keep} pruned tokens into {s.clusters} clusters; need clusters <= "

@@ -265,9 +265,10 @@ class DecoderLayer(nnx.Module):
                                                                                   rows.shape))
 
     def __call__(self, x, positions, inv_freq, mask, **kw):
+        """Returns (output, (k, v), tapped probs or None, the attention block's output [B, T, D])."""
         a, kv, probs = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, **kw)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv, probs
+        return x + self.mlp(self.post_attention_layernorm(x)), kv, probs, a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,15 +277,19 @@ class Taps:
 
     attn_layers: decoder layers whose attention rows are returned (static);
     rows: int[B, Q] query indices into the current sequence for those rows (traced);
-    hidden_layers: layers whose residual-stream *input* is returned ([B, T, D], fp32).
+    hidden_layers: layers whose residual-stream *input* is returned ([B, T, D], fp32);
+    out_layers: layers whose attention block output (after o_proj, before the residual add) is returned
+      ([B, T, D], fp32).
     """
 
     attn_layers: tuple[int, ...] = ()
     rows: Any = None
     hidden_layers: tuple[int, ...] = ()
+    out_layers: tuple[int, ...] = ()
 
 
-jax.tree_util.register_dataclass(Taps, data_fields=["rows"], meta_fields=["attn_layers", "hidden_layers"])
+jax.tree_util.register_dataclass(Taps, data_fields=["rows"], meta_fields=["attn_layers", "hidden_layers",
+                                                                         "out_layers"])
 
 
 class LlamaModel(nnx.Module):
@@ -316,14 +321,14 @@ class LlamaModel(nnx.Module):
         all). ``var``: an ``attention.VarContext`` (VAR on its layers: sinks measured on each layer's input,
         the context's rows edited); ``triangle``: an ``attention.TriangleMix`` (sparse prefill from its
         starting layer). Returns (h, cache or None, taps) with taps {"attn": {layer: float32[B, N, Q, S]},
-        "hidden": {layer: float32[B, T, D]}, "sinks": {layer: bool[B, T]}}.
+        "hidden": {layer: float32[B, T, D]}, "sinks": {layer: bool[B, T]}, "out": {layer: float32[B, T, D]}}.
         """
         stop = self.cfg.num_layers if stop is None else stop
         B, T, _ = h.shape
         S = mask.shape[2]
         real = jnp.ones((B, T), bool) if real is None else real
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))  # a constant of the config, not a parameter
-        taps_out = {"attn": {}, "hidden": {}, "sinks": {}}
+        taps_out = {"attn": {}, "hidden": {}, "sinks": {}, "out": {}}
         new = {name: list(getattr(cache, name)) for name in ("k", "v", "sink", "visual")} if cache is not None else {}
         var_layers = () if var is None else var.spec.layer_set(self.cfg.num_layers)
         dims = None if var is None or var.spec.sink_dims == "discover" else var.dims
@@ -350,9 +355,11 @@ class LlamaModel(nnx.Module):
                 kw["var"] = (var.spec, var.rows, var.row_valid, widen(var.visual), widen(sink))
                 if cache is not None:
                     new["sink"][i], new["visual"][i] = widen(sink), widen(var.visual)
-            h, (k, v), probs = self.layers[i](h, positions, inv_freq, mask, **kw)
+            h, (k, v), probs, a = self.layers[i](h, positions, inv_freq, mask, **kw)
             if probs is not None:
                 taps_out["attn"][i] = probs
+            if i in taps.out_layers:
+                taps_out["out"][i] = a.astype(jnp.float32)
             if cache is not None:
                 new["k"][i], new["v"][i] = k, v
         if cache is not None:
@@ -376,8 +383,8 @@ class LlamaModel(nnx.Module):
             kw = {}
             if i in var_layers:
                 kw["var"] = (var, row, row_valid, cache.visual[i], cache.sink[i])
-            h, (ks[i], vs[i]), _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]), slot=slot,
-                                                  **kw)
+            h, (ks[i], vs[i]), _, _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]),
+                                                     slot=slot, **kw)
             lens[i], poss[i] = slot + 1, poss[i] + 1
         return h, dataclasses.replace(cache, k=tuple(ks), v=tuple(vs), valid=tuple(valids), length=tuple(lens),
                                       next_pos=tuple(poss))

@@ -218,7 +218,8 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
         if stage is not None:
             rows, row_valid = _rows(seq, stage.query, instr, raters)
             if stage.source == "tap":
-                taps = Taps(attn_layers=(stage.layer - 1,), rows=rows)
+                taps = Taps(attn_layers=(stage.layer - 1,), rows=rows,
+                            out_layers=(stage.layer - 1,) if stage.info_weight else ())
         h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps,
                                          real=seq.valid, var=_var_context(seq, var))
         seq = dataclasses.replace(seq, h=h)
@@ -233,8 +234,9 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
         scores = stage_scores(probs, row_valid, kslots, kvalid)
         seq_raster = jnp.take_along_axis(seq.raster, kslots, axis=1)
         scores, cand = debias_stage(i, scores, seq_raster, kvalid)
-        if stage.info_weight:  # TokenCarve: fused with each token's share of the visual matrix's singular values
-            info_scores = information_scores(jd.gather_tokens(seq.h, kslots), cand)
+        if stage.info_weight:  # TokenCarve: fused with each token's share of the singular values of the tapped
+            # layer's attention output matrix (its visual rows)
+            info_scores = information_scores(jd.gather_tokens(tapped["out"][stage.layer - 1], kslots), cand)
             scores = carve_scores(scores, info_scores, cand, stage.info_weight)
         idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=limits[i, 0])
         info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))

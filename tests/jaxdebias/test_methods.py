@@ -150,3 +150,5 @@ def test_tokencarve_schedule_and_checks():
         jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "tap", merge=5),)).schedule(9, 4)
     with pytest.raises(ValueError, match="info_weight must be in"):
         jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "tap", info_weight=1.5),)).schedule(9, 4)
+    with pytest.raises(ValueError, match="info_weight needs source 'tap'"):
+        jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "probe", info_weight=0.5),)).schedule(9, 4)

@@ -202,17 +202,20 @@ def test_sparsevlm_stage_equals_numpy_and_transformers(tiny):
 
 def test_tokencarve_stage_equals_numpy_and_transformers(tiny):
     """Last-token attention of layer 1 (debiased or not), fused half and half with the SVD information scores of
-    layer 2's visual inputs (the candidates only: padding is left out); the best K kept, the next M merged into
-    their most cosine-similar kept token, positions re-indexed: kept set = NumPy on transformers' tensors,
-    logits = transformers' layers 2-3 on that sequence; the debiased kept set differs from the plain one."""
+    layer 1's attention output over the visual rows (the candidates only: padding is left out); the best K kept,
+    the next M merged into their most cosine-similar kept token, positions re-indexed: kept set = NumPy on
+    transformers' tensors, logits = transformers' layers 2-3 on that sequence; the debiased kept set differs."""
     from tests.jaxdebias.test_methods import np_information, np_minmax
 
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     lm = hf.model.language_model
+    attn_out = []
+    hook = lm.layers[1].self_attn.register_forward_hook(lambda mod, args, out: attn_out.append(out[0].numpy()))
     with torch.no_grad():
         out = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(tiny["px"]), attention_mask=torch.tensor(am),
                  position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)), output_attentions=True,
                  output_hidden_states=True)
+    hook.remove()
     kept_by = {}
     for debias, K, M in (("off", 3, 3), ("curve", 3, 3), ("pad+curve", 1, 1)):
         spec = jd.PruneSpec("tokencarve", stages=(Stage(2, K, "last", "tap", merge=M, info_weight=0.5),),
@@ -226,7 +229,7 @@ def test_tokencarve_stage_equals_numpy_and_transformers(tiny):
             s, cand = (s[b] if s.ndim == 2 else s), np.array(cand[b])
             h2 = out.hidden_states[2][b]  # the input of layer 2
             fused = np.full(9, -np.inf)
-            fused[cand] = 0.5 * np_minmax(s[cand]) + 0.5 * np_minmax(np_information(h2[img][cand].numpy()))
+            fused[cand] = 0.5 * np_minmax(s[cand]) + 0.5 * np_minmax(np_information(attn_out[0][b][img][cand]))
             order = np.lexsort((np.arange(9), -fused))
             kept, merged = sorted(order[:K]), order[K:K + M]
             assert kept_by[debias][b] == kept
@@ -276,7 +279,7 @@ def masked_reference(model, ids, px, am, layer, kept_raster):
     inv = jnp.asarray(rope_inv_freq(model.cfg.text))
     for i, lay in enumerate(lm.layers):
         mask = slot_mask(q, amb if i < layer else amb & jnp.asarray(keep))
-        h, _, _ = lay(h, pos, inv, mask)
+        h = lay(h, pos, inv, mask)[0]
     last = jnp.max(jnp.where(amb & jnp.asarray(keep), jnp.arange(T), 0), 1)
     return np.asarray(lm.logits(jnp.take_along_axis(h, last[:, None, None], 1)[:, 0]))
 
