@@ -97,15 +97,37 @@ def test_pdrop_first_stage_equals_numpy_and_stages_nest(tiny):
         assert set(second) <= set(kept_sets(r)[b]) and len(second) == min(2, len(kept_sets(r)[b]))
 
 
-def test_himap_text_stage_equals_numpy(tiny):
+def test_himap_stages_equal_numpy_and_transformers(tiny):
+    """Stage 1: the text rows' attention in layer 1 keeps 5. Stage 2: the kept image tokens' attention to each
+    other in layer 2, which transformers computes here on the pruned sequence (original positions), keeps 3."""
     spec = jd.PruneSpec("himap", stages=(Stage(2, 5, "text", "tap"), Stage(3, 3, "image", "tap")), buckets=BUCKETS)
     r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
+    lm = hf.model.language_model
+    with torch.no_grad():
+        h2 = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(tiny["px"]), attention_mask=torch.tensor(am),
+                position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)),
+                output_hidden_states=True).hidden_states[2]
     for b in range(2):
-        img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
-        text = [t for t in np.nonzero(tiny["am"][b])[0] if t > img.max()]
+        img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
+        n_valid = am[b].sum()
+        text = [t for t in range(n_valid) if t > img.max()]
         scores = tiny["attn"][1][b][:, text][:, :, img].mean((0, 1))
-        assert kept_sets(r)[b] == np_select(scores, 5, np.ones(9, bool))
-        assert set(kept_sets(r, 1)[b]) <= set(kept_sets(r)[b]) and len(kept_sets(r, 1)[b]) == 3
+        kept = np_select(scores, 5, np.ones(9, bool))
+        assert kept_sets(r)[b] == kept
+        slots = np.concatenate([np.arange(img[0]), img[kept], np.arange(img[-1] + 1, n_valid)])  # = positions
+        x = h2[b][slots][None]
+        L = x.shape[1]
+        weights = []
+        hook = lm.layers[2].self_attn.register_forward_hook(lambda mod, args, out: weights.append(out[1][0].numpy()))
+        with torch.no_grad():
+            pos = torch.tensor(slots)[None]
+            lm.layers[2](x, attention_mask=torch.full((1, 1, L, L), torch.finfo(x.dtype).min).triu(1),
+                         position_ids=pos, position_embeddings=lm.rotary_emb(x, pos))
+        hook.remove()
+        rows = img[0] + np.arange(5)  # the kept image tokens, as queries and as keys
+        second = weights[0][:, rows][:, :, rows].mean((0, 1))
+        assert kept_sets(r, 1)[b] == [kept[i] for i in np_select(second, 3, np.ones(5, bool))]
 
 
 def np_visionzip(attn, hidden, keys, dominant, contextual):
