@@ -83,18 +83,42 @@ def test_fastv_selection_equals_numpy(tiny, debias):
         assert kept_sets(plain) != kept_sets(r)
 
 
-def test_pdrop_first_stage_equals_numpy_and_stages_nest(tiny):
-    instr = np.array([np.nonzero(tiny["am"][b])[0].max() - 2 for b in range(2)])
+def test_pdrop_stages_equal_numpy_and_transformers(tiny):
+    """Stage 1: the instruction row of layer 2's own attention (debiased by the curve) keeps 5. Stage 2: layer 3's
+    attention, which transformers computes here after running layer 2 on the pruned sequence (original
+    positions), keeps 2 of them, undebiased."""
+    instr = np.array([np.nonzero(tiny["am"][b])[0].max() - 1 for b in range(2)])  # a text token before the last
     spec = jd.PruneSpec("pdrop", stages=(Stage(2, 5, "instruction", "probe"), Stage(3, 2, "instruction", "probe")),
-                        buckets=BUCKETS, debias=jd.Debias(curve=CURVE, pad_tau=0.5))
+                        buckets=BUCKETS, debias=jd.Debias(curve=CURVE))
     r = pruning.prefill_and_generate(tiny["model"], batch(tiny, instr), prune=spec, max_new_tokens=1)
+    hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
+    lm = hf.model.language_model
+    with torch.no_grad():
+        h2 = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(tiny["px"]), attention_mask=torch.tensor(am),
+                position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)),
+                output_hidden_states=True).hidden_states[2]
     for b in range(2):
-        img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
+        img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
         scores = tiny["attn"][2][b][:, instr[b], img].mean(0)  # the stage layer's own attention, before pruning
-        s, cand = np_debias(scores, "pad+curve")
-        assert kept_sets(r)[b] == np_select(s[b], 5, cand[b])
-        second = kept_sets(r, 1)[b]
-        assert set(second) <= set(kept_sets(r)[b]) and len(second) == min(2, len(kept_sets(r)[b]))
+        s, cand = np_debias(scores, "curve")
+        kept = np_select(s, 5, cand[b])
+        assert kept_sets(r)[b] == kept
+        slots = np.concatenate([np.arange(img[0]), img[kept], np.arange(img[-1] + 1, am[b].sum())])  # = positions
+        x = h2[b][slots][None]
+        L = x.shape[1]
+        mask = torch.full((1, 1, L, L), torch.finfo(x.dtype).min).triu(1)
+        pos = torch.tensor(slots)[None]
+        weights = []
+        hook = lm.layers[3].self_attn.register_forward_hook(lambda mod, args, out: weights.append(out[1][0].numpy()))
+        with torch.no_grad():
+            pe = lm.rotary_emb(x, pos)
+            x = lm.layers[2](x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            lm.layers[3](x[0] if isinstance(x, tuple) else x, attention_mask=mask, position_ids=pos,
+                         position_embeddings=pe)
+        hook.remove()
+        row = int(np.nonzero(slots == instr[b])[0][0])
+        second = weights[0][:, row, img[0] + np.arange(5)].mean(0)
+        assert kept_sets(r, 1)[b] == [kept[i] for i in np_select(second, 2, np.ones(5, bool))]
 
 
 def test_himap_stages_equal_numpy_and_transformers(tiny):
