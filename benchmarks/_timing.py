@@ -16,3 +16,18 @@ def median_time(fn, repeats: int) -> float:
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
+
+
+def interleaved_times(fns: dict, repeats: int) -> dict:
+    """Median wall time of each ``fn`` in ``fns`` (name -> fn), measured round-robin: every round runs each fn
+    once, so a slow stretch of a shared machine lands on all of them alike and their ratios stay fair. Each fn
+    is called once first (compile, warm-up)."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    ts = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts[name].append(time.perf_counter() - t)
+    return {name: float(np.median(v)) for name, v in ts.items()}

@@ -24,7 +24,7 @@ from jaxdebias import methods as jdm
 from jaxdebias.models import llava, pruning
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
-from _timing import median_time
+from _timing import interleaved_times, median_time
 
 
 def main():
@@ -65,19 +65,22 @@ def main():
         return total
 
     dense_fn, dense_shape = runner(jd.PruneSpec("fastv", keep=576, stages=()))
-    t_dense = median_time(dense_fn, args.repeats)
     Tb = llava._round_up(T, llava.PROMPT_BUCKETS)
     f_dense = decoder_flops(pruning._stage_lengths(Tb, dense_shape, 576, L)[0])
+    specs = {keep: jd.PruneSpec(args.method, keep=keep, debias=jd.Debias(curve="released", pad_tau=0.5, task="gqa"))
+             for keep in (64, 128, 192)}
+    runs = {keep: runner(spec) for keep, spec in specs.items()}
+    times = interleaved_times({"dense": dense_fn, **{keep: fn for keep, (fn, _) in runs.items()}}, args.repeats)
+    t_dense = times["dense"]
     scores = jnp.asarray(rng.random((1, 576)), jnp.float32)
     pad = jd.pad_mask_expand2square(640, 480)[None]
     print(f"device: {jax.devices()[0].platform}; decoder {L} x {D}, prompt {T} tokens (bucket {Tb}), "
-          f"{jnp.dtype(dtype).name}, method {args.method}, debias pad+released curve")
+          f"{jnp.dtype(dtype).name}, method {args.method}, debias pad+released curve; "
+          f"{args.repeats} interleaved rounds")
     print(f"unpruned prefill: {t_dense * 1e3:.1f} ms")
     print(f"{'keep':>5s} {'prefill ms':>11s} {'time ratio':>11s} {'FLOP ratio':>11s} {'debias+select share':>20s}")
-    for keep in (64, 128, 192):
-        spec = jd.PruneSpec(args.method, keep=keep, debias=jd.Debias(curve="released", pad_tau=0.5, task="gqa"))
-        fn, shape = runner(spec)
-        t = median_time(fn, args.repeats)
+    for keep, spec in specs.items():
+        shape, t = runs[keep][1], times[keep]
         f = decoder_flops(pruning._stage_lengths(Tb, shape, 576, L)[0])
         curve = spec.debias.curve_for(spec.method)
         k = shape.stages[0].keep if shape.stages else shape.keep
