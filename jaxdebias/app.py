@@ -501,6 +501,7 @@ def bias_report(checkpoint, data_dir, out_dir, method="fastv", *, bench=None, li
     rows = rows[:limit]
     check_images(rows, image_dir)
     runner = Runner(checkpoint, (method, N, jd.Debias()), batch_size, devices=devices)
+    method = runner.spec.method  # the canonical name ("pyramiddrop" -> "pdrop")
     curve = jd.released_curve(method, "gqa") if method in {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE} else None
     before, after, pads, sinks = [], [], [], []
     for _, req, res, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="bias", disable=not progress):

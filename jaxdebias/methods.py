@@ -186,10 +186,9 @@ def merge_into(x_keep, keep_valid, x_drop, drop_valid):
         x = x.astype(jnp.float32)
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
-    sim = jnp.einsum("bmd,bkd->bmk", unit(x_drop), unit(x_keep))
-    sim = jnp.where(keep_valid[:, None, :], sim, -jnp.inf)
-    joins = jax.nn.one_hot(jnp.argmax(sim, -1), x_keep.shape[1]) * (drop_valid & jnp.any(keep_valid, 1,
-                                                                                        keepdims=True))[..., None]
+    sim = jnp.where(keep_valid[:, None, :], jnp.einsum("bmd,bkd->bmk", unit(x_drop), unit(x_keep)), -jnp.inf)
+    joining = drop_valid & jnp.any(keep_valid, 1, keepdims=True)  # [B, M]
+    joins = jax.nn.one_hot(jnp.argmax(sim, -1), x_keep.shape[1]) * joining[..., None]  # [B, M, K]
     total = x_keep.astype(jnp.float32) + jnp.einsum("bmk,bmd->bkd", joins, x_drop.astype(jnp.float32))
     return total / (1.0 + jnp.sum(joins, 1))[..., None]
 

@@ -177,8 +177,14 @@ def attention_rows(q, k, mask, rows):
     q: [B, T, N, Hd]; k: [B, S, K, Hd]; mask: bool[B, T, S]; rows: int[B, Q] query indices into T.
     Returns float32[B, N, Q, S].
     """
-    qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)  # [B, Q, N, Hd]
-    mr = jnp.take_along_axis(mask, rows[:, :, None], axis=1)  # [B, Q, S]
+    return row_probs(jnp.take_along_axis(q, rows[:, :, None, None], axis=1),
+                     k, jnp.take_along_axis(mask, rows[:, :, None], axis=1))
+
+
+def row_probs(qr, k, mr):
+    """Softmax probabilities, fp32, of the queries qr [B, Q, N, Hd] against k [B, S, K, Hd] under mr bool[B, Q, S].
+    Returns float32[B, N, Q, S]."""
+    qr = qr.astype(jnp.float32)
     B, Q, N, Hd = qr.shape
     K = k.shape[2]
     qr = qr.reshape(B, Q, K, N // K, Hd)
@@ -198,14 +204,17 @@ class Attention(nnx.Module):
         self.o_proj = C.linear(N * Hd, D, bias=cfg.o_bias, shard="row", **col)
         self.shape = (N, K, Hd)
 
-    def qk(self, x, positions, inv_freq):
-        """Rotated queries [B, T, N, Hd] and keys [B, T, K, Hd] of x [B, T, D]."""
-        return self._rotated(self.q_proj, 0, x, positions, inv_freq), self._rotated(self.k_proj, 1, x, positions,
-                                                                                     inv_freq)
-
-    def _rotated(self, proj, which, x, positions, inv_freq):
+    def queries(self, x, positions, inv_freq):
+        """Rotated queries [B, T, N, Hd] of x [B, T, D]."""
         B, T, _ = x.shape
-        return rope(proj(x).reshape(B, T, self.shape[which], self.shape[2]), positions, inv_freq)
+        N, _, Hd = self.shape
+        return rope(self.q_proj(x).reshape(B, T, N, Hd), positions, inv_freq)
+
+    def keys(self, x, positions, inv_freq):
+        """Rotated keys [B, T, K, Hd] of x [B, T, D]."""
+        B, T, _ = x.shape
+        _, K, Hd = self.shape
+        return rope(self.k_proj(x).reshape(B, T, K, Hd), positions, inv_freq)
 
     def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None, attend=None, var=None):
         """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, K, Hd] cache of this layer,
@@ -217,7 +226,7 @@ class Attention(nnx.Module):
         """
         B, T, _ = x.shape
         N, K, Hd = self.shape
-        q, k = self.qk(x, positions, inv_freq)
+        q, k = self.queries(x, positions, inv_freq), self.keys(x, positions, inv_freq)
         v = self.v_proj(x).reshape(B, T, K, Hd)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), slot, axis=1)
@@ -258,11 +267,8 @@ class DecoderLayer(nnx.Module):
         Queries are projected for the Q rows only, keys for every token."""
         h = self.input_layernorm(x)
         at = lambda a: jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
-        attn = self.self_attn
-        q = attn._rotated(attn.q_proj, 0, at(h), at(positions), inv_freq)  # [B, Q, N, Hd]
-        k = attn._rotated(attn.k_proj, 1, h, positions, inv_freq)
-        return attention_rows(q, k, at(mask)[:, :, :x.shape[1]], jnp.broadcast_to(jnp.arange(rows.shape[1]),
-                                                                                  rows.shape))
+        q = self.self_attn.queries(at(h), at(positions), inv_freq)  # [B, Q, N, Hd]
+        return row_probs(q, self.self_attn.keys(h, positions, inv_freq), at(mask)[:, :, :x.shape[1]])
 
     def __call__(self, x, positions, inv_freq, mask, **kw):
         """Returns (output, (k, v), tapped probs or None, the attention block's output [B, T, D])."""

@@ -242,12 +242,12 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
         info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))
         take = lambda x, i=idx: jd.gather_tokens(x, seq.first[:, None] + i)  # noqa: E731
         block = [take(seq.h), slot, take(seq.raster), take(seq.pos)]
+        pruned = cand & ~jd.kept_mask(idx, slot, seq.nv)
         if stage.merge:  # TokenCarve: the next-best tokens are merged into the kept ones they resemble most
-            midx, mslot = jd.select_topk(scores, stage.merge, valid=cand & ~jd.kept_mask(idx, slot, seq.nv),
-                                         limit=limits[i, 1])
+            midx, mslot = jd.select_topk(scores, stage.merge, valid=pruned, limit=limits[i, 1])
             block[0] = merge_into(block[0], slot, take(seq.h, midx), mslot).astype(seq.h.dtype)
         if stage.recycle:  # SparseVLM: the best-scored pruned tokens, clustered and merged, follow the kept ones
-            ridx, rslot = jd.select_topk(scores, stage.recycle, valid=cand & ~jd.kept_mask(idx, slot, seq.nv))
+            ridx, rslot = jd.select_topk(scores, stage.recycle, valid=pruned)
             merged, mvalid = dpc_knn_merge(take(seq.h, ridx), rslot, stage.clusters)
             last_pos = jnp.max(jnp.where(slot, block[3], 0), 1, keepdims=True)
             block = [jnp.concatenate([block[0], merged.astype(seq.h.dtype)], 1), jnp.concatenate([slot, mvalid], 1),
