@@ -59,9 +59,10 @@ def last_real(h, valid):
 @dataclasses.dataclass
 class Output:
     """logits float32[B, T, V]; attentions {layer: float32[B, N, Q, S]}; hidden_states {layer: float32[B, T, D]};
-    image_features [num_images, P, D] when the model saw images."""
+    image_features [num_images, P, D] when the model saw images; attn_outputs {layer: float32[B, T, D]}."""
 
     logits: Any
     attentions: dict = dataclasses.field(default_factory=dict)
     hidden_states: dict = dataclasses.field(default_factory=dict)
     image_features: Any = None
+    attn_outputs: dict = dataclasses.field(default_factory=dict)

@@ -413,4 +413,5 @@ class LlamaForCausalLM(nnx.Module):
         if triangle is not None:
             triangle.check(self.model.cfg.num_layers)
         h, _, t = self.model.run_layers(h, pos, mask, taps=taps, real=am, triangle=triangle)
-        return C.Output(logits=self.model.logits(h), attentions=t["attn"], hidden_states=t["hidden"])
+        return C.Output(logits=self.model.logits(h), attentions=t["attn"], hidden_states=t["hidden"],
+                        attn_outputs=t["out"])

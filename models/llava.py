@@ -159,7 +159,7 @@ class Llava(nnx.Module):
         h, _, t = self.language_model.run_layers(h, pos, mask, taps=taps, real=am, var=self.var_context(ids, am, var),
                                                  triangle=triangle)
         return Output(logits=self.language_model.logits(h), attentions=t["attn"], hidden_states=t["hidden"],
-                      image_features=feats)
+                      image_features=feats, attn_outputs=t["out"])
 
     def prefill(self, input_ids, pixel_values, attention_mask, cache: KVCache, var=None, triangle=None):
         """Runs the prompt into an empty cache. Returns (logits float32[B, V] at each sample's last real token,

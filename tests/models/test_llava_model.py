@@ -63,8 +63,13 @@ def test_generation_compiles_once_per_bucket(tmp_path):
     assert llava._prefill._cache_size() - p0 == 2
     from jaxdebias.models.llama import Taps  # the layer-input shortcut (bias report) = the full forward's tap
 
-    tapped = model(ids, px, am, taps=Taps(hidden_layers=(2,))).hidden_states[2]
-    np.testing.assert_allclose(np.asarray(llava.layer_input(model, ids, px, am, 2)), np.asarray(tapped), atol=1e-5)
+    out = model(ids, px, am, taps=Taps(hidden_layers=(1, 2), out_layers=(1,)))
+    np.testing.assert_allclose(np.asarray(llava.layer_input(model, ids, px, am, 2)), np.asarray(out.hidden_states[2]),
+                               atol=1e-5)
+    lay = model.language_model.layers[1]  # the attention-output tap: layer 1's input + it, then the MLP = its output
+    x = out.hidden_states[1] + out.attn_outputs[1]
+    np.testing.assert_allclose(np.asarray(x + lay.mlp(lay.post_attention_layernorm(x))),
+                               np.asarray(out.hidden_states[2]), atol=1e-5)
 
 
 def test_sharded_logits_equal_single_device(tmp_path):
