@@ -135,6 +135,14 @@ class Llava(nnx.Module):
                              f"{n_img} image(s) give {n_img * per} features ({per} each). Expand each <image> "
                              "placeholder to one token per feature (the HF processor does this).")
 
+    def check_interventions(self, pixel_values, var: A.VarSpec | None, triangle: A.TriangleMix | None):
+        """Raises on a VAR spec for a prompt without an image, or a TriangleMix beyond this decoder's layers."""
+        if var is not None and pixel_values is None:
+            raise ValueError("VAR redistributes attention to image tokens; this prompt has no image. Drop var=... "
+                             "for text-only prompts.")
+        if triangle is not None:
+            triangle.check(self.cfg.text.num_layers)
+
     def var_context(self, ids, am, var: A.VarSpec | None):
         """VAR's inputs for a prompt batch: the image span and the query rows after it (a sample without image
         tokens has no rows: VAR leaves it untouched)."""
@@ -146,11 +154,7 @@ class Llava(nnx.Module):
         token; left or right padding); var: VAR on the rows after the image; triangle: TriangleMix prefill.
         Returns Output with logits float32[B, T, V] and the requested taps."""
         self.check_inputs(input_ids, pixel_values, attention_mask)
-        if var is not None and pixel_values is None:
-            raise ValueError("VAR redistributes attention to image tokens; this prompt has no image. Drop var=... "
-                             "for text-only prompts.")
-        if triangle is not None:
-            triangle.check(self.cfg.text.num_layers)
+        self.check_interventions(pixel_values, var, triangle)
         ids = jnp.asarray(input_ids)
         am = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         pos = C.default_positions(am) if position_ids is None else jnp.asarray(position_ids)
@@ -254,10 +258,7 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     cache_size = -(-(Tb + max_new_tokens) // 64) * 64
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    if var is not None and pixel_values is None:
-        raise ValueError("VAR redistributes attention to image tokens; this prompt has no image.")
-    if triangle is not None:
-        triangle.check(model.cfg.text.num_layers)
+    model.check_interventions(pixel_values, var, triangle)
     tok, cache = _prefill(graphdef, state, jnp.asarray(ids), pixel_values, jnp.asarray(am), keys[0],
                           cache_size=cache_size, temperature=float(temperature), var=var, triangle=triangle)
     return decode_loop(graphdef, state, tok, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,

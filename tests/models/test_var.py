@@ -144,8 +144,9 @@ def test_var_bad_input(pair):
     _, ours = pair
     ids, am, _ = prompts()
     text_only = np.where(ids == IMAGE_TOKEN, 7, ids)
-    with pytest.raises(ValueError, match="has no image"):
-        ours(text_only, None, am, var=VarSpec(sink_dims=(1, 2)))
+    for run in (ours, lambda *a, **k: llava.generate(ours, *a, max_new_tokens=2, **k)):  # forward and generation
+        with pytest.raises(ValueError, match="has no image. Drop var="):
+            run(text_only, None, am, var=VarSpec(sink_dims=(1, 2)))
     with pytest.raises(ValueError, match="VAR needs sink dimensions"):
         VarSpec(sink_dims=())
     with pytest.raises(ValueError, match="sink_dims must be a tuple of ints or 'discover'"):
