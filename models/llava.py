@@ -253,12 +253,12 @@ def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
+    model.check_interventions(pixel_values, var, triangle)
     ids, am = prompt_arrays(model, input_ids, pixel_values, attention_mask, prompt_buckets)
     Tb = ids.shape[1]
     cache_size = -(-(Tb + max_new_tokens) // 64) * 64
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    model.check_interventions(pixel_values, var, triangle)
     tok, cache = _prefill(graphdef, state, jnp.asarray(ids), pixel_values, jnp.asarray(am), keys[0],
                           cache_size=cache_size, temperature=float(temperature), var=var, triangle=triangle)
     return decode_loop(graphdef, state, tok, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
