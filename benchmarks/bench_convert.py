@@ -90,7 +90,7 @@ def write_checkpoint(path: str, text_layers: int, shard_bytes: int = 2 << 30) ->
 PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
 CHILD = f"""
 import sys, time
-from jaxdebias.convert.checkpoint import convert
+from jaxdebias.convert import convert
 t = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], dtype="bfloat16", progress=False)
 print(time.perf_counter() - t, {PEAK})
@@ -113,7 +113,7 @@ def main():
         shutil.copyfile(os.path.join(src, f), os.path.join(cp, f))
     os.sync()
     t_copy = time.perf_counter() - t
-    base = subprocess.run([sys.executable, "-c", f"import jax, orbax.checkpoint, jaxdebias.convert.checkpoint; "
+    base = subprocess.run([sys.executable, "-c", f"import jax, orbax.checkpoint, jaxdebias.convert; "
                            f"print({PEAK})"], capture_output=True, text=True, check=True)
     base_rss = int(base.stdout.split()[-1])
     r = subprocess.run([sys.executable, "-c", CHILD, src, dst], capture_output=True, text=True)

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdebias.models import attention as A
+from jaxdebias.models import interventions
 from jaxdebias.models import llava
 from jaxdebias.models.clip import ClipVisionConfig
-from jaxdebias.models.llama import LlamaConfig, LlamaForCausalLM, slot_mask
+from jaxdebias.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxdebias.models.rows import slot_mask
 from _timing import median_time
 
 
@@ -37,7 +38,7 @@ def var_overhead(layers, repeats):
     ids = np.concatenate([[1], rng.integers(3, 31000, 5), [32000] * 576, rng.integers(3, 31000, 58)])[None]
     px = jnp.asarray(rng.normal(size=(1, 3, 336, 336)), jnp.float32)
     am = jnp.ones(ids.shape, bool)
-    spec = A.VarSpec(sink_dims=(1415, 2533), tau=20.0)
+    spec = interventions.VarSpec(sink_dims=(1415, 2533), tau=20.0)
     g, st = nnx.split(model)
 
     @jax.jit
@@ -55,7 +56,7 @@ def var_overhead(layers, repeats):
 
 def triangle_flops():
     H, K, Hd = 32, 8, 128
-    spec = A.TriangleMix()  # published: n_init 8, n_local 512, n_last 128
+    spec = interventions.TriangleMix()  # published: n_init 8, n_local 512, n_last 128
     for n in (32768, 131072):
         dense_pairs = n * (n + 1) // 2
         i = np.arange(n)
@@ -74,17 +75,17 @@ def triangle_flops():
 
         def split(q, k, v, pos, real):
             m = slot_mask(pos, real)
-            return A.attend_split(q, k, v, m, pos, pos, real, jnp.sum(real, 1), spec)
+            return interventions.attend_split(q, k, v, m, pos, pos, real, jnp.sum(real, 1), spec)
 
         c_dense = jax.jit(dense).lower(sds(H), sds(K), sds(K)).compile().cost_analysis()["flops"]
         c_split = jax.jit(split).lower(sds(H), sds(K), sds(K), pos, real).compile().cost_analysis()["flops"]
         # XLA's cost analysis counts a while-loop body once: add the other (blocks - 1) band blocks, each measured
         # as the whole split path on a one-block prompt without sinks or last rows.
         blk = spec.block
-        one = A.TriangleMix(n_init=0, n_local=spec.n_local, n_last=0, block=blk)
+        one = interventions.TriangleMix(n_init=0, n_local=spec.n_local, n_last=0, block=blk)
         sb = lambda h: jax.ShapeDtypeStruct((1, blk, h, Hd), jnp.bfloat16)  # noqa: E731
         pb, rb = jax.ShapeDtypeStruct((1, blk), jnp.int32), jax.ShapeDtypeStruct((1, blk), bool)
-        c_block = jax.jit(lambda q, k, v, p, r: A.attend_split(q, k, v, slot_mask(p, r), p, p, r, jnp.sum(r, 1), one)
+        c_block = jax.jit(lambda q, k, v, p, r: interventions.attend_split(q, k, v, slot_mask(p, r), p, p, r, jnp.sum(r, 1), one)
                           ).lower(sb(H), sb(K), sb(K), pb, rb).compile().cost_analysis()["flops"]
         c_split += (n // blk - 1) * c_block
         print(f"TriangleMix attention FLOPs, {n // 1024}k tokens, Llama-3.1-8B layer: analytic dense causal "
@@ -101,8 +102,8 @@ def triangle_time(tokens, repeats):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (1, tokens)))
     g, st = nnx.split(model)
     results = {}
-    for name, tri in (("dense", None), ("masked", A.TriangleMix(starting_layer=1, path="masked")),
-                      ("split", A.TriangleMix(starting_layer=1, path="split"))):
+    for name, tri in (("dense", None), ("masked", interventions.TriangleMix(starting_layer=1, path="masked")),
+                      ("split", interventions.TriangleMix(starting_layer=1, path="split"))):
         fn = jax.jit(lambda st, tri=tri: nnx.merge(g, st)(ids, triangle=tri).logits[:, -1])
         results[name] = median_time(lambda: fn(st), repeats)
     d = results["dense"]

@@ -32,8 +32,8 @@ def main():
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from jaxdebias.convert.checkpoint import from_hf
-    from jaxdebias.models import llava
+    from jaxdebias.convert import from_hf
+    from jaxdebias.models.generate import Batch, generate
 
     torch.manual_seed(0)
     D, L = args.hidden, args.layers
@@ -64,7 +64,7 @@ def main():
                                min_new_tokens=n, do_sample=False)
 
     def our_gen(n):
-        return llava.generate(ours, ids, px, am, max_new_tokens=n, stop_at_eos=False)
+        return generate(ours, Batch(ids, px, am), max_new_tokens=n, stop_at_eos=False).tokens
 
     results = {}
     for name, gen in (("transformers", hf_gen), ("jaxdebias", our_gen)):

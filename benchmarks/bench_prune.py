@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 import jaxdebias as jd
-from jaxdebias import methods as jdm
+from jaxdebias import policies
+from jaxdebias.models import generate as gen
 from jaxdebias.models import llava, pruning
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
@@ -47,26 +48,24 @@ def main():
     rng = np.random.default_rng(0)
     T = 576 + args.text
     ids = np.concatenate([[1], rng.integers(3, 31000, 5), [32000] * 576, rng.integers(3, 31000, args.text - 6)])[None]
-    batch = pruning.Batch(ids, rng.normal(size=(1, 3, 336, 336)).astype(np.float32), np.ones_like(ids),
+    batch = gen.Batch(ids, rng.normal(size=(1, 3, 336, 336)).astype(np.float32), np.ones_like(ids),
                           image_sizes=np.array([[640, 480]]))
     graphdef, state = nnx.split(model)
 
     def runner(spec):
-        shape, limits = spec.split(576, L)
-        ids_, px, am, sizes, instr = pruning.prepare(model, batch, spec)
-        limits = pruning.limits_array(limits)
-        return lambda: pruning._prefill(graphdef, state, ids_, px, am, sizes, instr, limits, jax.random.key(0),
-                                        spec=shape, extra=64, temperature=0.0)[0], shape
+        prep = gen.prepare(model, batch, spec)
+        return lambda: gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0),
+                                        spec=prep.shape, extra=64, temperature=0.0)[0], prep.shape
 
     def decoder_flops(segs):
         total = 0
-        for start, stop, Ts in segs:
-            total += (stop - start) * (2 * Ts * (4 * D * D + 3 * D * F) + 4 * Ts * (Ts + 64) * D)
+        for start, stop, S in segs:
+            total += (stop - start) * (2 * S * (4 * D * D + 3 * D * F) + 4 * S * (S + 64) * D)
         return total
 
     dense_fn, dense_shape = runner(jd.PruneSpec("fastv", keep=576, stages=()))
-    Tb = llava._round_up(T, llava.PROMPT_BUCKETS)
-    f_dense = decoder_flops(pruning._stage_lengths(Tb, dense_shape, 576, L)[0])
+    Tb = jd.bucket(T, gen.PROMPT_BUCKETS)
+    f_dense = decoder_flops(pruning.segments(Tb, dense_shape, 576, L)[0])
     specs = {keep: jd.PruneSpec(args.method, keep=keep, debias=jd.Debias(curve="released", pad_tau=0.5, task="gqa"))
              for keep in (64, 128, 192)}
     runs = {keep: runner(spec) for keep, spec in specs.items()}
@@ -81,7 +80,7 @@ def main():
     print(f"{'keep':>5s} {'prefill ms':>11s} {'time ratio':>11s} {'FLOP ratio':>11s} {'debias+select share':>20s}")
     for keep, spec in specs.items():
         shape, t = runs[keep][1], times[keep]
-        f = decoder_flops(pruning._stage_lengths(Tb, shape, 576, L)[0])
+        f = decoder_flops(pruning.segments(Tb, shape, 576, L)[0])
         curve = spec.debias.curve_for(spec.method)
         k = shape.stages[0].keep if shape.stages else shape.keep
         sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
@@ -90,8 +89,8 @@ def main():
             h = jnp.asarray(rng.normal(size=(1, 576, D)), dtype)
             ok = jnp.ones((1, 576), bool)
             m = shape.stages[0].merge
-            carve = jax.jit(lambda h: jdm.merge_into(h[:, :k], ok[:, :k], h[:, k:k + m], ok[:, :m]).sum()
-                            + jdm.information_scores(h, ok).sum())
+            carve = jax.jit(lambda h: policies.merge_into(h[:, :k], ok[:, :k], h[:, k:k + m], ok[:, :m]).sum()
+                            + policies.information_scores(h, ok).sum())
             c = median_time(lambda: carve(h), args.repeats)
             print(f"      information scores (Gram + eigh, 576 x {D}) + merge of {m}: {c * 1e3:.1f} ms = "
                   f"{100 * c / t:.1f}% of this prefill")

@@ -7,6 +7,8 @@ import os
 import sys
 
 from jaxdebias.convert import tables
+from jaxdebias.convert.source import ConversionError
+from jaxdebias.convert.write import convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision", help="separate CLIP checkpoint directory (the original LLaVA release)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    from jaxdebias.convert.checkpoint import convert
-    from jaxdebias.convert.loader import ConversionError
-
     src = args.src[0] if len(args.src) == 1 and not os.path.isfile(args.src[0]) else args.src
     try:
         summary = convert(src, args.dst, dtype=args.dtype, layout=args.layout, vision=args.vision,

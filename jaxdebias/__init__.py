@@ -1,9 +1,11 @@
 """jaxdebias: debiased visual token pruning for LLaVA-style VLMs, as jitted pure JAX functions.
 
 Everything here works on arrays you already have (attention rows, scores, hidden states); nothing depends on the
-model ports in ``jaxdebias.models``.
+model ports in ``jaxdebias.models`` (the layers, bottom up: this core <- ``jaxdebias.models`` <-
+``jaxdebias.convert`` <- ``jaxdebias.cli`` / ``jaxdebias.eval``).
 """
 
+from jaxdebias._checks import UserError
 from jaxdebias.curves import (
     RELEASED_EXP_B,
     RELEASED_POLY3_INVERSE,
@@ -16,6 +18,7 @@ from jaxdebias.curves import (
 )
 from jaxdebias.fitting import Calibration, bias_strength, fit_curve, fit_exp_curve, fit_online
 from jaxdebias.methods import Debias, PruneSpec, Stage
+from jaxdebias.names import METHOD_ALIASES, METHODS, canonical_method
 from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square
 from jaxdebias.prune import (
     DEFAULT_BUCKETS,
@@ -24,6 +27,7 @@ from jaxdebias.prune import (
     debias_and_select,
     gather_tokens,
     kept_mask,
+    debias_scores,
     select_topk,
 )
 from jaxdebias.scores import query_mask, visual_positions, visual_scores
@@ -40,7 +44,7 @@ from jaxdebias.sinks import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AnyresMask", "Calibration", "Debias", "PruneSpec", "Stage", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
+    "METHODS", "METHOD_ALIASES", "UserError", "canonical_method", "debias_scores", "AnyresMask", "Calibration", "Debias", "PruneSpec", "Stage", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
     "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
     "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
     "fit_online", "gather_tokens", "image_centric_heads", "kept_mask", "known_sink_dims", "pad_mask_anyres",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdebias import _checks
+from jaxdebias.names import METHOD_ALIASES
 
 
 def _index(n: int):
@@ -104,9 +105,6 @@ RELEASED_EXP_B: dict[str, dict[str, float]] = {
 RELEASED_POLY3_INVERSE: dict[str, tuple[float, float, float, float]] = {
     "fastv": (0.9999999999999999, 0.00301519760334635, -1.4597908344382146e-05, 2.5691135190170128e-08),
 }
-METHOD_ALIASES = {"pyramiddrop": "pdrop"}
-
-
 def released_curve(method: str, task: str = "default") -> Curve:
     """The published positional-debiasing curve for a pruning method and benchmark.
 
@@ -117,7 +115,7 @@ def released_curve(method: str, task: str = "default") -> Curve:
     Raises:
       KeyError: unknown method or task; the message lists the known ones.
     """
-    key = METHOD_ALIASES.get(method.lower(), method.lower())
+    key = METHOD_ALIASES.get(method.lower(), method.lower())  # unknown names fall through to the KeyError
     if key in RELEASED_POLY3_INVERSE:
         return PolyInverseCurve(jnp.asarray(RELEASED_POLY3_INVERSE[key], jnp.float32))
     if key not in RELEASED_EXP_B:

@@ -1,6 +1,7 @@
 """Static-shape top-k selection of visual tokens, and the debias step in front of it.
 
-Axes: B batch, N visual tokens, K kept slots (a static bucket size), ``...`` trailing feature axes.
+Axes: B batch, N visual tokens (raster order), K kept slots (a static bucket size), M a subset of the N tokens,
+``...`` trailing feature axes.
 
 Shapes that depend on how many tokens are kept are static; ``bucket`` rounds a requested keep count up to one of
 a few sizes so that any request compiles into one of a few programs. When a sample has fewer valid tokens than
@@ -20,21 +21,24 @@ from jaxdebias import _checks
 from jaxdebias.curves import Curve
 from jaxdebias.fitting import fit_online
 
-DEFAULT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 576)
+DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 576)
 
 
-def bucket(k: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
-    """Smallest bucket >= k.
+def bucket(k: int, buckets: Sequence[int] = DEFAULT_BUCKETS, *, then_every: int | None = None) -> int:
+    """The one rounding rule for static sizes (keep counts, prompt lengths, cache sizes): the smallest bucket
+    >= k. Past the largest bucket: the next multiple of ``then_every`` if given, else an error.
 
     Raises:
-      ValueError: k <= 0, or k larger than the largest bucket (add a bucket or lower k).
+      ValueError: k <= 0, or k larger than the largest bucket without ``then_every`` (add a bucket or lower k).
     """
     k = _checks.check_positive_int("k", k)
     fitting = [b for b in sorted(buckets) if b >= k]
-    if not fitting:
-        raise ValueError(f"k={k} is larger than the largest bucket {max(buckets)}; add a bucket >= {k} "
-                         f"to buckets={tuple(buckets)} or keep fewer tokens.")
-    return fitting[0]
+    if fitting:
+        return fitting[0]
+    if then_every:
+        return -(-k // then_every) * then_every
+    raise ValueError(f"k={k} is larger than the largest bucket {max(buckets)}; add a bucket >= {k} "
+                     f"to buckets={tuple(buckets)} or keep fewer tokens.")
 
 
 @partial(jax.jit, static_argnames=("k",))
@@ -179,3 +183,26 @@ def _debias_and_select(scores, curve, pad_mask, valid, *, k, grid, online):
         candidates = candidates & pad_mask
     idx, slot = _select_topk(d, candidates, k)
     return idx, slot, d
+
+
+def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int):
+    """``jaxdebias.debias`` for tokens identified by their raster index (they may already be a pruned subset):
+    the valid tokens are placed at their raster positions, debiased there (the online fit sees only them, and
+    only content), and read back.
+
+    scores: float[B, M]; raster_idx: int[B, M] index of each token in the N-token image, -1 for a merged token
+    (its score is returned as it is); valid: bool[B, M] (invalid tokens get 0); content: bool[B, M] or None
+    (padding suppression); curve: None, "online" or a curve. Returns float32[B, M].
+    """
+    B = scores.shape[0]
+    s = jnp.asarray(scores, jnp.float32)
+    own = raster_idx >= 0
+    at = jnp.where(valid & own, raster_idx, n_raster)  # the others go to a spare column, dropped
+
+    def on_grid(x, fill):
+        return jnp.full((B, n_raster + 1), fill, x.dtype).at[jnp.arange(B)[:, None], at].set(x)[:, :n_raster]
+
+    pad = None if content is None else on_grid(jnp.asarray(content, bool), True)
+    d = debias(on_grid(s, 0.0), curve=curve, pad_mask=pad, valid=on_grid(jnp.ones(s.shape, bool), False))
+    mine = jnp.take_along_axis(d, jnp.clip(raster_idx, 0), axis=1)
+    return jnp.where(own, jnp.where(valid, mine, 0.0), s)

@@ -1,6 +1,7 @@
 """CLIP ViT vision tower (as LLaVA uses it) in Flax NNX.
 
-Axes: B images, C channels, G patch-grid side, P patches (+1 with CLS), D width, F MLP width, N heads, Hd head dim.
+Axes: B images, C channels, Y and X patch-grid rows and columns, P patches (+1 with CLS), D width, F MLP width,
+H heads, E head dim.
 
 LLaVA reads ``hidden_states[vision_feature_layer]`` of the tower (default -2: the input of the last layer), so
 only the layers up to that one are built and run; the last layer and ``post_layernorm`` are never used and are
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdebias.models import _common as C
+from jaxdebias.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +82,10 @@ class ClipAttention(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
         kw = dict(bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         D = cfg.hidden_size
-        self.q_proj = C.linear(D, D, shard="col", **kw)
-        self.k_proj = C.linear(D, D, shard="col", **kw)
-        self.v_proj = C.linear(D, D, shard="col", **kw)
-        self.out_proj = C.linear(D, D, shard="row", **kw)
+        self.q_proj = layers.linear(D, D, shard="col", **kw)
+        self.k_proj = layers.linear(D, D, shard="col", **kw)
+        self.v_proj = layers.linear(D, D, shard="col", **kw)
+        self.out_proj = layers.linear(D, D, shard="row", **kw)
         self.heads = cfg.num_heads
 
     def __call__(self, x):
@@ -93,19 +94,19 @@ class ClipAttention(nnx.Module):
         return self.out_proj(jax.nn.dot_product_attention(q, k, v).reshape(B, P, D))
 
     def cls_probe(self, x):
-        """The CLS row of this layer's attention and its keys, fp32: (float[B, N, P], float[B, P, N, Hd])."""
+        """The CLS row of this layer's attention and its keys, fp32: (float[B, H, P], float[B, P, H, E])."""
         B, P, D = x.shape
-        hd = D // self.heads
-        q = self.q_proj(x[:, :1]).reshape(B, 1, self.heads, hd).astype(jnp.float32)
-        k = self.k_proj(x).reshape(B, P, self.heads, hd).astype(jnp.float32)
-        return jax.nn.softmax(jnp.einsum("bqnh,bpnh->bnp", q, k) / jnp.sqrt(hd), axis=-1), k
+        E = D // self.heads
+        q = self.q_proj(x[:, :1]).reshape(B, 1, self.heads, E).astype(jnp.float32)
+        k = self.k_proj(x).reshape(B, P, self.heads, E).astype(jnp.float32)
+        return jax.nn.softmax(jnp.einsum("bqhe,bphe->bhp", q, k) / jnp.sqrt(E), axis=-1), k
 
 
 class ClipMLP(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
         kw = dict(bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.fc1 = C.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
-        self.fc2 = C.linear(cfg.intermediate_size, cfg.hidden_size, shard="row", **kw)
+        self.fc1 = layers.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
+        self.fc2 = layers.linear(cfg.intermediate_size, cfg.hidden_size, shard="row", **kw)
 
     def __call__(self, x):
         h = self.fc1(x)
@@ -140,10 +141,10 @@ class ClipVisionTower(nnx.Module):
     def embed(self, pixel_values):
         cfg = self.cfg
         B = pixel_values.shape[0]
-        G, p = cfg.grid, cfg.patch_size
-        x = pixel_values.astype(cfg.dtype).reshape(B, cfg.num_channels, G, p, G, p)
-        patches = jnp.einsum("bcgphq,pqcd->bghd", x, self.patch_embedding[...].astype(cfg.dtype))
-        patches = patches.reshape(B, G * G, -1)
+        side, p = cfg.grid, cfg.patch_size
+        x = pixel_values.astype(cfg.dtype).reshape(B, cfg.num_channels, side, p, side, p)
+        patches = jnp.einsum("bcypxq,pqcd->byxd", x, self.patch_embedding[...].astype(cfg.dtype))
+        patches = patches.reshape(B, side * side, -1)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(cfg.dtype), (B, 1, patches.shape[-1]))
         return jnp.concatenate([cls, patches], 1) + self.position_embedding[...].astype(cfg.dtype)
 
@@ -160,8 +161,8 @@ class ClipVisionTower(nnx.Module):
 
     def with_cls_attention(self, pixel_values):
         """VisionZip's inputs from the feature layer (the last layer run): the patch features as ``__call__``
-        (float[B, G*G, D]), the CLS token's feature there (float[B, D]), its attention to the patches (heads
-        summed, float32[B, G*G]) and that layer's patch keys averaged over heads (float32[B, G*G, Hd])."""
+        (float[B, P, D]), the CLS token's feature there (float[B, D]), its attention to the patches (heads
+        summed, float32[B, P]) and that layer's patch keys averaged over heads (float32[B, P, E])."""
         if self.cfg.select_strategy != "default":
             raise ValueError("VisionZip needs vision_feature_select_strategy 'default' (patch features without "
                              "CLS); this tower keeps CLS in its features.")

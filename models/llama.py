@@ -1,15 +1,15 @@
 """Llama / Vicuna decoder (also Qwen2's qkv-bias variant) in Flax NNX, with attention taps and a KV cache.
 
-Axes: B batch, T query tokens, S key slots (T at prefill, the cache length at decode), D model dim, N query heads,
-K key/value heads, Hd head dim, F MLP dim, V vocab, L layers, Q tapped query rows.
+Axes: B batch, T query slots, S key slots (T at prefill, the cache length at decode), D width, H query heads,
+G key/value heads, E head dim, F MLP width, V vocab, L layers, Q tapped query rows.
 
 Parameter names follow transformers (``layers[i].self_attn.q_proj.kernel`` ...) so that conversion is a table.
 Kernels are stored [in, out] and carry partition specs for a ("data", "model") mesh: column-parallel
 projections split their output over "model", row-parallel ones their input.
 
-Masks are built from slots, not positions: slot j is visible to query slot i when j <= i and slot j holds a real
-token (plus i == j, so that a padding row never sees an empty set). Positions only feed RoPE. This keeps left and
-right padding, KV caches and pruned (gathered) sequences on one code path.
+Masks are built from slots, not positions (``rows.slot_mask``); positions only feed RoPE. This keeps left and right
+padding, KV caches and pruned (gathered) sequences on one code path. Interventions arrive as named records:
+``interventions.VarContext`` (VAR) and ``interventions.TriangleAttention`` (TriangleMix).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import numpy as np
 from flax import nnx
 
 import jaxdebias as jd
-from jaxdebias.models import _common as C
-from jaxdebias.models import attention as A
+from jaxdebias.models import layers
+from jaxdebias.models.interventions import TriangleAttention, TriangleMix, VarContext, VarRows, VarSpec, var_rows
+from jaxdebias.models.rows import attention_rows, put_rows, row_probs, slot_mask, take_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ class LlamaConfig:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """float32[Hd / 2] inverse frequencies (default or llama3-scaled), as transformers computes them."""
+    """float32[E / 2] inverse frequencies (default or llama3-scaled), as transformers computes them."""
     dim = cfg.hd
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     if cfg.rope_scaling is None:
@@ -114,8 +115,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
 
 
 def rope(x, positions, inv_freq):
-    """Rotate-half RoPE. x: [B, T, heads, Hd]; positions: int[B, T]."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Hd/2]
+    """Rotate-half RoPE. x: [B, T, heads, E]; positions: int[B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
     emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     half = x.shape[-1] // 2
@@ -129,7 +130,7 @@ class KVCache:
     """Fixed-size cache with one entry per layer, so that a donated cache is updated in place and layers after a
     pruning stage can hold shorter sequences than the layers before it.
 
-    k, v: L-tuples of [B, S_l, K, Hd]; valid: L-tuple of bool[B, S_l] (slot holds a real token);
+    k, v: L-tuples of [B, S_l, G, E]; valid: L-tuple of bool[B, S_l] (slot holds a real token);
     length: L-tuple of int32[] (next free slot); next_pos: L-tuple of int32[B] (position id of the next token);
     sink, visual: L-tuples of bool[B, S_l] (VAR's prefill sink set and image span, all False without VAR).
     """
@@ -164,92 +165,61 @@ class KVCache:
                                    next_pos=upd(self.next_pos, jnp.asarray(next_pos, jnp.int32)))
 
 
-def slot_mask(q_slots, key_valid):
-    """bool[B, T, S]: causal over slots, real keys only, and always the diagonal."""
-    k_slots = jnp.arange(key_valid.shape[1])
-    causal = k_slots[None, None, :] <= q_slots[:, :, None]
-    return (causal & key_valid[:, None, :]) | (k_slots[None, None, :] == q_slots[:, :, None])
-
-
-def attention_rows(q, k, mask, rows):
-    """Exact softmax probabilities of a few query rows, fp32.
-
-    q: [B, T, N, Hd]; k: [B, S, K, Hd]; mask: bool[B, T, S]; rows: int[B, Q] query indices into T.
-    Returns float32[B, N, Q, S].
-    """
-    return row_probs(jnp.take_along_axis(q, rows[:, :, None, None], axis=1),
-                     k, jnp.take_along_axis(mask, rows[:, :, None], axis=1))
-
-
-def row_probs(qr, k, mr):
-    """Softmax probabilities, fp32, of the queries qr [B, Q, N, Hd] against k [B, S, K, Hd] under mr bool[B, Q, S].
-    Returns float32[B, N, Q, S]."""
-    qr = qr.astype(jnp.float32)
-    B, Q, N, Hd = qr.shape
-    K = k.shape[2]
-    qr = qr.reshape(B, Q, K, N // K, Hd)
-    logits = jnp.einsum("bqkgh,bskh->bkgqs", qr, k.astype(jnp.float32)) / math.sqrt(Hd)
-    logits = logits.reshape(B, N, Q, -1)
-    logits = jnp.where(mr[:, None], logits, -jnp.inf)
-    return jax.nn.softmax(logits, axis=-1)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        D, N, K, Hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.hd
-        col = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.q_proj = C.linear(D, N * Hd, bias=cfg.qkv_bias, shard="col", **col)
-        self.k_proj = C.linear(D, K * Hd, bias=cfg.qkv_bias, shard="col", **col)
-        self.v_proj = C.linear(D, K * Hd, bias=cfg.qkv_bias, shard="col", **col)
-        self.o_proj = C.linear(N * Hd, D, bias=cfg.o_bias, shard="row", **col)
-        self.shape = (N, K, Hd)
+        D, H, G, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.hd
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.q_proj = layers.linear(D, H * E, bias=cfg.qkv_bias, shard="col", **kw)
+        self.k_proj = layers.linear(D, G * E, bias=cfg.qkv_bias, shard="col", **kw)
+        self.v_proj = layers.linear(D, G * E, bias=cfg.qkv_bias, shard="col", **kw)
+        self.o_proj = layers.linear(H * E, D, bias=cfg.o_bias, shard="row", **kw)
+        self.heads = (H, G, E)
 
     def queries(self, x, positions, inv_freq):
-        """Rotated queries [B, T, N, Hd] of x [B, T, D]."""
+        """Rotated queries [B, T, H, E] of x [B, T, D]."""
         B, T, _ = x.shape
-        N, _, Hd = self.shape
-        return rope(self.q_proj(x).reshape(B, T, N, Hd), positions, inv_freq)
+        H, _, E = self.heads
+        return rope(self.q_proj(x).reshape(B, T, H, E), positions, inv_freq)
 
     def keys(self, x, positions, inv_freq):
-        """Rotated keys [B, T, K, Hd] of x [B, T, D]."""
+        """Rotated keys [B, T, G, E] of x [B, T, D]."""
         B, T, _ = x.shape
-        _, K, Hd = self.shape
-        return rope(self.k_proj(x).reshape(B, T, K, Hd), positions, inv_freq)
+        _, G, E = self.heads
+        return rope(self.k_proj(x).reshape(B, T, G, E), positions, inv_freq)
 
-    def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None, attend=None, var=None):
-        """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, K, Hd] cache of this layer,
-        written at ``slot``; tap_rows: int[B, Q] rows whose probabilities are returned; attend: optional
-        ``(q, k, v, mask) -> out`` replacing the fused attention (TriangleMix); var: optional
-        (spec, rows, row_valid, visual [B, S], sink [B, S]) - those rows are recomputed with VAR's edit.
+    def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None,
+                 attend: TriangleAttention | None = None, var: VarRows | None = None):
+        """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, G, E] cache of this layer,
+        written at ``slot``; tap_rows: int[B, Q] rows whose probabilities are returned; attend: TriangleMix in
+        place of the fused attention; var: VAR's rows to recompute with its edit.
 
-        Returns (out [B, T, D], (k, v) written cache or this step's keys, probs float32[B, N, Q, S] or None).
+        Returns (out [B, T, D], (k, v) written cache or this step's keys, probs float32[B, H, Q, S] or None).
         """
         B, T, _ = x.shape
-        N, K, Hd = self.shape
+        H, G, E = self.heads
         q, k = self.queries(x, positions, inv_freq), self.keys(x, positions, inv_freq)
-        v = self.v_proj(x).reshape(B, T, K, Hd)
+        v = self.v_proj(x).reshape(B, T, G, E)
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), slot, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), slot, axis=1)
-        kq, vq = k.astype(q.dtype), v.astype(q.dtype)
+        k_q, v_q = k.astype(q.dtype), v.astype(q.dtype)
         if attend is None:
-            out = jax.nn.dot_product_attention(q, kq, vq, mask=mask[:, None])
+            out = jax.nn.dot_product_attention(q, k_q, v_q, mask=mask[:, None])
         else:
-            out = attend(q, kq, vq, mask)
+            out = attend(q, k_q, v_q, mask)
         if var is not None:
-            spec, rows, row_valid, visual, sink = var
-            edited, _ = A.var_rows(q, k, v, mask, rows, row_valid, visual, sink, spec)
-            out = A.put_rows(out, rows, row_valid, edited)
+            edited, _ = var_rows(q, k, v, mask, var)
+            out = put_rows(out, var.rows, var.row_valid, edited)
         probs = None if tap_rows is None else attention_rows(q, k, mask, tap_rows)
-        return self.o_proj(out.reshape(B, T, N * Hd)), (k, v), probs
+        return self.o_proj(out.reshape(B, T, H * E)), (k, v), probs
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         kw = dict(bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.gate_proj = C.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
-        self.up_proj = C.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
-        self.down_proj = C.linear(cfg.intermediate_size, cfg.hidden_size, shard="row", **kw)
+        self.gate_proj = layers.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
+        self.up_proj = layers.linear(cfg.hidden_size, cfg.intermediate_size, shard="col", **kw)
+        self.down_proj = layers.linear(cfg.intermediate_size, cfg.hidden_size, shard="row", **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -257,18 +227,17 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = C.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
         self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = C.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def probe(self, x, positions, inv_freq, mask, rows):
-        """The attention rows this layer would compute on input x, without running it: float32[B, N, Q, T].
-        Queries are projected for the Q rows only, keys for every token."""
+        """The attention rows this layer would compute on input x [B, T, D], without running it:
+        float32[B, H, Q, T]. Queries are projected for the Q rows (int[B, Q]) only, keys for every token."""
         h = self.input_layernorm(x)
-        at = lambda a: jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
-        q = self.self_attn.queries(at(h), at(positions), inv_freq)  # [B, Q, N, Hd]
-        return row_probs(q, self.self_attn.keys(h, positions, inv_freq), at(mask)[:, :, :x.shape[1]])
+        q = self.self_attn.queries(take_rows(h, rows), take_rows(positions, rows), inv_freq)  # [B, Q, H, E]
+        return row_probs(q, self.self_attn.keys(h, positions, inv_freq), take_rows(mask, rows)[:, :, :x.shape[1]])
 
     def __call__(self, x, positions, inv_freq, mask, **kw):
         """Returns (output, (k, v), tapped probs or None, the attention block's output [B, T, D])."""
@@ -279,13 +248,13 @@ class DecoderLayer(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Taps:
-    """What to return beside the logits.
+    """What to return beside the logits (each into the ``Output`` field of the same meaning).
 
-    attn_layers: decoder layers whose attention rows are returned (static);
-    rows: int[B, Q] query indices into the current sequence for those rows (traced);
-    hidden_layers: layers whose residual-stream *input* is returned ([B, T, D], fp32);
-    out_layers: layers whose attention block output (after o_proj, before the residual add) is returned
-      ([B, T, D], fp32).
+    attn_layers: decoder layers whose attention rows go to ``Output.attentions`` (static);
+    rows: int[B, Q] query slots of those rows in the current sequence (traced);
+    hidden_layers: layers whose residual-stream *input* goes to ``Output.hidden_states`` ([B, T, D], fp32);
+    out_layers: layers whose attention block output (after o_proj, before the residual add) goes to
+      ``Output.attn_outputs`` ([B, T, D], fp32).
     """
 
     attn_layers: tuple[int, ...] = ()
@@ -298,17 +267,23 @@ jax.tree_util.register_dataclass(Taps, data_fields=["rows"], meta_fields=["attn_
                                                                          "out_layers"])
 
 
+def _widen(x, num_slots: int):
+    """bool[B, T] prompt flags at slots [0, T) of a cache with ``num_slots`` slots -> bool[B, num_slots]."""
+    B, T = x.shape
+    return x if num_slots == T else jnp.zeros((B, num_slots), bool).at[:, :T].set(x)
+
+
 class LlamaModel(nnx.Module):
     """Embedding, decoder layers, final norm and LM head."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = C.embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, rngs)
+        self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = C.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
+        self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = C.linear(cfg.hidden_size, cfg.vocab_size, bias=False, shard="col", dtype=cfg.dtype,
-                                    param_dtype=cfg.param_dtype, rngs=rngs)
+            self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, bias=False, shard="col", dtype=cfg.dtype,
+                                         param_dtype=cfg.param_dtype, rngs=rngs)
 
     def logits(self, h):
         """h: [..., D] final-layer states -> float32[..., V]."""
@@ -318,61 +293,55 @@ class LlamaModel(nnx.Module):
                 jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, taps=Taps(), real=None, var=None,
-                   triangle=None):
+    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, taps=Taps(), real=None,
+                   var: VarContext | None = None, triangle: TriangleMix | None = None):
         """Runs layers [start, stop) over a prompt. h: [B, T, D]; positions int[B, T]; mask bool[B, T, S].
 
         With ``cache`` (a KVCache) each layer writes its keys/values at slots [0, T) and attends over its cache
         (S = that layer's cache size; ``mask`` must cover it). ``real``: bool[B, T] real-token slots (default
-        all). ``var``: an ``attention.VarContext`` (VAR on its layers: sinks measured on each layer's input,
-        the context's rows edited); ``triangle``: an ``attention.TriangleMix`` (sparse prefill from its
-        starting layer). Returns (h, cache or None, taps) with taps {"attn": {layer: float32[B, N, Q, S]},
-        "hidden": {layer: float32[B, T, D]}, "sinks": {layer: bool[B, T]}, "out": {layer: float32[B, T, D]}}.
+        all). ``var``: VAR on its layers (sinks measured on each layer's input, the context's rows edited);
+        ``triangle``: sparse prefill from its starting layer. Returns (h, cache or None, taps) with taps keyed
+        as the ``layers.Output`` fields: {"attentions": {layer: float32[B, H, Q, S]}, "hidden_states": {layer:
+        float32[B, T, D]}, "attn_outputs": {layer: float32[B, T, D]}, "sinks": {layer: bool[B, T]}}.
         """
         stop = self.cfg.num_layers if stop is None else stop
         B, T, _ = h.shape
         S = mask.shape[2]
         real = jnp.ones((B, T), bool) if real is None else real
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))  # a constant of the config, not a parameter
-        taps_out = {"attn": {}, "hidden": {}, "sinks": {}, "out": {}}
+        tapped = {"attentions": {}, "hidden_states": {}, "attn_outputs": {}, "sinks": {}}
         new = {name: list(getattr(cache, name)) for name in ("k", "v", "sink", "visual")} if cache is not None else {}
         var_layers = () if var is None else var.spec.layer_set(self.cfg.num_layers)
         dims = None if var is None or var.spec.sink_dims == "discover" else var.dims
-        widen = lambda x: x if S == T else jnp.zeros((B, S), bool).at[:, :T].set(x)  # noqa: E731
-        attend = None
-        if triangle is not None:
-            fn = {"split": A.attend_split, "splash": A.attend_splash}.get(triangle.resolved_path(), A.attend_masked)
-            kpos = positions if S == T else jnp.zeros((B, S), positions.dtype).at[:, :T].set(positions)
-            n_real = jnp.sum(real, 1)
-            attend = lambda q, k, v, m: fn(q, k, v, m, positions, kpos, real, n_real, triangle)  # noqa: E731
+        attend = TriangleAttention.bind(triangle, positions, real, S)
+        sparse_from = self.cfg.num_layers if triangle is None else triangle.starting_layer
         for i in range(start, stop):
             if i in taps.hidden_layers:
-                taps_out["hidden"][i] = h.astype(jnp.float32)
-            kw = {"tap_rows": taps.rows if i in taps.attn_layers else None}
-            if cache is not None:
-                kw.update(kv=(cache.k[i], cache.v[i]), slot=0)
-            if triangle is not None and i >= triangle.starting_layer:
-                kw["attend"] = attend
+                tapped["hidden_states"][i] = h.astype(jnp.float32)
+            edit = None
             if i in var_layers:
                 if dims is None:  # discover the sink dims once, on the first VAR layer's input
                     dims = jd.discover_sink_dims(h, top=var.spec.n_discover, valid=real)[0]
                 sink = jd.sink_tokens(h, dims, var.spec.tau) & real
-                taps_out["sinks"][i] = sink
-                kw["var"] = (var.spec, var.rows, var.row_valid, widen(var.visual), widen(sink))
+                tapped["sinks"][i] = sink
+                edit = VarRows(var.rows, var.row_valid, _widen(var.visual, S), _widen(sink, S), var.spec)
                 if cache is not None:
-                    new["sink"][i], new["visual"][i] = widen(sink), widen(var.visual)
-            h, (k, v), probs, a = self.layers[i](h, positions, inv_freq, mask, **kw)
+                    new["sink"][i], new["visual"][i] = edit.sink, edit.visual
+            h, (k, v), probs, attn_out = self.layers[i](
+                h, positions, inv_freq, mask, kv=None if cache is None else (cache.k[i], cache.v[i]), slot=0,
+                tap_rows=taps.rows if i in taps.attn_layers else None, attend=attend if i >= sparse_from else None,
+                var=edit)
             if probs is not None:
-                taps_out["attn"][i] = probs
+                tapped["attentions"][i] = probs
             if i in taps.out_layers:
-                taps_out["out"][i] = a.astype(jnp.float32)
+                tapped["attn_outputs"][i] = attn_out.astype(jnp.float32)
             if cache is not None:
                 new["k"][i], new["v"][i] = k, v
         if cache is not None:
             cache = dataclasses.replace(cache, **{name: tuple(x) for name, x in new.items()})
-        return h, cache, taps_out
+        return h, cache, tapped
 
-    def decode(self, h, cache: KVCache, var: A.VarSpec | None = None):
+    def decode(self, h, cache: KVCache, var: VarSpec | None = None):
         """One new token per sample. h: [B, 1, D] embeddings. Each layer writes at its own next slot and uses its
         own position counter (they differ after pruning). With ``var``, the new token's row is edited on VAR's
         layers using each layer's prefill sinks and image span from the cache. Returns (states [B, 1, D], cache).
@@ -386,11 +355,9 @@ class LlamaModel(nnx.Module):
             slot = lens[i]
             valids[i] = jax.lax.dynamic_update_slice_in_dim(valids[i], jnp.ones((B, 1), bool), slot, axis=1)
             mask = slot_mask(jnp.full((B, 1), slot), valids[i])
-            kw = {}
-            if i in var_layers:
-                kw["var"] = (var, row, row_valid, cache.visual[i], cache.sink[i])
+            edit = VarRows(row, row_valid, cache.visual[i], cache.sink[i], var) if i in var_layers else None
             h, (ks[i], vs[i]), _, _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]),
-                                                     slot=slot, **kw)
+                                                     slot=slot, var=edit)
             lens[i], poss[i] = slot + 1, poss[i] + 1
         return h, dataclasses.replace(cache, k=tuple(ks), v=tuple(vs), valid=tuple(valids), length=tuple(lens),
                                       next_pos=tuple(poss))
@@ -403,15 +370,14 @@ class LlamaForCausalLM(nnx.Module):
         self.model = LlamaModel(cfg, rngs=rngs)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, taps: Taps = Taps(),
-                 triangle: A.TriangleMix | None = None):
+                 triangle: TriangleMix | None = None):
         """input_ids int[B, T]; attention_mask [B, T]. Returns Output with logits float32[B, T, V]."""
         ids = jnp.asarray(input_ids)
-        am = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        pos = C.default_positions(am) if position_ids is None else jnp.asarray(position_ids)
-        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
+        real = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = layers.default_positions(real) if position_ids is None else jnp.asarray(position_ids)
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
         h = self.model.embed_tokens(ids)
         if triangle is not None:
             triangle.check(self.model.cfg.num_layers)
-        h, _, t = self.model.run_layers(h, pos, mask, taps=taps, real=am, triangle=triangle)
-        return C.Output(logits=self.model.logits(h), attentions=t["attn"], hidden_states=t["hidden"],
-                        attn_outputs=t["out"])
+        h, _, tapped = self.model.run_layers(h, positions, mask, taps=taps, real=real, triangle=triangle)
+        return layers.Output(logits=self.model.logits(h), **tapped)

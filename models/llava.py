@@ -1,13 +1,15 @@
 """LLaVA-1.5 in Flax NNX: CLIP tower, 2-layer GELU projector, Llama decoder; taps, KV cache, generation.
 
-Axes: B batch, T prompt tokens, S cache slots, I images, P visual tokens per image, D text width, V vocab.
+Axes: B batch, T prompt slots, I images, P visual tokens per image, D text width, V vocab, H heads, Q rows.
 
 Usage::
 
-    model = Llava(LlavaConfig.llava_1_5_7b(), rngs=nnx.Rngs(0))          # or load(...) / from_hf(...)
-    out = model(input_ids, pixel_values, attention_mask)                   # out.logits float32[B, T, V]
-    out = model(ids, px, am, taps=Taps(attn_layers=(1,), rows=last_bq))    # + out.attentions[1] [B, H, Q, T]
-    tokens = generate(model, ids, px, am, max_new_tokens=32)               # int32[B, 32]
+    model = Llava(LlavaConfig.llava_1_5_7b(), rngs=nnx.Rngs(0))  # or jaxdebias.convert.load(...) / from_hf(...)
+    out = model(input_ids, pixel_values, attention_mask)         # out.logits float32[B, T, V]
+    out = model(input_ids, pixel_values, attention_mask,
+                taps=Taps(attn_layers=(1,), rows=last_rows))     # + out.attentions[1] float32[B, H, Q, T]
+
+Generation (dense or pruned) is ``jaxdebias.models.generate.generate``.
 
 Image features go to the positions of the image placeholder token (``image_token_id``) in ``input_ids``, in
 order; the offset of the image in the sequence is never assumed.
@@ -25,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdebias.models import _common as C
+from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
-from jaxdebias.models import attention as A
-from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps, slot_mask
-
-Output = C.Output
+from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
+from jaxdebias.models.layers import Output
+from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps
+from jaxdebias.models.rows import slot_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +87,8 @@ class LlavaConfig:
 class Projector(nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         kw = dict(bias=cfg.projector_bias, dtype=cfg.text.dtype, param_dtype=cfg.text.param_dtype, rngs=rngs)
-        self.linear_1 = C.linear(cfg.vision.hidden_size, cfg.text.hidden_size, shard="col", **kw)
-        self.linear_2 = C.linear(cfg.text.hidden_size, cfg.text.hidden_size, shard="row", **kw)
+        self.linear_1 = layers.linear(cfg.vision.hidden_size, cfg.text.hidden_size, shard="col", **kw)
+        self.linear_2 = layers.linear(cfg.text.hidden_size, cfg.text.hidden_size, shard="row", **kw)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
@@ -135,7 +137,7 @@ class Llava(nnx.Module):
                              f"{n_img} image(s) give {n_img * per} features ({per} each). Expand each <image> "
                              "placeholder to one token per feature (the HF processor does this).")
 
-    def check_interventions(self, pixel_values, var: A.VarSpec | None, triangle: A.TriangleMix | None):
+    def check_interventions(self, pixel_values, var: VarSpec | None, triangle: TriangleMix | None):
         """Raises on a VAR spec for a prompt without an image, or a TriangleMix beyond this decoder's layers."""
         if var is not None and pixel_values is None:
             raise ValueError("VAR redistributes attention to image tokens; this prompt has no image. Drop var=... "
@@ -143,143 +145,32 @@ class Llava(nnx.Module):
         if triangle is not None:
             triangle.check(self.cfg.text.num_layers)
 
-    def var_context(self, ids, am, var: A.VarSpec | None):
+    def var_context(self, input_ids, real, var: VarSpec | None) -> VarContext | None:
         """VAR's inputs for a prompt batch: the image span and the query rows after it (a sample without image
         tokens has no rows: VAR leaves it untouched)."""
-        return A.var_context(var, (ids == self.cfg.image_token_id) & am, am, self.cfg.vision.num_features)
+        is_image = (input_ids == self.cfg.image_token_id) & real
+        return var_context(var, is_image, real, self.cfg.vision.num_features)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
-                 taps: Taps = Taps(), var: A.VarSpec | None = None, triangle: A.TriangleMix | None = None):
+                 taps: Taps = Taps(), var: VarSpec | None = None, triangle: TriangleMix | None = None) -> Output:
         """Full forward. input_ids int[B, T]; pixel_values float[I, 3, H, W]; attention_mask [B, T] (1 = real
         token; left or right padding); var: VAR on the rows after the image; triangle: TriangleMix prefill.
         Returns Output with logits float32[B, T, V] and the requested taps."""
         self.check_inputs(input_ids, pixel_values, attention_mask)
         self.check_interventions(pixel_values, var, triangle)
         ids = jnp.asarray(input_ids)
-        am = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        pos = C.default_positions(am) if position_ids is None else jnp.asarray(position_ids)
+        real = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = layers.default_positions(real) if position_ids is None else jnp.asarray(position_ids)
         h, feats = self.embed(ids, pixel_values)
-        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
-        h, _, t = self.language_model.run_layers(h, pos, mask, taps=taps, real=am, var=self.var_context(ids, am, var),
-                                                 triangle=triangle)
-        return Output(logits=self.language_model.logits(h), attentions=t["attn"], hidden_states=t["hidden"],
-                      image_features=feats, attn_outputs=t["out"])
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
+        h, _, tapped = self.language_model.run_layers(h, positions, mask, taps=taps, real=real,
+                                                      var=self.var_context(ids, real, var), triangle=triangle)
+        return Output(logits=self.language_model.logits(h), image_features=feats, **tapped)
 
-    def prefill(self, input_ids, pixel_values, attention_mask, cache: KVCache, var=None, triangle=None):
-        """Runs the prompt into an empty cache. Returns (logits float32[B, V] at each sample's last real token,
-        cache)."""
-        ids = jnp.asarray(input_ids)
-        am = jnp.asarray(attention_mask).astype(bool)
-        B, T = ids.shape
-        h, _ = self.embed(ids, pixel_values)
-        L = self.cfg.text.num_layers
-        cache = cache.with_prompt(0, L, am, jnp.sum(am, 1))
-        mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), cache.valid[0])
-        h, cache, _ = self.language_model.run_layers(h, C.default_positions(am), mask, cache=cache, real=am,
-                                                     var=self.var_context(ids, am, var), triangle=triangle)
-        return self.language_model.logits(C.last_real(h, am)), cache
-
-    def decode(self, tokens, cache: KVCache, var=None):
+    def decode(self, tokens, cache: KVCache, var: VarSpec | None = None):
         """One token per sample (int[B]) at each layer's next slot. Returns (logits float32[B, V], cache)."""
         h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache, var=var)
         return self.language_model.logits(h)[:, 0], cache
-
-
-def _pick(logits, temperature, key):
-    if temperature == 0.0:
-        return jnp.argmax(logits, -1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / temperature, -1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "temperature", "var", "triangle"))
-def _prefill(graphdef, state, input_ids, pixel_values, attention_mask, key, *, cache_size, temperature, var=None,
-             triangle=None):
-    model = nnx.merge(graphdef, state)
-    cache = KVCache.empty(model.cfg.text, input_ids.shape[0], cache_size)
-    logits, cache = model.prefill(input_ids, pixel_values, attention_mask, cache, var=var, triangle=triangle)
-    return _pick(logits, temperature, key), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
-def _decode(graphdef, state, tokens, cache, key, *, temperature, var=None):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(tokens, cache, var=var)
-    return _pick(logits, temperature, key), cache
-
-
-PROMPT_BUCKETS = (64, 128, 256, 512, 640, 768, 1024, 1536, 2048, 4096)
-
-
-def _round_up(n: int, buckets) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    step = buckets[-1]
-    return -(-n // step) * step
-
-
-def pad_to_bucket(ids, am, pad_id: int, buckets=PROMPT_BUCKETS):
-    """Right-pads int[B, T] ids (with ``pad_id``) and bool[B, T] mask (with False) to a prompt bucket length."""
-    extra = _round_up(ids.shape[1], buckets) - ids.shape[1]
-    return (np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id), np.pad(am, ((0, 0), (0, extra))))
-
-
-def prompt_arrays(model: Llava, input_ids, pixel_values, attention_mask, buckets=PROMPT_BUCKETS):
-    """Checked numpy (ids int[B, Tb], mask bool[B, Tb]), right-padded to a prompt bucket (default mask: all)."""
-    ids = np.asarray(input_ids)
-    am = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    model.check_inputs(ids, pixel_values, am)
-    return pad_to_bucket(ids, am, model.cfg.pad_token_id, buckets)
-
-
-def generate(model: Llava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 32,
-             temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-             prompt_buckets=PROMPT_BUCKETS, var: A.VarSpec | None = None,
-             triangle: A.TriangleMix | None = None) -> np.ndarray:
-    """Greedy (temperature 0) or sampled generation with a fixed-size KV cache.
-
-    The prompt is right-padded to a bucket length so that prompts of different lengths share one compiled
-    prefill, and the cache has ``bucket + max_new_tokens`` rounded up to a multiple of 64 slots, so one decode
-    program serves them too. Left-padded batches (as HF processors produce for generation) work as they are.
-
-    Args:
-      input_ids: int[B, T] with the image placeholders expanded; pixel_values: float[I, 3, H, W];
-      attention_mask: [B, T] (default all ones); var: ``attention.VarSpec`` (VAR at prefill and decode);
-      triangle: ``attention.TriangleMix`` (sparse prefill; decode stays dense).
-
-    Returns:
-      int32[B, max_new_tokens]; after a sample's EOS its remaining tokens are EOS (when ``stop_at_eos``, the loop
-      also ends early once every sample has finished).
-    """
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
-    model.check_interventions(pixel_values, var, triangle)
-    ids, am = prompt_arrays(model, input_ids, pixel_values, attention_mask, prompt_buckets)
-    Tb = ids.shape[1]
-    cache_size = -(-(Tb + max_new_tokens) // 64) * 64
-    graphdef, state = nnx.split(model)
-    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    tok, cache = _prefill(graphdef, state, jnp.asarray(ids), pixel_values, jnp.asarray(am), keys[0],
-                          cache_size=cache_size, temperature=float(temperature), var=var, triangle=triangle)
-    return decode_loop(graphdef, state, tok, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
-                       temperature=temperature, var=var)
-
-
-def decode_loop(graphdef, state, tok, cache, keys, *, eos, stop_at_eos, temperature, var=None) -> np.ndarray:
-    """Greedy / sampled decoding from a prefilled cache: ``tok`` int[B] is the first new token; one jitted,
-    cache-donating step per further token. After a sample's EOS its tokens are EOS (with ``stop_at_eos`` the
-    loop ends once every sample is done). Returns int32[B, len(keys)]."""
-    out = [np.asarray(tok)]
-    done = out[0] == eos
-    for i in range(1, len(keys)):
-        if stop_at_eos and done.all():
-            out.append(np.full(done.shape, eos, np.int32))
-            continue
-        tok, cache = _decode(graphdef, state, tok, cache, keys[i], temperature=float(temperature), var=var)
-        t = np.where(done, eos, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
-        out.append(t)
-        done = done | (t == eos)
-    return np.stack(out, 1).astype(np.int32)
 
 
 @functools.partial(nnx.jit, static_argnames=("layer",))
@@ -288,10 +179,10 @@ def layer_input(model: Llava, input_ids, pixel_values, attention_mask, layer: in
     the layers before it (what the sink statistics of a prompt need; ``Taps(hidden_layers=...)`` on a full
     forward gives the same for every layer)."""
     ids = jnp.asarray(input_ids)
-    am = jnp.asarray(attention_mask).astype(bool)
+    real = jnp.asarray(attention_mask).astype(bool)
     h, _ = model.embed(ids, pixel_values)
-    mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), am)
-    return model.language_model.run_layers(h, C.default_positions(am), mask, stop=layer, real=am)[0]
+    mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
+    return model.language_model.run_layers(h, layers.default_positions(real), mask, stop=layer, real=real)[0]
 
 
 def abstract_model(cfg: LlavaConfig) -> Llava:
@@ -318,17 +209,3 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 
     nnx.update(model, jax.tree.map(place, state, specs))
     return model
-
-
-def load(path, *, dtype=None, mesh=None) -> Llava:
-    """Loads a checkpoint written by ``jaxdebias-convert`` straight to device(s) (sharded over ``mesh``)."""
-    from jaxdebias.convert.checkpoint import load as _load  # convert depends on models, not the reverse
-
-    return _load(path, dtype=dtype, mesh=mesh)
-
-
-def from_hf(src, *, dtype=jnp.float32, layout="auto", vision=None) -> Llava:
-    """Converts a Hugging Face checkpoint directory in memory (small models, tests)."""
-    from jaxdebias.convert.checkpoint import from_hf as _from_hf
-
-    return _from_hf(src, dtype=dtype, layout=layout, vision=vision)

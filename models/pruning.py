@@ -1,7 +1,7 @@
 """Visual token pruning inside the LLaVA decoder: staged prefill with real token removal, then generation.
 
-Axes: B batch, T prompt slots, Ts slots in the current stage, N visual tokens of an image (576), Nv visual slots
-in the current stage, K kept slots (a bucket), D width, V vocab.
+Axes: B batch, T prompt slots, S slots of the current segment, N visual tokens of an image (576), M visual slots
+in the current segment, K kept slots (a bucket), Q voting rows, H heads, D width, V vocab.
 
 The prefill runs the decoder in segments. Before each stage layer the visual tokens are scored (by the method's
 policy in ``jaxdebias.methods``), optionally debiased, and the top-K are gathered into a shorter sequence: the
@@ -10,48 +10,36 @@ tokens than the bucket) are masked in attention, never filled with padding. Shap
 bucket and the keep buckets, so a batch of mixed prompts, image shapes and budgets compiles once per bucket.
 
     spec = jd.PruneSpec("fastv", keep=128, debias=jd.Debias.full("released", tau=0.5))
-    result = prefill_and_generate(model, batch, prune=spec, max_new_tokens=32)
+    result = jaxdebias.models.generate.generate(model, batch, prune=spec, max_new_tokens=32)
+
+``prefill`` is the one prefill of the package: without a spec (or with no stages) it is the dense prefill.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 import jaxdebias as jd
-from jaxdebias.methods import (PruneSpec, carve_scores, debias_scores, dpc_knn_merge, information_scores, merge_into,
-                               stage_scores, text_raters, visionzip_select)
-from jaxdebias.models import _common as C
-from jaxdebias.models.attention import rows_after_image, var_context
-from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq, slot_mask
-from jaxdebias.models.llava import PROMPT_BUCKETS, Llava, _pick, decode_loop, prompt_arrays
-
-
-@dataclasses.dataclass
-class Batch:
-    """input_ids int[B, T] (one image per sample, its placeholders expanded); pixel_values float[B, 3, H, W];
-    attention_mask [B, T]; image_sizes int[B, 2] original (width, height) for the padding masks;
-    instruction_pos int[B] slot of the last instruction token (PyramidDrop; default: last real token)."""
-
-    input_ids: Any
-    pixel_values: Any
-    attention_mask: Any = None
-    image_sizes: Any = None
-    instruction_pos: Any = None
+from jaxdebias.methods import PruneSpec
+from jaxdebias.models import layers
+from jaxdebias.models.interventions import TriangleMix, VarSpec, var_context
+from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq
+from jaxdebias.models.llava import Llava
+from jaxdebias.models.rows import rows_after_image, slot_mask
+from jaxdebias.policies import (carve_scores, dpc_knn_merge, information_scores, merge_into, stage_scores,
+                                text_raters, visionzip_select)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Seq:
-    """The current sequence: h [B, Ts, D]; pos int[B, Ts]; valid, vis bool[B, Ts]; raster int[B, Ts] (raster index
-    of a visual token, -1 otherwise); orig int[B, Ts] (slot in the original prompt, -1 for merged tokens);
-    first int[B] slot of the first visual token; nv: static visual slot count."""
+    """The current sequence: h [B, S, D]; pos int[B, S]; valid, vis bool[B, S]; raster int[B, S] (raster index
+    of a visual token, -1 otherwise); orig int[B, S] (slot in the original prompt, -1 for merged tokens);
+    first int[B] slot of the first visual token; nv: static visual slot count M."""
 
     h: Any
     pos: Any
@@ -65,14 +53,14 @@ class Seq:
 
 def replace_visual(seq: Seq, block_h, block_valid, block_raster, block_pos, positions: str) -> Seq:
     """Replaces the contiguous visual span of every sample by a block of M slots (kept or merged tokens)."""
-    B, Ts, _ = seq.h.shape
+    B, S, _ = seq.h.shape
     M = block_h.shape[1]
-    Tn = Ts - seq.nv + M
-    j = jnp.arange(Tn)[None, :]
+    S_new = S - seq.nv + M
+    j = jnp.arange(S_new)[None, :]
     first = seq.first[:, None]
     in_block = (j >= first) & (j < first + M)
     src = jnp.where(j < first, j, j - M + seq.nv)
-    src = jnp.clip(jnp.where(in_block, 0, src), 0, Ts - 1)
+    src = jnp.clip(jnp.where(in_block, 0, src), 0, S - 1)
     bidx = jnp.clip(j - first, 0, M - 1)
 
     def pick(old, blk):
@@ -90,15 +78,15 @@ def replace_visual(seq: Seq, block_h, block_valid, block_raster, block_pos, posi
                first=seq.first, nv=M)
 
 
-def _var_context(seq: Seq, var):
+def seq_var_context(seq: Seq, var: VarSpec | None):
     """VAR on the current sequence: image span = its visual slots; rows = the text slots after them."""
     return var_context(var, seq.vis, seq.valid, seq.nv)
 
 
-def _rows(seq: Seq, query: str, instruction_orig, raters=None):
+def voting_rows(seq: Seq, query: str, instruction_orig, raters=None):
     """(rows int[B, Q], row_valid bool[B, Q]) of the voting query slots in the current sequence."""
-    B, Ts = seq.valid.shape
-    slots = jnp.broadcast_to(jnp.arange(Ts), (B, Ts))
+    B, S = seq.valid.shape
+    slots = jnp.broadcast_to(jnp.arange(S), (B, S))
     last = jnp.max(jnp.where(seq.valid, slots, 0), axis=1)
     if query == "last":
         return last[:, None], jnp.ones((B, 1), bool)
@@ -118,15 +106,15 @@ def _rows(seq: Seq, query: str, instruction_orig, raters=None):
     raise ValueError(f"Unknown query kind {query!r}.")
 
 
-def _stage_lengths(T: int, shape: PruneSpec, n: int, L: int):
+def segments(T: int, shape: PruneSpec, n: int, L: int):
     """Static (first layer, stop layer, slots) of every decoder segment, for a shape spec (see PruneSpec.split)."""
     if shape.method == "visionzip":
         return [(0, L, T - n + shape.keep)], ()
-    segs, cur, Ts, nv = [], 0, T, n
+    segs, cur, S, nv = [], 0, T, n
     for s in shape.stages:
-        segs.append((cur, s.layer, Ts))
-        Ts, nv, cur = Ts - nv + s.keep + s.clusters, s.keep + s.clusters, s.layer
-    segs.append((cur, L, Ts))
+        segs.append((cur, s.layer, S))
+        S, nv, cur = S - nv + s.keep + s.clusters, s.keep + s.clusters, s.layer
+    segs.append((cur, L, S))
     return segs, shape.stages
 
 
@@ -136,24 +124,25 @@ def limits_array(limits) -> jax.Array:
     return jnp.asarray(tuple(limits) + ((0, 0),), jnp.int32)
 
 
-def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limits, spec: PruneSpec, extra: int,
-                   var=None):
-    """The staged prefill for a shape spec (``PruneSpec.split``) and the real per-stage counts (``limits_array``).
+def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instruction_pos, limits, spec: PruneSpec,
+            extra: int, var: VarSpec | None = None, triangle: TriangleMix | None = None):
+    """The staged prefill for a shape spec (``PruneSpec.split``) and the real per-stage counts (``limits_array``);
+    a spec without stages runs the dense prefill. ``extra``: cache slots left for generated tokens.
     Returns (logits float32[B, V] at the last real token, KVCache, info dict).
 
     info: "kept" list (per stage) of (raster idx int[B, K], slot mask bool[B, K]); "scores" / "debiased":
     float32[B, N] first-stage scores over the raster grid before and after debiasing (0 where not scored).
     ``var`` (an ``attention.VarSpec``) runs VAR on each segment's sequence: the image span is the kept image
-    tokens, the edited rows the text after them."""
+    tokens, the edited rows the text after them. ``triangle`` (TriangleMix) needs a spec without stages."""
     cfg = model.cfg
     lm = model.language_model
     L, n = cfg.text.num_layers, cfg.vision.num_features
-    B, T = ids.shape
-    am = am.astype(bool)
-    is_img = ids == cfg.image_token_id
+    B, T = input_ids.shape
+    real = real.astype(bool)
+    is_img = input_ids == cfg.image_token_id
     vslots, _ = jd.visual_positions(is_img, n)
-    segs, stages = _stage_lengths(T, spec, n, L)
-    cache = KVCache.empty(cfg.text, B, [Ts + extra for a, b, Ts in segs for _ in range(a, b)])
+    segs, stages = segments(T, spec, n, L)
+    cache = KVCache.empty(cfg.text, B, [S + extra for a, b, S in segs for _ in range(a, b)])
     content = None
     if spec.debias.pad_tau is not None:
         grid = cfg.vision.grid
@@ -171,7 +160,7 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
         use = spec.debias.enabled and (i == 0 or spec.debias.every_stage)
         cont = None if content is None else jnp.take_along_axis(content, jnp.clip(seq_raster, 0), axis=1) | (
             seq_raster < 0)  # merged tokens are not padding
-        deb = debias_scores(scores, seq_raster, valid, cont if use else None, curve if use else None, n)
+        deb = jd.debias_scores(scores, seq_raster, valid, cont if use else None, curve if use else None, n)
         if i == 0:
             bidx = jnp.arange(B)[:, None]
             info["scores"] = info["scores"].at[bidx, jnp.clip(seq_raster, 0)].set(jnp.where(valid, scores, 0.0))
@@ -180,7 +169,7 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
         return deb, candidates
 
     if spec.method == "visionzip":
-        feats, cls_feat, cls_attn, keys = model.vision_tower.with_cls_attention(px)
+        feats, cls_feat, cls_attn, keys = model.vision_tower.with_cls_attention(pixel_values)
         ctx, cls = spec.visionzip_contextual, int(spec.visionzip_cls)
         ones = jnp.ones((B, n), bool)
         scores, cand = debias_stage(0, cls_attn, jnp.broadcast_to(jnp.arange(n), (B, n)), ones)
@@ -190,8 +179,8 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
                                    jnp.einsum("bcn,bnd->bcd", merge, feats)], 1)  # [CLS], dominant, contextual
         block_h = model.multi_modal_projector(block_v).astype(cfg.text.dtype)
         info["kept"].append((idx, slot))
-        h, _ = model.embed(ids, None)
-        seq = Seq(h, C.default_positions(am), am, is_img, raster, orig, vslots[:, 0], n)
+        h, _ = model.embed(input_ids, None)
+        seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
         block_valid = jnp.concatenate([jnp.ones((B, cls), bool), slot, cmask], 1)
         block_raster = jnp.concatenate([jnp.full((B, cls), -1), idx, jnp.full((B, ctx), -1)], 1)
         img_pos = jd.gather_tokens(seq.pos, vslots[:, 0:1] + jnp.concatenate([jnp.zeros((B, cls), int), idx], 1))
@@ -199,34 +188,34 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
         block_pos = jnp.concatenate([img_pos, jnp.broadcast_to(last_pos, (B, ctx))], 1)
         seq = replace_visual(seq, block_h, block_valid, block_raster, block_pos, spec.positions)
     else:
-        h, _ = model.embed(ids, px)
-        seq = Seq(h, C.default_positions(am), am, is_img, raster, orig, vslots[:, 0], n)
-    instr = jnp.max(jnp.where(am, jnp.arange(T), 0), 1) if instruction_pos is None else instruction_pos
+        h, _ = model.embed(input_ids, pixel_values)
+        seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
+    instr = jnp.max(jnp.where(real, jnp.arange(T), 0), 1) if instruction_pos is None else instruction_pos
     raters = None
     if any(s.query == "raters" for s in stages):
-        text = am & ~is_img & (jnp.arange(T)[None] >= vslots[:, :1] + n)
+        text = real & ~is_img & (jnp.arange(T)[None] >= vslots[:, :1] + n)
         raters = text_raters(jd.gather_tokens(seq.h, vslots), seq.h, text)
     inv_freq = jnp.asarray(rope_inv_freq(cfg.text))
-    n_real = jnp.sum(am, 1)
-    for i, (start, stop, Ts) in enumerate(segs):
+    n_real = jnp.sum(real, 1)
+    for i, (start, stop, S) in enumerate(segs):
         cache = cache.with_prompt(start, stop, seq.valid,
                                   n_real if spec.positions == "keep" else jnp.sum(seq.valid, 1))
-        mask = slot_mask(jnp.broadcast_to(jnp.arange(Ts), (B, Ts)), cache.valid[start])
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(S), (B, S)), cache.valid[start])
         stage = stages[i] if i < len(stages) else None
         taps = Taps() if stage is None or stage.source != "tap" else None
         rows = None
         if stage is not None:
-            rows, row_valid = _rows(seq, stage.query, instr, raters)
+            rows, row_valid = voting_rows(seq, stage.query, instr, raters)
             if stage.source == "tap":
                 taps = Taps(attn_layers=(stage.layer - 1,), rows=rows,
                             out_layers=(stage.layer - 1,) if stage.info_weight else ())
         h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps,
-                                         real=seq.valid, var=_var_context(seq, var))
+                                         real=seq.valid, var=seq_var_context(seq, var), triangle=triangle)
         seq = dataclasses.replace(seq, h=h)
         if stage is None:
             break
         if stage.source == "tap":
-            probs = tapped["attn"][stage.layer - 1]
+            probs = tapped["attentions"][stage.layer - 1]
         else:
             probs = lm.layers[stage.layer].probe(seq.h, seq.pos, inv_freq, mask, rows)
         kslots = seq.first[:, None] + jnp.arange(seq.nv)
@@ -236,7 +225,7 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
         scores, cand = debias_stage(i, scores, seq_raster, kvalid)
         if stage.info_weight:  # TokenCarve: fused with each token's share of the singular values of the tapped
             # layer's attention output matrix (its visual rows)
-            info_scores = information_scores(jd.gather_tokens(tapped["out"][stage.layer - 1], kslots), cand)
+            info_scores = information_scores(jd.gather_tokens(tapped["attn_outputs"][stage.layer - 1], kslots), cand)
             scores = carve_scores(scores, info_scores, cand, stage.info_weight)
         idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=limits[i, 0])
         info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))
@@ -254,81 +243,4 @@ def pruned_prefill(model: Llava, ids, px, am, image_sizes, instruction_pos, limi
                      jnp.concatenate([block[2], jnp.full(mvalid.shape, -1)], 1),
                      jnp.concatenate([block[3], jnp.broadcast_to(last_pos, mvalid.shape)], 1)]
         seq = replace_visual(seq, *block, spec.positions)
-    return lm.logits(C.last_real(seq.h, seq.valid)), cache, info
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "extra", "temperature", "var"))
-def _prefill(graphdef, state, ids, px, am, sizes, instr, limits, key, *, spec, extra, temperature, var=None):
-    model = nnx.merge(graphdef, state)
-    logits, cache, info = pruned_prefill(model, ids, px, am, sizes, instr, limits, spec, extra, var)
-    info["logits"] = logits
-    return _pick(logits, temperature, key), cache, info
-
-
-@dataclasses.dataclass
-class Result:
-    """tokens int32[B, new]; kept: per stage (raster idx int[B, K], slot mask bool[B, K]) as numpy;
-    scores / debiased float32[B, N] first-stage scores; stage_lengths: (first layer, stop layer, slots) per
-    decoder segment; logits float32[B, V] of the prefill at the last prompt token."""
-
-    tokens: np.ndarray
-    kept: list
-    scores: np.ndarray
-    debiased: np.ndarray
-    stage_lengths: list
-    logits: np.ndarray
-
-
-def prepare(model: Llava, batch: Batch, spec: PruneSpec, prompt_buckets=PROMPT_BUCKETS):
-    """Checks the batch and right-pads it to a prompt bucket. Returns arrays ready for ``_prefill``."""
-    ids, am = prompt_arrays(model, batch.input_ids, batch.pixel_values, batch.attention_mask, prompt_buckets)
-    B = ids.shape[0]
-    n = model.cfg.vision.num_features
-    img = ids == model.cfg.image_token_id
-    if not (img.sum(1) == n).all():
-        raise ValueError(f"Pruning needs exactly one image ({n} placeholder tokens) per sample; got "
-                         f"{img.sum(1).tolist()} image tokens.")
-    starts = img.argmax(1)
-    if not all(img[b, starts[b]:starts[b] + n].all() for b in range(B)):
-        raise ValueError("Each sample's image placeholders must be contiguous.")
-    spec.schedule(n, model.cfg.text.num_layers)  # validates layers and keeps early, with the method's message
-    sizes = batch.image_sizes
-    if spec.debias.pad_tau is not None and sizes is None:
-        raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original (width, height) "
-                         "of each image.")
-    sizes = np.ones((B, 2), np.int32) if sizes is None else np.asarray(sizes, np.int32).reshape(B, 2)
-    instr = None if batch.instruction_pos is None else jnp.asarray(batch.instruction_pos, jnp.int32)
-    return jnp.asarray(ids), jnp.asarray(batch.pixel_values), jnp.asarray(am), jnp.asarray(sizes), instr
-
-
-def prefill_and_generate(model: Llava, batch: Batch, *, prune: PruneSpec | None = None, max_new_tokens: int = 32,
-                         temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
-                         var=None, mesh: jax.sharding.Mesh | None = None) -> Result:
-    """Pruned prefill (dense with ``prune=None``), then generation from the pruned per-layer caches.
-    ``var``: an ``attention.VarSpec`` to run VAR on the (pruned) sequence at prefill and decode.
-    ``mesh``: a ("data", ...) mesh (Auto axes) to split the batch over; place the model on it first with
-    ``llava.shard_model``. The batch size must divide by the "data" axis. See the module docstring."""
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
-    n = model.cfg.vision.num_features
-    spec = prune or PruneSpec("fastv", keep=n, stages=())
-    ids, px, am, sizes, instr = prepare(model, batch, spec)
-    if mesh is not None:
-        if ids.shape[0] % mesh.shape["data"]:
-            raise ValueError(f"Batch size {ids.shape[0]} does not divide over the mesh's {mesh.shape['data']} "
-                             "'data' devices; pad the batch.")
-        data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        ids, px, am, sizes = (jax.device_put(x, data) for x in (ids, px, am, sizes))
-        instr = None if instr is None else jax.device_put(instr, data)
-    shape, limits = spec.split(n, model.cfg.text.num_layers)
-    extra = -(-max_new_tokens // 64) * 64
-    graphdef, state = nnx.split(model)
-    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    tok, cache, info = _prefill(graphdef, state, ids, px, am, sizes, instr, limits_array(limits),
-                                keys[0], spec=shape, extra=extra, temperature=float(temperature), var=var)
-    tokens = decode_loop(graphdef, state, tok, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
-                         temperature=temperature, var=var)
-    segs, _ = _stage_lengths(ids.shape[1], shape, n, model.cfg.text.num_layers)
-    return Result(tokens, [(np.asarray(a), np.asarray(b)) for a, b in info["kept"]],
-                  np.asarray(info["scores"]), np.asarray(info["debiased"]), [(a, b, t) for a, b, t in segs],
-                  np.asarray(info["logits"]))
+    return lm.logits(layers.last_real(seq.h, seq.valid)), cache, info

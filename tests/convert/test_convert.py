@@ -12,9 +12,7 @@ from safetensors.numpy import save_file
 
 torch = pytest.importorskip("torch")
 
-from jaxdebias.convert import checkpoint  # noqa: E402
-from jaxdebias.convert.loader import ConversionError  # noqa: E402
-from jaxdebias.models import llava  # noqa: E402
+from jaxdebias.convert import ConversionError, convert, load  # noqa: E402
 
 from ..models.hf_tiny import IMAGE_TOKEN, make_hf_llava, prompts  # noqa: E402
 
@@ -48,7 +46,7 @@ def t5_dir(hf_model, tmp_path_factory):
 
 def on_disk(path):
     """All tensors of a save_pretrained directory, by on-disk key."""
-    from jaxdebias.convert.loader import Source, list_weight_files
+    from jaxdebias.convert.source import Source, list_weight_files
 
     src = Source(list_weight_files(path))
     return {k: np.asarray(src.load(k)) for k in src.refs}
@@ -94,10 +92,10 @@ def test_layouts_convert_load_and_match_transformers(hf_model, t5_dir, tmp_path,
     else:
         src, vision = t5_dir, None
     dst = tmp_path / "out"
-    summary = checkpoint.convert(src, dst, dtype="float32", vision=vision, progress=False)
+    summary = convert(src, dst, dtype="float32", vision=vision, progress=False)
     assert summary["layout"] == layout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # the temporary was renamed into place
-    model = llava.load(dst)
+    model = load(dst)
     ids, am, px = prompts()
     if layout == "original":  # the original code marks image positions with IMAGE_TOKEN_INDEX = -200
         ids = np.where(ids == IMAGE_TOKEN, -200, ids)
@@ -107,8 +105,8 @@ def test_layouts_convert_load_and_match_transformers(hf_model, t5_dir, tmp_path,
     got = np.asarray(model(ids, px, am).logits)
     assert np.abs(got - ref.logits.numpy())[am.astype(bool)].max() <= 1e-4
     # bf16 storage restores too, and a dtype can be chosen at load
-    checkpoint.convert(src, tmp_path / "bf16", dtype="bfloat16", vision=vision, progress=False)
-    half = llava.load(tmp_path / "bf16", dtype="float32")
+    convert(src, tmp_path / "bf16", dtype="bfloat16", vision=vision, progress=False)
+    half = load(tmp_path / "bf16", dtype="float32")
     assert half.language_model.norm.weight[...].dtype == np.float32
     assert np.abs(np.asarray(half(ids, px, am).logits) - got).max() < 0.5
 
@@ -116,7 +114,7 @@ def test_layouts_convert_load_and_match_transformers(hf_model, t5_dir, tmp_path,
 def _convert_fails(src, tmp_path, match, **kw):
     dst = tmp_path / "dst"
     with pytest.raises(ConversionError, match=match):
-        checkpoint.convert(src, dst, progress=False, **kw)
+        convert(src, dst, progress=False, **kw)
     assert not dst.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".dst")]  # no temporary left behind
 
@@ -179,7 +177,7 @@ def test_configs_that_are_not_llava(t5_dir, tmp_path):
 def test_existing_destination_and_cli(t5_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConversionError, match="already exists"):
-        checkpoint.convert(t5_dir, tmp_path / "taken", progress=False)
+        convert(t5_dir, tmp_path / "taken", progress=False)
     r = subprocess.run([sys.executable, "-m", "jaxdebias.convert", str(tmp_path / "nowhere"), str(tmp_path / "d")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "is not a checkpoint directory" in r.stderr
@@ -188,20 +186,20 @@ def test_existing_destination_and_cli(t5_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "layout transformers5" in r.stdout
     with pytest.raises(ConversionError, match="not a jaxdebias checkpoint"):
-        llava.load(t5_dir)
+        load(t5_dir)
 
 
 def test_file_list_source_sharded_load_and_torch_free_bin(t5_dir, tmp_path, monkeypatch):
     import jax
 
     files = sorted(str(p) for p in t5_dir.glob("model-*.safetensors"))
-    checkpoint.convert(files, tmp_path / "from_files", dtype="float32", progress=False)
+    convert(files, tmp_path / "from_files", dtype="float32", progress=False)
     mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4],
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    sharded = llava.load(tmp_path / "from_files", mesh=mesh)
+    sharded = load(tmp_path / "from_files", mesh=mesh)
     kernel = sharded.language_model.layers[0].mlp.gate_proj.kernel[...]
     assert len(kernel.sharding.device_set) == 4  # restored straight onto the mesh
-    plain = llava.load(tmp_path / "from_files")
+    plain = load(tmp_path / "from_files")
     ids, am, px = prompts()
     np.testing.assert_allclose(np.asarray(sharded(ids, px, am).logits), np.asarray(plain(ids, px, am).logits),
                                atol=2e-5)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxdebias as jd
-from jaxdebias import methods
+from jaxdebias import policies
 
 
 def np_raters(hv, ht, valid):
@@ -42,7 +42,7 @@ class RatersTest(chex.TestCase):
         rng = np.random.default_rng(0)
         hv, ht = rng.normal(size=(3, 9, 16)), rng.normal(size=(3, 12, 16))
         valid = rng.random((3, 12)) < 0.7
-        got = self.variant(methods.text_raters)(hv, ht, valid)
+        got = self.variant(policies.text_raters)(hv, ht, valid)
         np.testing.assert_array_equal(np.asarray(got), np_raters(hv, ht, valid))
         assert not np.asarray(got)[~valid].any()
 
@@ -56,7 +56,7 @@ class DpcKnnTest(chex.TestCase):
         valid = np.ones((4, 20), bool)
         valid[1, 15:] = False
         valid[2, ::3] = False
-        fn = self.variant(lambda a, v: methods.dpc_knn_merge(a, v, 3, k=5))
+        fn = self.variant(lambda a, v: policies.dpc_knn_merge(a, v, 3, k=5))
         merged, ok = fn(x, valid)
         for b in range(4):
             ref = np_dpc_knn(x[b][valid[b]], 5, 3)
@@ -66,7 +66,7 @@ class DpcKnnTest(chex.TestCase):
     def test_fewer_valid_tokens_than_clusters(self):
         x = np.random.default_rng(2).normal(size=(1, 6, 4)).astype(np.float32)
         valid = np.array([[True, False, True, False, False, False]])
-        merged, ok = methods.dpc_knn_merge(x, valid, 4)
+        merged, ok = policies.dpc_knn_merge(x, valid, 4)
         assert np.asarray(ok).tolist() == [[True, True, False, False]]
         np.testing.assert_allclose(np.sort(np.asarray(merged)[0, :2], 0), np.sort(x[0, [0, 2]], 0), atol=1e-6)
 
@@ -90,7 +90,7 @@ def test_sparsevlm_schedule_matches_the_published_lists():
 def test_merged_tokens_pass_debiasing_unchanged():
     s = jax.numpy.ones((1, 4))
     raster = jax.numpy.array([[0, 5, -1, 8]])
-    out = methods.debias_scores(s, raster, jax.numpy.ones((1, 4), bool), jax.numpy.array([[False, True, False, True]]),
+    out = jd.debias_scores(s, raster, jax.numpy.ones((1, 4), bool), jax.numpy.array([[False, True, False, True]]),
                                 jd.ExpCurve(0.1), 9)
     np.testing.assert_allclose(np.asarray(out), [[0.0, np.exp(-0.5), 1.0, np.exp(-0.8)]], rtol=1e-6)
 
@@ -112,7 +112,7 @@ class TokenCarveTest(chex.TestCase):
         valid = np.ones((3, 12), bool)
         valid[1, 9:] = False
         valid[2, ::4] = False
-        got = np.asarray(self.variant(methods.information_scores)(x, valid))
+        got = np.asarray(self.variant(policies.information_scores)(x, valid))
         for b in range(3):
             np.testing.assert_allclose(got[b][valid[b]], np_information(x[b][valid[b]]), rtol=2e-4)
             assert (got[b][~valid[b]] == 0).all()
@@ -123,7 +123,7 @@ class TokenCarveTest(chex.TestCase):
         attn, info = rng.random((2, 10)), rng.random((2, 10)) * 50
         valid = np.ones((2, 10), bool)
         valid[1, :3] = False
-        fused = np.asarray(self.variant(lambda a, i, v: methods.carve_scores(a, i, v, 0.3))(attn, info, valid))
+        fused = np.asarray(self.variant(lambda a, i, v: policies.carve_scores(a, i, v, 0.3))(attn, info, valid))
         for b in range(2):
             ok = valid[b]
             ref = 0.7 * np_minmax(attn[b][ok]) + 0.3 * np_minmax(info[b][ok])
@@ -131,7 +131,7 @@ class TokenCarveTest(chex.TestCase):
             assert (fused[b][~ok] == 0).all()
         xk, xd = rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 6, 8))
         kv, dv = np.array([[1, 1, 1, 0]] * 2, bool), np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], bool)
-        merged = np.asarray(self.variant(methods.merge_into)(xk, kv, xd, dv))
+        merged = np.asarray(self.variant(policies.merge_into)(xk, kv, xd, dv))
         for b in range(2):
             unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
             to = (unit(xd[b][dv[b]]) @ unit(xk[b][kv[b]]).T).argmax(1)

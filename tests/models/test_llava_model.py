@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdebias.models import llava
+from jaxdebias.models import generate as gen
 from jaxdebias.models.llava import LlavaConfig
 
 torch = pytest.importorskip("torch")
@@ -36,7 +37,7 @@ def test_7b_parameter_count_reconciles_with_transformers():
 
 
 def _tiny(tmp_path):
-    from jaxdebias.convert.checkpoint import from_hf
+    from jaxdebias.convert import from_hf
 
     make_hf_llava("gqa").save_pretrained(tmp_path)
     return from_hf(tmp_path)
@@ -44,9 +45,9 @@ def _tiny(tmp_path):
 
 def test_generation_compiles_once_per_bucket(tmp_path):
     model = _tiny(tmp_path)
-    llava._prefill.clear_cache()  # other tests in this process may have compiled the same shapes
-    llava._decode.clear_cache()
-    p0, d0 = llava._prefill._cache_size(), llava._decode._cache_size()
+    gen.prefill_step.clear_cache()  # other tests in this process may have compiled the same shapes
+    gen.decode_step.clear_cache()
+    p0, d0 = gen.prefill_step._cache_size(), gen.decode_step._cache_size()
     rng = np.random.default_rng(0)
     ids, am, px = prompts()
     def longer(extra):
@@ -54,13 +55,14 @@ def test_generation_compiles_once_per_bucket(tmp_path):
         return pre, np.concatenate([am[:, :1], np.ones((2, extra), am.dtype), am[:, 1:]], 1)
 
     for extra in range(0, 30, 5):  # prompt lengths 19..44 all fall in the 64-token bucket
-        out = llava.generate(model, *longer(extra)[:1], px, longer(extra)[1], max_new_tokens=5, stop_at_eos=False)
+        pre, pre_am = longer(extra)
+        out = gen.generate(model, gen.Batch(pre, px, pre_am), max_new_tokens=5, stop_at_eos=False).tokens
         assert out.shape == (2, 5)
-    assert llava._prefill._cache_size() - p0 == 1
-    assert llava._decode._cache_size() - d0 == 1
+    assert gen.prefill_step._cache_size() - p0 == 1
+    assert gen.decode_step._cache_size() - d0 == 1
     pre, pre_am = longer(60)  # 79 tokens: the 128 bucket, a second prefill and a second cache size
-    llava.generate(model, pre, px, pre_am, max_new_tokens=5)
-    assert llava._prefill._cache_size() - p0 == 2
+    gen.generate(model, gen.Batch(pre, px, pre_am), max_new_tokens=5)
+    assert gen.prefill_step._cache_size() - p0 == 2
     from jaxdebias.models.llama import Taps  # the layer-input shortcut (bias report) = the full forward's tap
 
     out = model(ids, px, am, taps=Taps(hidden_layers=(1, 2), out_layers=(1,)))

@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxdebias.convert.checkpoint import from_hf  # noqa: E402
-from jaxdebias.models import llava  # noqa: E402
+from jaxdebias.convert import from_hf  # noqa: E402
+from jaxdebias.models.generate import Batch, generate  # noqa: E402
 from jaxdebias.models.llama import Taps  # noqa: E402
 
 from .hf_tiny import IMAGE_TOKEN, make_hf_llava, prompts  # noqa: E402
@@ -70,8 +70,8 @@ def test_greedy_generation_matches(pair):
         ref = hf.generate(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px),
                           attention_mask=torch.tensor(am), max_new_tokens=16, do_sample=False)
     ref = ref[:, ids.shape[1]:].numpy()
-    got = llava.generate(ours, ids, px, am, max_new_tokens=16, stop_at_eos=False)
+    got = generate(ours, Batch(ids, px, am), max_new_tokens=16, stop_at_eos=False).tokens
     np.testing.assert_array_equal(got, ref)
     # right-padded input gives the same continuation (positions come from the mask)
     ids_r, am_r, _ = prompts(padding="right")
-    np.testing.assert_array_equal(llava.generate(ours, ids_r, px, am_r, max_new_tokens=16, stop_at_eos=False), ref)
+    np.testing.assert_array_equal(generate(ours, Batch(ids_r, px, am_r), max_new_tokens=16, stop_at_eos=False).tokens, ref)

@@ -10,9 +10,10 @@ import pytest
 
 import jaxdebias as jd
 from jaxdebias.methods import Stage
-from jaxdebias.models import _common as C
-from jaxdebias.models import llava, pruning
-from jaxdebias.models.llama import rope_inv_freq, slot_mask
+from jaxdebias.models import generate as gen
+from jaxdebias.models import layers, llava, pruning
+from jaxdebias.models.llama import rope_inv_freq
+from jaxdebias.models.rows import slot_mask
 
 torch = pytest.importorskip("torch")
 
@@ -25,7 +26,7 @@ CURVE = {"form": "exp", "b": 0.4}  # strong enough to reorder 9 tokens
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from jaxdebias.convert.checkpoint import from_hf
+    from jaxdebias.convert import from_hf
 
     hf = make_hf_llava("gqa", seed=5)
     path = tmp_path_factory.mktemp("prune")
@@ -40,7 +41,7 @@ def tiny(tmp_path_factory):
 
 
 def batch(t, instruction=None):
-    return pruning.Batch(t["ids"], t["px"], t["am"], image_sizes=SIZES, instruction_pos=instruction)
+    return gen.Batch(t["ids"], t["px"], t["am"], image_sizes=SIZES, instruction_pos=instruction)
 
 
 def np_select(scores, k, candidates):
@@ -69,7 +70,7 @@ def kept_sets(result, stage=0):
 @pytest.mark.parametrize("debias", ["off", "pad", "pad+curve"])
 def test_fastv_selection_equals_numpy(tiny, debias):
     spec = jd.PruneSpec("fastv", keep=4, layer=2, buckets=BUCKETS, debias=DEBIAS[debias])
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     for b in range(2):
         img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
         last = np.nonzero(tiny["am"][b])[0].max()
@@ -78,7 +79,7 @@ def test_fastv_selection_equals_numpy(tiny, debias):
         s, cand = s[b] if s.ndim == 2 else s, cand[b]
         assert kept_sets(r)[b] == np_select(s, 4, cand)
     if debias != "off":  # the correction changes the kept set as the formula says (checked above), and differs
-        plain = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=dataclasses.replace(
+        plain = gen.generate(tiny["model"], batch(tiny), prune=dataclasses.replace(
             spec, debias=jd.Debias()), max_new_tokens=1)
         assert kept_sets(plain) != kept_sets(r)
 
@@ -90,7 +91,7 @@ def test_pdrop_stages_equal_numpy_and_transformers(tiny):
     instr = np.array([np.nonzero(tiny["am"][b])[0].max() - 1 for b in range(2)])  # a text token before the last
     spec = jd.PruneSpec("pdrop", stages=(Stage(2, 5, "instruction", "probe"), Stage(3, 2, "instruction", "probe")),
                         buckets=BUCKETS, debias=jd.Debias(curve=CURVE))
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny, instr), prune=spec, max_new_tokens=1)
+    r = gen.generate(tiny["model"], batch(tiny, instr), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     lm = hf.model.language_model
     with torch.no_grad():
@@ -125,7 +126,7 @@ def test_himap_stages_equal_numpy_and_transformers(tiny):
     """Stage 1: the text rows' attention in layer 1 keeps 5. Stage 2: the kept image tokens' attention to each
     other in layer 2, which transformers computes here on the pruned sequence (original positions), keeps 3."""
     spec = jd.PruneSpec("himap", stages=(Stage(2, 5, "text", "tap"), Stage(3, 3, "image", "tap")), buckets=BUCKETS)
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     lm = hf.model.language_model
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_visionzip_equals_the_released_algorithm_on_transformers(tiny):
     transformers' CLIP outputs, projects the block with transformers' projector and runs transformers' decoder
     with the image span replaced by it (positions re-indexed, as the block is simply shorter)."""
     spec = jd.PruneSpec("visionzip", keep=6, visionzip_contextual=2, buckets=BUCKETS)
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     tower = hf.model.vision_tower
     with torch.no_grad():
@@ -212,7 +213,7 @@ def test_sparsevlm_stage_equals_numpy_and_transformers(tiny):
 
     spec = jd.PruneSpec("sparsevlm", stages=(Stage(2, 4, "raters", "probe", recycle=3, clusters=1),),
                         buckets=BUCKETS)
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     lm = hf.model.language_model
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_tokencarve_stage_equals_numpy_and_transformers(tiny):
     for debias, K, M in (("off", 3, 3), ("curve", 3, 3), ("pad+curve", 1, 1)):
         spec = jd.PruneSpec("tokencarve", stages=(Stage(2, K, "last", "tap", merge=M, info_weight=0.5),),
                             buckets=BUCKETS, debias=DEBIAS.get(debias, jd.Debias(curve=CURVE)))
-        r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+        r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
         kept_by[debias] = kept_sets(r)
         for b in range(2):
             img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
@@ -303,11 +304,11 @@ def test_keep_all_equals_unpruned(tiny, method):
               "sparsevlm": (Stage(2, 9, "raters", "probe"),), "tokencarve": (Stage(2, 9, "last", "tap", info_weight=0.5),),
               "himap": (Stage(1, 9, "text", "tap"), Stage(2, 9, "image", "tap")), "visionzip": None}[method]
     spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0, visionzip_cls=False)
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
     out = tiny["model"](tiny["ids"], tiny["px"], tiny["am"])
-    ref = np.asarray(C.last_real(out.logits, jnp.asarray(tiny["am"], bool)))
+    ref = np.asarray(layers.last_real(out.logits, jnp.asarray(tiny["am"], bool)))
     np.testing.assert_allclose(r.logits, ref, atol=1e-5)
-    dense = llava.generate(tiny["model"], tiny["ids"], tiny["px"], tiny["am"], max_new_tokens=8, stop_at_eos=False)
+    dense = gen.generate(tiny["model"], gen.Batch(tiny["ids"], tiny["px"], tiny["am"]), max_new_tokens=8, stop_at_eos=False).tokens
     np.testing.assert_array_equal(r.tokens, dense)
 
 
@@ -317,7 +318,7 @@ def masked_reference(model, ids, px, am, layer, kept_raster):
     h, _ = model.embed(ids, px)
     B, T = ids.shape
     amb = jnp.asarray(am, bool)
-    pos = C.default_positions(amb)
+    pos = layers.default_positions(amb)
     is_img = ids == IMAGE_TOKEN
     raster = np.where(is_img, np.cumsum(is_img, 1) - 1, -1)
     keep = ~is_img | np.stack([np.isin(raster[b], kept_raster[b]) for b in range(B)])
@@ -332,7 +333,7 @@ def masked_reference(model, ids, px, am, layer, kept_raster):
 
 def test_pruned_logits_equal_masked_attention_reference(tiny):
     spec = jd.PruneSpec("fastv", keep=3, layer=2, buckets=BUCKETS, debias=jd.Debias(pad_tau=0.5))
-    r = pruning.prefill_and_generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     ref = masked_reference(tiny["model"], tiny["ids"], tiny["px"], tiny["am"], 2, kept_sets(r))
     np.testing.assert_allclose(r.logits, ref, atol=1e-5)
     assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 3)]  # the tokens are really gone after layer 2
@@ -342,9 +343,9 @@ def test_fifty_requests_compile_once_per_bucket(tiny):
     """50 requests of four methods with mixed prompt lengths, image shapes and budgets: one prefill program per
     (prompt bucket, shape spec) and one decode program per (prompt bucket, per-layer cache sizes)."""
     rng = np.random.default_rng(0)
-    pruning._prefill.clear_cache()  # other tests in this process may have compiled the same shapes
-    llava._decode.clear_cache()
-    p0, d0 = pruning._prefill._cache_size(), llava._decode._cache_size()
+    gen.prefill_step.clear_cache()  # other tests in this process may have compiled the same shapes
+    gen.decode_step.clear_cache()
+    p0, d0 = gen.prefill_step._cache_size(), gen.decode_step._cache_size()
     seen, caches = set(), set()
     buckets = (3, 6, 9)
     for i in range(50):
@@ -360,17 +361,17 @@ def test_fifty_requests_compile_once_per_bucket(tiny):
             stages = (Stage(2, keep, "raters", "probe", recycle=2, clusters=1),)
         spec = jd.PruneSpec(method, keep=keep, stages=stages, buckets=buckets,
                             visionzip_contextual=0 if keep < 3 else 1, debias=jd.Debias(curve="online", pad_tau=0.5))
-        r = pruning.prefill_and_generate(tiny["model"], pruning.Batch(ids, tiny["px"], am, sizes), prune=spec,
+        r = gen.generate(tiny["model"], gen.Batch(ids, tiny["px"], am, sizes), prune=spec,
                                          max_new_tokens=2, stop_at_eos=False)
         shape, limits = spec.split(9, 4)
-        prompt = llava._round_up(ids.shape[1], llava.PROMPT_BUCKETS)
+        prompt = jd.bucket(ids.shape[1], gen.PROMPT_BUCKETS)
         seen.add((prompt, shape))
         caches.add(tuple(r.stage_lengths))
         assert all((s.sum(1) <= keep).all() for _, s in r.kept)
     assert {m for _, m in {(p, s.method) for p, s in seen}} == {"fastv", "visionzip", "tokencarve", "sparsevlm"}
     assert len(seen) <= 24
-    assert pruning._prefill._cache_size() - p0 == len(seen)
-    assert llava._decode._cache_size() - d0 == len(caches) < len(seen)  # equal cache layouts share a decode
+    assert gen.prefill_step._cache_size() - p0 == len(seen)
+    assert gen.decode_step._cache_size() - d0 == len(caches) < len(seen)  # equal cache layouts share a decode
 
 
 def _flops(model, spec, T=640):
@@ -383,7 +384,7 @@ def _flops(model, spec, T=640):
     from flax import nnx
 
     g, st = nnx.split(model)
-    lowered = pruning._prefill.lower(g, st, jnp.asarray(ids), px, jnp.ones((B, T), bool), jnp.ones((B, 2), jnp.int32),
+    lowered = gen.prefill_step.lower(g, st, jnp.asarray(ids), px, jnp.ones((B, T), bool), jnp.ones((B, 2), jnp.int32),
                                      None, pruning.limits_array(limits), jax.random.key(0), spec=shape,
                                      extra=64, temperature=0.0)
     return lowered.compile().cost_analysis()["flops"], shape

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdebias.models import attention as A
-from jaxdebias.models.llama import LlamaForCausalLM, slot_mask
+from jaxdebias.models import interventions
+from jaxdebias.models.llama import LlamaForCausalLM
+from jaxdebias.models.rows import slot_mask
 
 torch = pytest.importorskip("torch")
 
@@ -25,9 +26,9 @@ def np_allowed(N, T, n_init, n_local, n_last):
                                                       (33, 8, 5, 100)])
 def test_mask_equals_numpy(N, n_init, n_local, n_last):
     T = 40
-    spec = A.TriangleMix(n_init=n_init, n_local=n_local, n_last=n_last, starting_layer=0)
+    spec = interventions.TriangleMix(n_init=n_init, n_local=n_local, n_last=n_last, starting_layer=0)
     pos = jnp.arange(T)[None]
-    got = np.asarray(A.triangle_allowed(pos, pos, jnp.array([N]), spec))[0]
+    got = np.asarray(interventions.triangle_allowed(pos, pos, jnp.array([N]), spec))[0]
     np.testing.assert_array_equal(got[:N, :N], np_allowed(N, T, n_init, n_local, n_last)[:N, :N])
 
 
@@ -50,10 +51,10 @@ def test_split_path_equals_masked(padding, n_init, n_local, n_last, block):
     real = jnp.asarray(real)
     pos = jnp.where(real, jnp.cumsum(real, 1) - 1, 0)
     mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), real)
-    spec = A.TriangleMix(n_init=n_init, n_local=n_local, n_last=n_last, starting_layer=0, block=block)
+    spec = interventions.TriangleMix(n_init=n_init, n_local=n_local, n_last=n_last, starting_layer=0, block=block)
     n_real = jnp.sum(real, 1)
-    ref = A.attend_masked(q, k, v, mask, pos, pos, real, n_real, spec)
-    got = jax.jit(lambda q, k, v: A.attend_split(q, k, v, mask, pos, pos, real, n_real, spec))(q, k, v)
+    ref = interventions.attend_masked(q, k, v, mask, pos, pos, real, n_real, spec)
+    got = jax.jit(lambda q, k, v: interventions.attend_split(q, k, v, mask, pos, pos, real, n_real, spec))(q, k, v)
     np.testing.assert_allclose(np.asarray(got)[np.asarray(real)], np.asarray(ref)[np.asarray(real)], atol=1e-5)
 
 
@@ -79,7 +80,7 @@ def hf_text(kind, tmp_path, tie=False):
 
 @pytest.mark.parametrize("kind,tie", [("llama", False), ("qwen2", False), ("qwen2", True)])
 def test_text_models_match_transformers(kind, tie, tmp_path):
-    from jaxdebias.convert.checkpoint import from_hf
+    from jaxdebias.convert import from_hf
 
     hf = hf_text(kind, tmp_path, tie)
     ours = from_hf(tmp_path)
@@ -94,10 +95,10 @@ def test_text_models_match_transformers(kind, tie, tmp_path):
     got = np.asarray(ours(ids, am).logits)
     assert np.abs(got - ref)[am.astype(bool)].max() <= 1e-4
     # TriangleMix covering everything is dense attention; a sparse one changes only the deep layers' prefill
-    full = A.TriangleMix(n_init=0, n_local=64, n_last=0, starting_layer=1)
+    full = interventions.TriangleMix(n_init=0, n_local=64, n_last=0, starting_layer=1)
     np.testing.assert_allclose(np.asarray(ours(ids, am, triangle=full).logits), got, atol=1e-5)
-    sparse = A.TriangleMix(n_init=2, n_local=4, n_last=3, starting_layer=1, path="split")
-    masked = A.TriangleMix(n_init=2, n_local=4, n_last=3, starting_layer=1, path="masked")
+    sparse = interventions.TriangleMix(n_init=2, n_local=4, n_last=3, starting_layer=1, path="split")
+    masked = interventions.TriangleMix(n_init=2, n_local=4, n_last=3, starting_layer=1, path="masked")
     a, b = (np.asarray(ours(ids, am, triangle=t).logits) for t in (sparse, masked))
     np.testing.assert_allclose(a[am.astype(bool)], b[am.astype(bool)], atol=1e-5)
     assert np.abs(a - got)[am.astype(bool)].max() > 1e-3
@@ -105,11 +106,11 @@ def test_text_models_match_transformers(kind, tie, tmp_path):
 
 def test_trianglemix_bad_input():
     with pytest.raises(ValueError, match="n_local must be > 0"):
-        A.TriangleMix(n_local=0)
+        interventions.TriangleMix(n_local=0)
     with pytest.raises(ValueError, match="starting_layer 40 is past the model's 32 layers"):
-        A.TriangleMix(starting_layer=40).check(32)
+        interventions.TriangleMix(starting_layer=40).check(32)
     with pytest.raises(ValueError, match="path must be"):
-        A.TriangleMix(path="flash")
+        interventions.TriangleMix(path="flash")
 
 
 @pytest.mark.parametrize("T,n_init,n_local,n_last", [(256, 4, 40, 10), (40, 2, 8, 3), (384, 0, 128, 0)])
@@ -122,7 +123,7 @@ def test_splash_path_equals_masked(T, n_init, n_local, n_last):
     real = jnp.asarray(real)
     pos = jnp.where(real, jnp.cumsum(real, 1) - 1, 0)
     mask = slot_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), real)
-    spec = A.TriangleMix(n_init=n_init, n_local=n_local, n_last=n_last, starting_layer=0, path="splash")
-    ref = A.attend_masked(q, k, v, mask, pos, pos, real, jnp.sum(real, 1), spec)
-    got = A.attend_splash(q, k, v, mask, pos, pos, real, jnp.sum(real, 1), spec)
+    spec = interventions.TriangleMix(n_init=n_init, n_local=n_local, n_last=n_last, starting_layer=0, path="splash")
+    ref = interventions.attend_masked(q, k, v, mask, pos, pos, real, jnp.sum(real, 1), spec)
+    got = interventions.attend_splash(q, k, v, mask, pos, pos, real, jnp.sum(real, 1), spec)
     np.testing.assert_allclose(np.asarray(got)[np.asarray(real)], np.asarray(ref)[np.asarray(real)], atol=1e-5)

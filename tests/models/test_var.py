@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jaxdebias as jd
-from jaxdebias.models import llava
-from jaxdebias.models.attention import VarSpec
+from jaxdebias.models.generate import Batch, generate
+from jaxdebias.models.interventions import VarSpec
 from jaxdebias.models.llama import Taps
 
 torch = pytest.importorskip("torch")
@@ -94,7 +94,7 @@ def torch_var_reference(hf, ids, spec: VarSpec, dims, num_layers):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from jaxdebias.convert.checkpoint import from_hf
+    from jaxdebias.convert import from_hf
 
     hf = make_hf_llava("mha", seed=7)
     path = tmp_path_factory.mktemp("var")
@@ -126,7 +126,7 @@ def test_var_matches_torch_reference(pair):
     real = am.astype(bool)
     assert np.abs(got - plain)[real].max() > 1e-3  # VAR really changed something
     assert np.abs(got - ref)[real].max() <= 1e-4
-    gen = llava.generate(ours, ids, px, am, max_new_tokens=8, stop_at_eos=False, var=spec)
+    gen = generate(ours, Batch(ids, px, am), max_new_tokens=8, stop_at_eos=False, var=spec).tokens
     np.testing.assert_array_equal(gen, gen_ref[:, ids.shape[1]:].numpy())
 
 
@@ -144,7 +144,7 @@ def test_var_bad_input(pair):
     _, ours = pair
     ids, am, _ = prompts()
     text_only = np.where(ids == IMAGE_TOKEN, 7, ids)
-    for run in (ours, lambda *a, **k: llava.generate(ours, *a, max_new_tokens=2, **k)):  # forward and generation
+    for run in (ours, lambda ids, pixel_values, mask, **k: generate(ours, Batch(ids, pixel_values, mask), max_new_tokens=2, **k)):  # forward and generation
         with pytest.raises(ValueError, match="has no image. Drop var="):
             run(text_only, None, am, var=VarSpec(sink_dims=(1, 2)))
     with pytest.raises(ValueError, match="VAR needs sink dimensions"):
@@ -160,19 +160,18 @@ def test_var_bad_input(pair):
 def test_var_with_pruning(pair):
     """VAR runs on the pruned sequence: with nothing pruned it is the dense VAR model, prefill and decode."""
     import jaxdebias as jd
-    from jaxdebias.models import pruning
 
     _, ours = pair
     ids, am, px = prompts(padding="right")
     spec = VarSpec(sink_dims="discover", tau=TAU)
     keep_all = jd.PruneSpec("fastv", keep=9, buckets=tuple(range(1, 10)))
-    r = pruning.prefill_and_generate(ours, pruning.Batch(ids, px, am), prune=keep_all, max_new_tokens=6,
+    r = generate(ours, Batch(ids, px, am), prune=keep_all, max_new_tokens=6,
                                      stop_at_eos=False, var=spec)
-    dense = llava.generate(ours, ids, px, am, max_new_tokens=6, stop_at_eos=False, var=spec)
+    dense = generate(ours, Batch(ids, px, am), max_new_tokens=6, stop_at_eos=False, var=spec).tokens
     np.testing.assert_array_equal(r.tokens, dense)
     out = ours(ids, px, am, var=spec).logits
     last = am.sum(1) - 1
     np.testing.assert_allclose(r.logits, np.asarray(out)[np.arange(2), last], atol=1e-5)
-    pruned = pruning.prefill_and_generate(ours, pruning.Batch(ids, px, am), prune=jd.PruneSpec(
+    pruned = generate(ours, Batch(ids, px, am), prune=jd.PruneSpec(
         "fastv", keep=4, buckets=tuple(range(1, 10))), max_new_tokens=6, var=spec)
     assert np.isfinite(pruned.logits).all()

@@ -1,4 +1,11 @@
-"""HF checkpoint -> our model: in memory (``from_hf``) or to an Orbax checkpoint on disk (``convert``)."""
+"""Checkpoints -> models on a device or a mesh: a converted Orbax checkpoint (``load``) or a Hugging Face checkpoint
+converted in memory (``from_hf``). The command line, the notebooks and the converter all load through here; the
+converter (``jaxdebias.convert.write``) only writes.
+
+The on-disk format: ``params/`` (Orbax, parameter paths as nested string keys), ``config.json`` (normalised to the
+transformers layout), ``jaxdebias.json`` (the marker: format version, dtype, source), and the tokenizer and
+processor files copied beside them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
-from jaxdebias.convert.loader import ConversionError, Source, detect_layout, list_weight_files, plan, stream
-from jaxdebias.models import llama as llama_mod
-from jaxdebias.models import llava as llava_mod
+from jaxdebias.convert.source import ConversionError, Source, detect_layout, list_weight_files, plan, stream
+from jaxdebias.models import llama, llava
 
 
 def config_path(src) -> str:
@@ -74,10 +81,10 @@ def model_for(config: dict, dtype):
     kind = config.get("model_type")
     try:
         if kind == "llava":
-            return llava_mod.LlavaConfig.from_hf_config(config, dtype=dtype), llava_mod.Llava, "language_model"
+            return llava.LlavaConfig.from_hf_config(config, dtype=dtype), llava.Llava, "language_model"
         if kind in ("llama", "qwen2"):
-            return llama_mod.LlamaConfig.from_hf_config(config, dtype=dtype, param_dtype=dtype), \
-                llama_mod.LlamaForCausalLM, "model"
+            return llama.LlamaConfig.from_hf_config(config, dtype=dtype, param_dtype=dtype), \
+                llama.LlamaForCausalLM, "model"
     except (KeyError, ValueError) as e:
         raise ConversionError(f"config.json is not a supported {kind} config: {e}") from None
     raise ConversionError(f"config.json has model_type {kind!r}; supported: 'llava' (LLaVA-1.5), and 'llama' / "
@@ -145,13 +152,9 @@ def fill(model, values: dict):
 
 MARKER = "jaxdebias.json"
 FORMAT_VERSION = 1
-# Files copied beside the weights so that the checkpoint directory is all a user needs at inference.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
-              "chat_template.json", "chat_template.jinja")
 
 
-def _nest(flat: dict[tuple, object]) -> dict:
+def nest(flat: dict[tuple, object]) -> dict:
     """{(a, 0, b): x} -> {"a": {"0": {"b": x}}} (Orbax trees take string keys)."""
     out: dict = {}
     for path, value in flat.items():
@@ -160,78 +163,6 @@ def _nest(flat: dict[tuple, object]) -> dict:
             node = node.setdefault(str(p), {})
         node[str(path[-1])] = value
     return out
-
-
-def _chunks(items, budget: int):
-    """Groups (path, array, nbytes) items into lists whose arrays total at most ``budget`` bytes (or one item)."""
-    group, size = [], 0
-    for item in items:
-        if group and size + item[1].nbytes > budget:
-            yield group
-            group, size = [], 0
-        group.append(item)
-        size += item[1].nbytes
-    if group:
-        yield group
-
-
-def convert(src, dst, *, dtype="bfloat16", layout="auto", vision=None, progress=True) -> dict:
-    """Converts a HF checkpoint to an Orbax checkpoint at ``dst``, streaming, and returns a summary dict.
-
-    Every check runs before anything is written. Tensors are read one at a time from memory-mapped files, cast,
-    and appended to a partial Orbax checkpoint in a temporary sibling directory, flushed whenever the buffered
-    tensors reach the size of the largest tensor; the directory is renamed to ``dst`` only when complete, so an
-    interrupted run never leaves a checkpoint that looks valid.
-    """
-    import shutil
-
-    import orbax.checkpoint.experimental.v1 as ocp
-    from tqdm.auto import tqdm
-
-    dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst):
-        raise ConversionError(f"{dst} already exists; remove it or choose another destination.")
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    cfg, cls, source, steps, layout, config = prepare(src, layout=layout, vision=vision, dtype=jnp.dtype(dtype))
-    total = sum(source.nbytes(s.key) for s in steps)
-    largest = max(int(np.prod(source.shape(s.key))) * np_dtype.itemsize for s in steps)
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # Weights barely compress; skipping compression doubles the write rate.
-    no_compression = ocp.Context(array_options=ocp.options.ArrayOptions(
-        saving=ocp.options.ArrayOptions.Saving(use_compression=False)))
-    try:
-        os.makedirs(tmp)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress)
-        done = 0
-        for group in _chunks(stream(source, steps, np_dtype), budget=largest):
-            with no_compression:
-                ocp.partial.save(os.path.join(tmp, "params"), _nest({p: a for p, a, _ in group}))
-            done += len(group)
-            bar.update(sum(n for _, _, n in group))
-            bar.set_postfix(tensors=f"{done}/{len(steps)}")
-        bar.close()
-        with no_compression:
-            ocp.partial.finalize(os.path.join(tmp, "params"))
-        base = os.path.dirname(config_path(src))
-        for name in SIDE_FILES:
-            if os.path.isfile(os.path.join(base, name)):
-                shutil.copy2(os.path.join(base, name), os.path.join(tmp, name))
-        with open(os.path.join(tmp, "config.json"), "w") as f:  # normalised: what load() reads
-            json.dump(config, f, indent=1)
-        summary = {"format_version": FORMAT_VERSION, "model_type": config["model_type"],
-                   "dtype": np_dtype.name, "layout": layout, "source": os.path.abspath(base),
-                   "tensors": len(steps), "parameters": int(sum(np.prod(source.shape(s.key)) for s in steps)),
-                   "source_bytes": int(total)}
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(summary, f, indent=1)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
 
 
 def _placement(mesh):
@@ -258,8 +189,6 @@ def load(dst, *, dtype=None, mesh=None):
       dtype: compute/parameter dtype (default: the stored one); a different dtype is cast on restore.
       mesh: optional ``jax.sharding.Mesh`` with axes ("data", "model").
     """
-    import orbax.checkpoint.experimental.v1 as ocp
-
     dst = os.fspath(dst)
     marker = os.path.join(dst, MARKER)
     if not os.path.isfile(marker):
@@ -276,7 +205,7 @@ def load(dst, *, dtype=None, mesh=None):
     place = _placement(mesh)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     specs = {tuple(p): v.get_metadata().get("out_sharding") for p, v in flat.items()}
-    target = _nest({p: jax.ShapeDtypeStruct(v.get_value().shape, dtype, sharding=place(v.get_value().shape, specs[p]))
+    target = nest({p: jax.ShapeDtypeStruct(v.get_value().shape, dtype, sharding=place(v.get_value().shape, specs[p]))
                     for p, v in flat.items()})
     restored = ocp.load(os.path.join(dst, "params"), target)
 

@@ -1,6 +1,7 @@
 """Attention interventions inside the decoder: VAR redistribution and TriangleMix sparse prefill.
 
-Axes: B batch, T query slots, S key slots, N query heads, K kv heads, Hd head dim, Q edited rows.
+Axes: B batch, T query slots, S key slots, H query heads, G key/value heads, R query heads per key/value head,
+E head dim, Q edited rows.
 
 VAR - "See What You Are Told: Visual Attention Sink in Large Multimodal Models" (Kang et al., ICLR 2025) and the
 authors' release (seilk/VisAttnSink). Sinks are measured on each layer's residual input at prefill; the rows
@@ -24,8 +25,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 import jaxdebias as jd
+from jaxdebias.models.rows import attention_rows, put_rows, rows_after_image, weighted_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,27 +77,15 @@ class VarSpec:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class VarContext:
-    """Per-call VAR inputs. visual: bool[B, T] image slots (the keys VAR redistributes to; at prefill also the
-    image span); rows: int[B, Q] / row_valid: bool[B, Q] the query rows to edit; dims: int[S_d] sink dims."""
+    """VAR's inputs for one prefill. visual: bool[B, T] image slots (the keys VAR redistributes to; at prefill
+    also the image span); rows: int[B, Q] / row_valid: bool[B, Q] the query rows to edit; dims: int[Z] sink dims
+    (empty with sink_dims="discover")."""
 
     visual: jax.Array
     rows: jax.Array
     row_valid: jax.Array
     dims: jax.Array
     spec: VarSpec = dataclasses.field(metadata={"static": True})
-
-
-def rows_after_image(is_img, real, span: int):
-    """The query rows after each sample's image span: (rows int[B, Q], valid bool[B, Q]), Q = T - span.
-
-    is_img: bool[B, T] the (contiguous) image span; real: bool[B, T] real slots; span: static span length.
-    A sample without image slots has no valid row."""
-    B, T = is_img.shape
-    last = jnp.max(jnp.where(is_img, jnp.arange(T), -1), axis=1)
-    rows = last[:, None] + 1 + jnp.arange(max(T - span, 1))[None, :]
-    ok = (rows < T) & (last[:, None] >= 0)
-    rows = jnp.clip(rows, 0, T - 1)
-    return rows, ok & jnp.take_along_axis(real & ~is_img, rows, axis=1)
 
 
 def var_context(var: VarSpec | None, is_img, real, span: int) -> VarContext | None:
@@ -105,31 +97,28 @@ def var_context(var: VarSpec | None, is_img, real, span: int) -> VarContext | No
     return VarContext(is_img & real, rows, row_valid, dims, var)
 
 
-def _grouped(probs, v):
-    """probs float32[B, N, Q, S] @ v [B, S, K, Hd] -> [B, Q, N, Hd] (grouped-query heads)."""
-    B, N, Q, S = probs.shape
-    K = v.shape[2]
-    p = probs.reshape(B, K, N // K, Q, S)
-    return jnp.einsum("bkgqs,bskh->bqkgh", p, v.astype(jnp.float32)).reshape(B, Q, N, -1)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class VarRows:
+    """VAR's input to one attention layer: edit ``rows`` int[B, Q] (where ``row_valid`` bool[B, Q]) with the
+    image keys ``visual`` bool[B, S] and this layer's sink keys ``sink`` bool[B, S]."""
+
+    rows: jax.Array
+    row_valid: jax.Array
+    visual: jax.Array
+    sink: jax.Array
+    spec: VarSpec = dataclasses.field(metadata={"static": True})
 
 
-def var_rows(q, k, v, mask, rows, row_valid, visual, sink, spec: VarSpec):
-    """VAR-edited attention output of the given rows: (out float32[B, Q, N, Hd], selected bool[B, N, Q])."""
-    from jaxdebias.models.llama import attention_rows
-
-    probs = attention_rows(q, k, mask, rows)  # [B, N, Q, S]
-    selected = jd.image_centric_heads(probs, visual, sink, min_visual=spec.min_visual, rho=spec.rho)
-    selected = selected & row_valid[:, None, :]
-    edited = jd.var_redistribute(probs, visual, sink, selected, p=spec.p)
-    return _grouped(edited, v), selected
-
-
-def put_rows(out, rows, row_valid, new):
-    """out [B, T, N, Hd] with rows (int[B, Q], where row_valid) replaced by new [B, Q, N, Hd]."""
-    T = out.shape[1]
-    target = jnp.where(row_valid, rows, T)  # invalid rows write out of bounds: dropped
-    b = jnp.arange(out.shape[0])[:, None]
-    return out.at[b, target].set(new.astype(out.dtype), mode="drop")
+def var_rows(q, k, v, mask, edit: VarRows):
+    """VAR-edited attention output of the edited rows: (out float32[B, Q, H, E], selected bool[B, H, Q]).
+    q: [B, T, H, E]; k, v: [B, S, G, E]; mask: bool[B, T, S]."""
+    probs = attention_rows(q, k, mask, edit.rows)  # [B, H, Q, S]
+    selected = jd.image_centric_heads(probs, edit.visual, edit.sink, min_visual=edit.spec.min_visual,
+                                      rho=edit.spec.rho)
+    selected = selected & edit.row_valid[:, None, :]
+    edited = jd.var_redistribute(probs, edit.visual, edit.sink, selected, p=edit.spec.p)
+    return weighted_values(edited, v), selected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,21 +184,21 @@ def attend_split(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
     Assumes a prefill where slot order equals position order (the slot mask's causality); cost
     O(T * (n_local + block + n_init) + n_last * T) instead of O(T^2).
     """
-    B, T, N, Hd = q.shape
-    K = k.shape[2]
-    G = N // K
+    B, T, H, E = q.shape
+    G = k.shape[2]
+    R = H // G
     blk = min(spec.block, T)
     nb = -(-T // blk)
     pad = nb * blk - T
     span = blk + spec.n_local - 1  # keys a query block can reach through the band
-    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, nb, blk, K, G, Hd)
+    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, nb, blk, G, R, E)
     qp = jnp.pad(qpos, ((0, 0), (0, pad)), constant_values=-1).reshape(B, nb, blk)
     mk = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, blk, -1)
     # keys padded before (bands reaching left of slot 0) and after (the last block's rows past T)
     kf = jnp.pad(k.astype(jnp.float32), ((0, 0), (span, pad), (0, 0), (0, 0)))
     vf = jnp.pad(v.astype(jnp.float32), ((0, 0), (span, pad), (0, 0), (0, 0)))
     kp = jnp.pad(kpos, ((0, 0), (span, pad)), constant_values=-(10**9))
-    scale = 1.0 / math.sqrt(Hd)
+    scale = 1.0 / math.sqrt(E)
 
     def band(b):  # keys [b*blk - n_local + 1, (b+1)*blk) in original slots -> padded offset +span
         start = b * blk - spec.n_local + 1 + span
@@ -221,14 +210,14 @@ def attend_split(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
         mks = jnp.take(mk[:, b], jnp.clip(slots, 0, mask.shape[2] - 1), axis=2) & inside[None, None, :]
         i, j = qp[:, b][:, :, None], kps[:, None, :]
         ok = mks & (j <= i) & (i - j < spec.n_local)
-        logits = jnp.einsum("bqkgh,bskh->bkgqs", qf[:, b], ks) * scale
+        logits = jnp.einsum("bqgre,bsge->bgrqs", qf[:, b], ks) * scale
         m, l, e = _softmax_parts(logits, ok[:, None, None])
-        o = jnp.einsum("bkgqs,bskh->bkgqh", e, vs)
+        o = jnp.einsum("bgrqs,bsge->bgrqe", e, vs)
         return m[..., 0], l, o
 
-    m1, l1, o1 = jax.lax.map(band, jnp.arange(nb))  # [nb, B, K, G, blk(, Hd)]
+    m1, l1, o1 = jax.lax.map(band, jnp.arange(nb))  # [nb, B, G, R, blk(, E)]
     if spec.n_init == 0:
-        m2, l2, o2 = (jnp.full((B, K, G, T, 1), -jnp.inf), jnp.zeros((B, K, G, T)), jnp.zeros((B, K, G, T, Hd)))
+        m2, l2, o2 = (jnp.full((B, G, R, T, 1), -jnp.inf), jnp.zeros((B, G, R, T)), jnp.zeros((B, G, R, T, E)))
     else:
         m2, l2, o2 = _sinks(q, k, v, mask, qpos, kpos, real, spec)
     return _merge_and_last_rows(q, k, v, mask, qpos, real, n_real, spec, (m1, l1, o1), (m2, l2, o2), nb, blk)
@@ -236,30 +225,30 @@ def attend_split(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
 
 def _sinks(q, k, v, mask, qpos, kpos, real, spec):
     """Partial softmax over the sink columns (positions < n_init) outside the band; they sit right after each
-    sample's left padding. Returns (m [B, K, G, T, 1], l [B, K, G, T], o [B, K, G, T, Hd])."""
-    B, T, N, Hd = q.shape
-    K = k.shape[2]
-    G = N // K
-    scale = 1.0 / math.sqrt(Hd)
+    sample's left padding. Returns (m [B, G, R, T, 1], l [B, G, R, T], o [B, G, R, T, E])."""
+    B, T, H, E = q.shape
+    G = k.shape[2]
+    R = H // G
+    scale = 1.0 / math.sqrt(E)
     first = jnp.argmax(real, axis=1)[:, None]
     sink_slots = jnp.clip(first + jnp.arange(spec.n_init)[None, :], 0, k.shape[1] - 1)
     ks, vs = (jnp.take_along_axis(x, sink_slots[:, :, None, None], axis=1).astype(jnp.float32) for x in (k, v))
     kps = jnp.take_along_axis(kpos, sink_slots, axis=1)
-    qr = q.astype(jnp.float32).reshape(B, T, K, G, Hd)
+    qr = q.astype(jnp.float32).reshape(B, T, G, R, E)
     i, j = qpos[:, :, None], kps[:, None, :]
     ok = (jnp.take_along_axis(mask, jnp.broadcast_to(sink_slots[:, None, :], (B, T, spec.n_init)), axis=2)
           & (j <= i) & (j < spec.n_init) & (i - j >= spec.n_local)
           & (jnp.arange(spec.n_init) < jnp.sum(real, 1)[:, None])[:, None, :])
-    logits = jnp.einsum("bqkgh,bskh->bkgqs", qr, ks) * scale
+    logits = jnp.einsum("bqgre,bsge->bgrqs", qr, ks) * scale
     m2, l2, e2 = _softmax_parts(logits, ok[:, None, None])
-    return m2, l2, jnp.einsum("bkgqs,bskh->bkgqh", e2, vs)
+    return m2, l2, jnp.einsum("bgrqs,bsge->bgrqe", e2, vs)
 
 
 def _merge_and_last_rows(q, k, v, mask, qpos, real, n_real, spec, band, sinks, nb, blk):
-    B, T, N, Hd = q.shape
+    B, T, H, E = q.shape
     (m1, l1, o1), (m2, l2, o2) = band, sinks
 
-    def unblock(x):  # [nb, B, K, G, blk, ...] -> [B, K, G, T, ...]
+    def unblock(x):  # [nb, B, G, R, blk, ...] -> [B, G, R, T, ...]
         x = jnp.moveaxis(x, 0, 3)
         return x.reshape(*x.shape[:3], nb * blk, *x.shape[5:])[:, :, :, :T]
 
@@ -268,31 +257,28 @@ def _merge_and_last_rows(q, k, v, mask, qpos, real, n_real, spec, band, sinks, n
     a1, a2 = jnp.exp(m1 - m), jnp.exp(m2[..., 0] - m)
     denom = a1 * l1 + a2 * l2
     out = (a1[..., None] * o1 + a2[..., None] * o2) / jnp.where(denom > 0, denom, 1.0)[..., None]
-    out = jnp.moveaxis(out.reshape(B, N, T, Hd), 2, 1)  # [B, T, N, Hd]
+    out = jnp.moveaxis(out.reshape(B, H, T, E), 2, 1)  # [B, T, H, E]
     return _last_rows(out, q, k, v, mask, qpos, real, n_real, spec).astype(q.dtype)
 
 
 def _last_rows(out, q, k, v, mask, qpos, real, n_real, spec):
-    """The last rows of each sample see every earlier key: recompute them densely into out [B, T, N, Hd]."""
+    """The last rows of each sample see every earlier key: recompute them densely into out [B, T, H, E]."""
     T = q.shape[1]
     n_last = min(spec.n_last, T)
     if n_last > 0:
-        last_pos = n_real[:, None] - 1 - jnp.arange(n_last)[::-1][None, :]  # positions N-n_last .. N-1
+        last_pos = n_real[:, None] - 1 - jnp.arange(n_last)[::-1][None, :]  # positions H-n_last .. H-1
         hit = (qpos[:, None, :] == last_pos[:, :, None]) & real[:, None, :]
         rows = jnp.argmax(hit, axis=2)
         valid = jnp.any(hit, axis=2) & (last_pos >= n_real[:, None] - jnp.minimum(spec.n_last, n_real[:, None] - 1))
-        from jaxdebias.models.llama import attention_rows
-
         probs = attention_rows(q, k, mask, rows)
-        out = put_rows(out, rows, valid, _grouped(probs, v))
+        out = put_rows(out, rows, valid, weighted_values(probs, v))
     return out
 
 
 def _triangle_band_mask(n_init: int, n_local: int):
     """Splash's computable mask for the static part of the pattern: j <= i and (j < n_init or i - j < n_local)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    class TriangleBandMask(sm._ComputableMask):
+    class TriangleBandMask(splash_mask._ComputableMask):
         def __init__(self, shape):
             self.params = (n_init, n_local)
             super().__init__(shape=shape, mask_function=lambda q, kv: (kv <= q) & ((kv < n_init) | (q - kv < n_local)))
@@ -309,14 +295,11 @@ def _triangle_band_mask(n_init: int, n_local: int):
 @functools.lru_cache(maxsize=16)
 def _splash_kernel(T: int, heads: int, n_init: int, n_local: int, interpret: bool):
     """One splash-attention MQA kernel per (padded length, heads per kv group, pattern): built once, reused."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    mask = sm.MultiHeadMask([_triangle_band_mask(n_init, n_local)((T, T)) for _ in range(heads)])
+    mask = splash_mask.MultiHeadMask([_triangle_band_mask(n_init, n_local)((T, T)) for _ in range(heads)])
     blk = 128
-    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+    sizes = splash_kernel.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    return splash_kernel.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def attend_splash(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
@@ -324,17 +307,45 @@ def attend_splash(q, k, v, mask, qpos, kpos, real, n_real, spec: TriangleMix):
     sink columns as a block-sparse computable mask - blocks outside the pattern are skipped - then each sample's
     last rows recomputed densely. Needs slots == positions (right padding, as ``generate`` produces); the
     prompt is padded to a multiple of the 128-slot kernel block."""
-    B, T, N, Hd = q.shape
-    K = k.shape[2]
-    G = N // K
+    B, T, H, E = q.shape
+    G = k.shape[2]
+    R = H // G
     Tp = -(-T // 128) * 128  # kernel blocks are 128 slots; padded keys lie after every real query
-    kernel = _splash_kernel(Tp, G, spec.n_init, spec.n_local, jax.devices()[0].platform != "tpu")
+    kernel = _splash_kernel(Tp, R, spec.n_init, spec.n_local, jax.devices()[0].platform != "tpu")
     pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-    qs = jnp.pad(q.astype(jnp.float32) / math.sqrt(Hd), pad)  # splash does not scale the logits
+    qs = jnp.pad(q.astype(jnp.float32) / math.sqrt(E), pad)  # splash does not scale the logits
     ks, vs = (jnp.pad(x[:, :T].astype(jnp.float32), pad) for x in (k, v))
-    # [B, T, K, G, Hd] -> per (b, kv head): q [G, T, Hd], k, v [T, Hd]
-    qg = jnp.transpose(qs.reshape(B, Tp, K, G, Hd), (0, 2, 3, 1, 4))
+    # [B, T, G, R, E] -> per (b, kv head): q [R, T, E], k, v [T, E]
+    qg = jnp.transpose(qs.reshape(B, Tp, G, R, E), (0, 2, 3, 1, 4))
     kg, vg = (jnp.transpose(x, (0, 2, 1, 3)) for x in (ks, vs))
-    out = jax.vmap(jax.vmap(kernel))(qg, kg, vg)  # [B, K, G, Tp, Hd]
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tp, N, Hd)[:, :T]
+    out = jax.vmap(jax.vmap(kernel))(qg, kg, vg)  # [B, G, R, Tp, E]
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, Tp, H, E)[:, :T]
     return _last_rows(out.astype(jnp.float32), q, k, v, mask, qpos, real, n_real, spec).astype(q.dtype)
+
+
+ATTEND = {"masked": attend_masked, "split": attend_split, "splash": attend_splash}
+
+
+@dataclasses.dataclass(frozen=True)
+class TriangleAttention:
+    """TriangleMix bound to one prefill: called as ``attend(q, k, v, mask)`` in place of the fused attention on
+    the layers from ``spec.starting_layer`` on. qpos: int[B, T] query positions; kpos: int[B, S] key positions;
+    real: bool[B, T] real prompt slots."""
+
+    spec: TriangleMix
+    qpos: jax.Array
+    kpos: jax.Array
+    real: jax.Array
+
+    @classmethod
+    def bind(cls, spec: TriangleMix | None, positions, real, num_slots: int) -> TriangleAttention | None:
+        """For a prompt at slots [0, T) of a cache with ``num_slots`` slots (T without a cache)."""
+        if spec is None:
+            return None
+        B, T = positions.shape
+        kpos = positions if num_slots == T else jnp.zeros((B, num_slots), positions.dtype).at[:, :T].set(positions)
+        return cls(spec, positions, kpos, real)
+
+    def __call__(self, q, k, v, mask):
+        attend = ATTEND[self.spec.resolved_path()]
+        return attend(q, k, v, mask, self.qpos, self.kpos, self.real, jnp.sum(self.real, 1), self.spec)

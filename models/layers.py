@@ -1,4 +1,7 @@
-"""Small pieces shared by the model files: sharded layers, RMSNorm, the output record."""
+"""Small pieces shared by the model files: sharded linear/embedding layers, RMSNorm, positions, the output record.
+
+Axes (the project's legend, README "How the code is laid out"): B batch, T sequence slots, D width, V vocab.
+"""
 
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ class RMSNorm(nnx.Module):
 
 def default_positions(attention_mask):
     """Position ids from a bool[B, T] mask: count of real tokens before, 0 on padding (as HF generate)."""
-    am = attention_mask.astype(jnp.int32)
-    return jnp.where(attention_mask, jnp.cumsum(am, axis=1) - 1, 0).astype(jnp.int32)
+    real = attention_mask.astype(jnp.int32)
+    return jnp.where(attention_mask, jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
 
 
 def last_real(h, valid):
@@ -58,11 +61,13 @@ def last_real(h, valid):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Output:
-    """logits float32[B, T, V]; attentions {layer: float32[B, N, Q, S]}; hidden_states {layer: float32[B, T, D]};
-    image_features [num_images, P, D] when the model saw images; attn_outputs {layer: float32[B, T, D]}."""
+    """logits float32[B, T, V]; attentions {layer: float32[B, H, Q, S]}; hidden_states {layer: float32[B, T, D]};
+    image_features [I, P, D] when the model saw images; attn_outputs {layer: float32[B, T, D]}; sinks {layer:
+    bool[B, T]} (VAR's sink tokens on its layers)."""
 
     logits: Any
     attentions: dict = dataclasses.field(default_factory=dict)
     hidden_states: dict = dataclasses.field(default_factory=dict)
     image_features: Any = None
     attn_outputs: dict = dataclasses.field(default_factory=dict)
+    sinks: dict = dataclasses.field(default_factory=dict)

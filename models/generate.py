@@ -1,0 +1,205 @@
+"""Generation with a KV cache: one entry, ``generate``, for dense, pruned and intervened (VAR, TriangleMix) runs.
+
+Axes: B batch, T prompt slots (a bucket), V vocab, N visual tokens of an image, K kept slots.
+
+    batch = Batch(input_ids, pixel_values, attention_mask, image_sizes=[[640, 480]])   # (width, height)
+    result = generate(model, batch, prune=jd.PruneSpec("fastv", keep=128), max_new_tokens=32)
+    result.tokens                                                                       # int32[B, 32]
+
+The prompt is right-padded to a bucket length (``jd.bucket`` over ``PROMPT_BUCKETS``) so that prompts of different
+lengths share one compiled prefill, and every layer's cache keeps room for the new tokens rounded up to 64 slots,
+so one decode program serves them too. The prefill is ``pruning.prefill`` (dense without a spec); the decode
+step donates its cache, which XLA then updates in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxdebias as jd
+from jaxdebias.models import pruning
+from jaxdebias.models.interventions import TriangleMix, VarSpec
+from jaxdebias.models.llava import Llava
+
+PROMPT_BUCKETS = (64, 128, 256, 512, 640, 768, 1024, 1536, 2048, 4096)
+CACHE_STEP = 64  # cache slots for generated tokens are rounded up to a multiple of this
+
+
+@dataclasses.dataclass
+class Batch:
+    """input_ids int[B, T] (image placeholders expanded; left or right padding); pixel_values float[I, 3, H, W]
+    (one image per sample when pruning) or None; attention_mask [B, T] (default all real); image_sizes int[B, 2]
+    original (width, height) of each image, for the padding masks; instruction_pos int[B] slot of the last
+    instruction token (PyramidDrop; default: the last real token)."""
+
+    input_ids: Any
+    pixel_values: Any = None
+    attention_mask: Any = None
+    image_sizes: Any = None
+    instruction_pos: Any = None
+
+
+@dataclasses.dataclass
+class Result:
+    """tokens int32[B, new]; kept: per stage (raster idx int[B, K], slot mask bool[B, K]) as numpy; scores /
+    debiased float32[B, N] first-stage scores (0 without pruning); stage_lengths: (first layer, stop layer, slots)
+    per decoder segment; logits float32[B, V] of the prefill at the last prompt token."""
+
+    tokens: np.ndarray
+    kept: list
+    scores: np.ndarray
+    debiased: np.ndarray
+    stage_lengths: list
+    logits: np.ndarray
+
+
+def pick_tokens(logits, temperature: float, key):
+    """Greedy (temperature 0) or sampled next tokens int32[B] from logits float[B, V]."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "extra", "temperature", "var", "triangle"))
+def prefill_step(graphdef, state, input_ids, pixel_values, real, image_sizes, instruction_pos, limits, key, *, spec,
+                 extra, temperature, var=None, triangle=None):
+    """The jitted prefill (``pruning.prefill``) and the first new token: (int32[B], KVCache, info dict with the
+    prefill's "logits" float32[B, V])."""
+    model = nnx.merge(graphdef, state)
+    logits, cache, info = pruning.prefill(model, input_ids, pixel_values, real, image_sizes, instruction_pos, limits,
+                                          spec, extra, var, triangle)
+    info["logits"] = logits
+    return pick_tokens(logits, temperature, key), cache, info
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
+def decode_step(graphdef, state, tokens, cache, key, *, temperature, var=None):
+    """One jitted decode step that donates (updates in place) the cache: (next tokens int32[B], cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tokens, cache, var=var)
+    return pick_tokens(logits, temperature, key), cache
+
+
+def decode_loop(graphdef, state, first, cache, keys, *, eos: int, stop_at_eos: bool, temperature: float,
+                var: VarSpec | None = None) -> np.ndarray:
+    """Decoding from a prefilled cache: ``first`` int[B] is the first new token; one jitted, cache-donating step
+    per further token. After a sample's EOS its tokens are EOS (with ``stop_at_eos`` the loop ends once every
+    sample is done). Returns int32[B, len(keys)]."""
+    out = [np.asarray(first)]
+    done = out[0] == eos
+    tok = first
+    for i in range(1, len(keys)):
+        if stop_at_eos and done.all():
+            out.append(np.full(done.shape, eos, np.int32))
+            continue
+        tok, cache = decode_step(graphdef, state, tok, cache, keys[i], temperature=float(temperature), var=var)
+        t = np.where(done, eos, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
+        out.append(t)
+        done = done | (t == eos)
+    return np.stack(out, 1).astype(np.int32)
+
+
+def prompt_arrays(model: Llava, batch: Batch, prompt_buckets=PROMPT_BUCKETS):
+    """Checked numpy (input_ids int[B, T], real bool[B, T]), right-padded to a prompt bucket length."""
+    input_ids = np.asarray(batch.input_ids)
+    real = (np.ones(input_ids.shape, bool) if batch.attention_mask is None
+            else np.asarray(batch.attention_mask).astype(bool))
+    model.check_inputs(input_ids, batch.pixel_values, real)
+    extra = jd.bucket(input_ids.shape[1], prompt_buckets, then_every=prompt_buckets[-1]) - input_ids.shape[1]
+    return (np.pad(input_ids, ((0, 0), (0, extra)), constant_values=model.cfg.pad_token_id),
+            np.pad(real, ((0, 0), (0, extra))))
+
+
+def check_one_image(model: Llava, input_ids):
+    """Pruning needs exactly one contiguous image span of N placeholders per sample."""
+    n = model.cfg.vision.num_features
+    is_image = input_ids == model.cfg.image_token_id
+    if not (is_image.sum(1) == n).all():
+        raise ValueError(f"Pruning needs exactly one image ({n} placeholder tokens) per sample; got "
+                         f"{is_image.sum(1).tolist()} image tokens.")
+    starts = is_image.argmax(1)
+    if not all(is_image[b, starts[b]:starts[b] + n].all() for b in range(len(input_ids))):
+        raise ValueError("Each sample's image placeholders must be contiguous.")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A checked, bucketed batch ready for ``prefill_step``: arrays (input_ids int[B, T], pixel_values, real
+    bool[B, T], image_sizes int[B, 2], instruction_pos int[B] or None); the static shape spec; the real per-stage
+    (keep, merge) counts as ``pruning.limits_array``."""
+
+    arrays: list
+    shape: jd.PruneSpec
+    limits: jax.Array
+
+
+def prepare(model: Llava, batch: Batch, prune: jd.PruneSpec | None = None, *, triangle: TriangleMix | None = None,
+            mesh: jax.sharding.Mesh | None = None, prompt_buckets=PROMPT_BUCKETS) -> Prepared:
+    """Checks a batch against the model and the spec (one schedule per request), pads it to its prompt bucket and
+    places it on ``mesh``."""
+    input_ids, real = prompt_arrays(model, batch, prompt_buckets)
+    B = input_ids.shape[0]
+    n, num_layers = model.cfg.vision.num_features, model.cfg.text.num_layers
+    if prune is None:
+        shape, limits = jd.PruneSpec("fastv", keep=n, stages=()), ()
+    else:
+        if triangle is not None:
+            raise ValueError("TriangleMix runs on dense prefills only; drop prune=... or triangle=....")
+        check_one_image(model, input_ids)
+        shape, limits = prune.split(n, num_layers)  # validates layers and keeps, with the method's message
+        if prune.debias.pad_tau is not None and batch.image_sizes is None:
+            raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original "
+                             "(width, height) of each image.")
+    sizes = np.ones((B, 2), np.int32) if batch.image_sizes is None else np.asarray(batch.image_sizes,
+                                                                                   np.int32).reshape(B, 2)
+    arrays = [jnp.asarray(input_ids), None if batch.pixel_values is None else jnp.asarray(batch.pixel_values),
+              jnp.asarray(real), jnp.asarray(sizes),
+              None if batch.instruction_pos is None else jnp.asarray(batch.instruction_pos, jnp.int32)]
+    if mesh is not None:
+        if B % mesh.shape["data"]:
+            raise ValueError(f"Batch size {B} does not divide over the mesh's {mesh.shape['data']} 'data' devices; "
+                             "pad the batch.")
+        data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        arrays = [None if x is None else jax.device_put(x, data) for x in arrays]
+    return Prepared(arrays, shape, pruning.limits_array(limits))
+
+
+def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, var: VarSpec | None = None,
+             triangle: TriangleMix | None = None, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+             stop_at_eos: bool = True, mesh: jax.sharding.Mesh | None = None,
+             prompt_buckets=PROMPT_BUCKETS) -> Result:
+    """Prefill (pruned by ``prune``, dense without it), then greedy or sampled decoding from the per-layer caches.
+
+    Args:
+      model: a ``Llava``; batch: a ``Batch``; prune: a ``jd.PruneSpec`` (one image per sample);
+      var: ``interventions.VarSpec``, VAR at prefill (on the kept tokens when pruning) and decode;
+      triangle: ``interventions.TriangleMix`` sparse prefill (dense runs only; decode stays dense);
+      mesh: a ("data", ...) mesh (Auto axes) to split the batch over; place the model on it first with
+        ``llava.shard_model``. The batch size must divide by the "data" axis.
+
+    Returns:
+      a ``Result``; ``tokens`` int32[B, max_new_tokens], EOS after a sample's EOS.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
+    model.check_interventions(batch.pixel_values, var, triangle)
+    prep = prepare(model, batch, prune, triangle=triangle, mesh=mesh, prompt_buckets=prompt_buckets)
+    extra = jd.bucket(max_new_tokens, (), then_every=CACHE_STEP)
+    graphdef, state = nnx.split(model)
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    first, cache, info = prefill_step(graphdef, state, *prep.arrays, prep.limits, keys[0], spec=prep.shape,
+                                      extra=extra, temperature=float(temperature), var=var, triangle=triangle)
+    tokens = decode_loop(graphdef, state, first, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
+                         temperature=temperature, var=var)
+    segs, _ = pruning.segments(prep.arrays[0].shape[1], prep.shape, model.cfg.vision.num_features,
+                               model.cfg.text.num_layers)
+    return Result(tokens, [(np.asarray(idx), np.asarray(slot)) for idx, slot in info["kept"]],
+                  np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],
+                  np.asarray(info["logits"]))
