@@ -39,14 +39,14 @@ class Debias:
 
     curve: None / "off" (no positional weights), "released" (the published curve of the method and ``task``),
       "online" (per-sample fit), or a curve object / ``curve_to_dict`` dict (e.g. from ``Calibration.fit``).
-    pad_tau: letterbox-padding threshold (a patch is padding when more than ``pad_tau`` of it is padding), or
-      None for no padding suppression. Published: 0.5 (PyramidDrop's debiased variant: 0.01).
+    pad_tau: letterbox-padding threshold (a patch is padding when more than ``pad_tau`` of it is padding),
+      "released" (each method's released threshold: 0.5; PyramidDrop 0.01), or None for no padding suppression.
     task: benchmark whose released curve is used with curve="released".
     every_stage: also debias later stages (published: first stage only).
     """
 
     curve: Any = None
-    pad_tau: float | None = None
+    pad_tau: float | str | None = None
     task: str = "gqa"
     every_stage: bool = False
 
@@ -60,7 +60,10 @@ class Debias:
             c = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in curve_to_dict(c).items()))
         if isinstance(c, str) and c not in ("released", "online"):
             raise ValueError(f"Debias curve must be None, 'off', 'released', 'online' or a curve, got {c!r}.")
-        if self.pad_tau is not None:
+        if isinstance(self.pad_tau, str):
+            if self.pad_tau != "released":
+                raise ValueError(f"Debias pad_tau must be a fraction, 'released' or None, got {self.pad_tau!r}.")
+        elif self.pad_tau is not None:
             _checks.check_fraction("pad_tau", self.pad_tau)
         object.__setattr__(self, "curve", c)
 
@@ -80,6 +83,10 @@ class Debias:
     def enabled(self) -> bool:
         return self.curve is not None or self.pad_tau is not None
 
+    def tau_for(self, method: str) -> float | None:
+        """The padding threshold this method runs with (``pad_tau="released"``: the method's released one)."""
+        return METHOD_DEFAULTS[method]["pad_tau"] if self.pad_tau == "released" else self.pad_tau
+
     def curve_for(self, method: str) -> Curve | str | None:
         if self.curve is None or self.curve == "online":
             return self.curve
@@ -90,14 +97,32 @@ class Debias:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    layer: int  # the first decoder layer that sees only the kept tokens
-    keep: int  # visual tokens kept (before bucketing)
-    query: str  # "last" | "instruction" | "text" | "image" | "raters"
-    source: str  # "tap" | "probe"
-    recycle: int = 0  # pruned tokens recycled (the best-scored), merged into ``clusters`` tokens (SparseVLM)
+    """One pruning stage.
+
+    layer: "tap"/"probe": the first decoder layer that sees only the kept tokens; "self": the layer whose own
+      attention scores the tokens and whose *output* is pruned (SparseVLM: layer ``layer`` runs on the full set).
+    keep: visual tokens kept (before bucketing); query: which rows vote ("last" | "instruction" | "text" |
+      "image" | "raters"); source: "tap" (the attention of layer ``layer - 1``), "probe" (the attention layer
+      ``layer`` would compute on its input, recomputed for the voting rows) or "self" (see ``layer``).
+    recycle / clusters: the ``recycle`` best-scored pruned tokens (raw scores) are merged into ``clusters``
+      DPC-kNN tokens after the kept ones (SparseVLM).
+    merge / info_weight: TokenCarve: attention and singular-value ranks fused with weight ``info_weight``, the top
+      1.5 x keep split in halves and ``merge`` (= keep // 2) of the second half merged into the first.
+    """
+
+    layer: int
+    keep: int
+    query: str
+    source: str
+    recycle: int = 0
     clusters: int = 0
-    merge: int = 0  # the next-best ``merge`` tokens are merged into the kept ones by similarity (TokenCarve)
-    info_weight: float = 0.0  # weight of the SVD information score fused with the attention score (TokenCarve)
+    merge: int = 0
+    info_weight: float = 0.0
+
+    @property
+    def boundary(self) -> int:
+        """The first decoder layer that runs on the pruned sequence."""
+        return self.layer + (self.source == "self")
 
 
 def _pdrop_ratio(budget: int, n: int = 576, layers=(2, 10, 20), total=32) -> float:
@@ -107,46 +132,53 @@ def _pdrop_ratio(budget: int, n: int = 576, layers=(2, 10, 20), total=32) -> flo
 
 
 def fastv_stages(keep: int, layer: int = 2) -> tuple[Stage, ...]:
-    """FastV (Chen et al., ECCV 2024): at layer K = 2, keep the ``keep`` image tokens the last token attended to
-    most in layer K - 1 (heads averaged); original positions kept."""
+    """FastV (Chen et al., ECCV 2024; pkunlp-icler/FastV@d165972): at layer K = 2, keep the ``keep`` image tokens
+    the last token attended to most in layer K - 1 (heads averaged); original positions."""
     return (Stage(layer, keep, "last", "tap"),)
 
 
+PDROP_RATIO_128 = 0.32  # the debias paper's PyramidDrop setting for the 128-token budget: layers 2/10/20
+
+
 def pdrop_stages(keep: int, layers=(2, 10, 20), n: int = 576, num_layers: int = 32) -> tuple[Stage, ...]:
-    """PyramidDrop (Xing et al., CVPR 2025), as run in the debiasing paper's LLaVA-1.5 setting: stages at
-    layers [2, 10, 20] keeping r, r/2, r/4 of the 576 tokens, with r = 0.32 for the 128-token average budget
-    (r derived the same way for other budgets). Scores: the last instruction token's attention in the stage
-    layer itself, recomputed at every stage."""
-    r = 0.32 if keep == 128 and tuple(layers) == (2, 10, 20) else _pdrop_ratio(keep, n, layers, num_layers)
+    """PyramidDrop (Xing et al., CVPR 2025; Cooperx521/PyramidDrop@6444f30) in the debias paper's LLaVA-1.5
+    setting: before layers 2/10/20 the last instruction token's attention in that layer (recomputed) keeps
+    int(576 r), int(576 r/2), int(576 r/4) tokens, r = 0.32 for budget 128 (184/92/46); other budgets: the r whose
+    layer average equals the budget (ours). Positions are re-indexed after each drop (the release)."""
+    r = PDROP_RATIO_128 if keep == 128 and tuple(layers) == (2, 10, 20) else _pdrop_ratio(keep, n, layers, num_layers)
     if not 0 < r <= 1:
         raise ValueError(f"No PyramidDrop schedule at layers {layers} averages {keep} tokens (ratio {r:.3f}).")
-    return tuple(Stage(layer, max(1, round(n * r / 2**i)), "instruction", "probe") for i, layer in enumerate(layers))
+    return tuple(Stage(layer, max(1, int(n * r / 2**i + 1e-9)), "instruction", "probe")
+                 for i, layer in enumerate(layers))
 
 
-def himap_stages(keep: int, layers=(2, 8), second_ratio: float = 0.5) -> tuple[Stage, ...]:
-    """HiMAP-style two stages: text-to-image attention (all text after the image) before ``layers[0]``, then
-    image-to-image attention before ``layers[1]`` keeping ``second_ratio`` of the survivors. The layer and ratio
-    defaults here are ours, not taken from the HiMAP release; set them to the paper's for a faithful run."""
-    return (Stage(layers[0], keep, "text", "tap"),
-            Stage(layers[1], max(1, round(keep * second_ratio)), "image", "tap"))
+HIMAP_PAPER_128 = ((2, 115), (8, 90))  # the debias paper's scripts (layer average 125 for "128")
+HIMAP_UPSTREAM = ((2, 288), (8, 72))  # ustc-hyin/HiMAP@6c279e7 defaults
 
 
-def tokencarve_stages(keep: int, layer: int = 2, merge: int | None = None, info_weight: float = 0.5,
-                      n: int = 576) -> tuple[Stage, ...]:
-    """TokenCarve (Tan et al., 2025, arXiv 2503.10501), reconstructed from our recollection of the paper's method
-    (neither the paper nor its release could be fetched where this was written; the layer, the score fusion and
-    the merge count below are ours, not checked against either).
-    The paper ties accuracy loss to the information lost from the attention output matrix; here, one stage before
-    decoder layer ``layer`` (2, as FastV): each visual token gets an attention score (the last token's attention
-    in layer ``layer - 1``, heads averaged - the signal the debiasing plugs into) and an information score (its
-    row's contribution to the singular values of layer ``layer - 1``'s attention output over the visual rows,
-    ``information_scores``); both are min-max normalised and fused with weight ``info_weight`` on the information
-    score (``carve_scores``).
-    The ``keep`` best-fused tokens stay; the next ``merge`` best (default ``keep``, at most what remains) are
-    merged into the kept token they are most similar to (cosine of hidden states, ``merge_into``): information
-    from pruned-but-useful tokens is folded into the survivors instead of dropped. Positions are re-indexed."""
-    merge = min(keep, max(n - keep, 0)) if merge is None else merge
-    return (Stage(layer, keep, "last", "tap", merge=merge, info_weight=info_weight),)
+def himap_stages(keep: int, layers=None, keeps=None) -> tuple[Stage, ...]:
+    """HiMAP (ustc-hyin/HiMAP@6c279e7): before layer T1 the text rows' attention to the image (rows after the
+    image, summed; heads averaged) keeps R1; before T2 the kept image tokens' attention among themselves keeps R2;
+    original positions. Budget 128 = the debias paper's (2: 115, 8: 90); other budgets keep the ratio R2/R1 and
+    solve for the layer average (ours). ``layers``/``keeps`` override (upstream: (2, 8) / (288, 72))."""
+    if keeps is None:
+        if keep == 128:
+            keeps = tuple(k for _, k in HIMAP_PAPER_128)
+        else:
+            r1, r2 = (k for _, k in HIMAP_PAPER_128)
+            first = (32 * keep - 2 * 576) / ((8 - 2) + (32 - 8) * r2 / r1)
+            keeps = (max(2, round(first)), max(1, round(first * r2 / r1)))
+    layers = tuple(layers or (layer for layer, _ in HIMAP_PAPER_128))
+    return (Stage(layers[0], keeps[0], "text", "tap"), Stage(layers[1], keeps[1], "image", "tap"))
+
+
+def tokencarve_stages(keep: int, layer: int = 2, info_weight: float = 0.5) -> tuple[Stage, ...]:
+    """TokenCarve (Tan et al. 2025; ShawnTan86/TokenCarve@a57bd59, mode 0) at work layer W = 2: the last token's
+    attention in layer W - 1 and the singular-value score of layer W's input over the image rows, fused by rank
+    with weight ``info_weight`` 0.5; the top int(1.5 n) split in halves A, B, and the int(n / 2) B tokens most
+    similar to A merged into their best A token: exactly n kept, original positions, the caches of layers < W
+    keep only the kept tokens. The debias paper runs n = 64."""
+    return (Stage(layer, keep, "last", "tap", merge=keep // 2, info_weight=info_weight),)
 
 
 SPARSEVLM_KEEPS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -154,37 +186,31 @@ SPARSEVLM_KEEPS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
 
 def sparsevlm_stages(keep: int, layers=(2, 6, 15), n: int = 576, recycle: float = 0.3,
                      per_cluster: int = 10) -> tuple[Stage, ...]:
-    """SparseVLM (Zhang et al., ICML 2025) on LLaVA-1.5, as we read its v1 release: text raters (the text tokens
-    after the image whose mean relevance to the visual tokens is at least the average, see ``text_raters``) vote
-    with the attention of decoder layers 2, 6 and 15 (heads and raters averaged), and from those layers on only
-    300/200/110 (budget 192), 303/110/36 (128) or 66/30/17 (64) visual tokens remain: the lists' averages over
-    the 32 layers (2 x 576 + 4 x l1 + 9 x l2 + 17 x l3) / 32 = 188, 124 and 62 match the budgets only when the
-    sparsification layer itself already runs on the kept tokens, so the scores are that layer's attention
-    computed for the rater rows before it runs ("probe"). Of the tokens pruned at a stage, the
-    int(0.3 * pruned) + 1 best-scored are recycled: grouped into int(recycled / 10) + 1 clusters (DPC-KNN,
-    ``dpc_knn_merge``) whose means follow the kept tokens. Positions are re-indexed. Other budgets scale the 128
-    list (ours). The lists and the 0.3 / 10 constants are from our reading of the release, not checked against
-    its code in this repository's sessions; the paper's rank-adaptive deletion count is replaced by the fixed
-    lists (as in the released LLaVA scripts), which also keeps shapes static."""
+    """SparseVLM v1.5 (Gumpest/SparseVLMs@734d900) on LLaVA-1.5: text raters (``policies.text_raters``) vote with
+    the attention of layers 2, 6 and 15 themselves; each of those layers runs on the current set and its output
+    keeps min(list[stage], n_v - 1) tokens: 300/200/110 (budget 192), 303/110/36 (128), 66/30/17 (64); other
+    budgets scale the 128 list (ours). Of the p pruned tokens the int(0.3 p) + 1 best by raw score are grouped by
+    DPC-kNN into int(m / 10) + 1 merged tokens that follow the kept ones; positions re-indexed."""
     ks = SPARSEVLM_KEEPS.get(keep) or tuple(max(1, round(k * keep / 128)) for k in SPARSEVLM_KEEPS[128])
     stages, prev = [], n
     for layer, k in zip(layers, ks):
-        k = min(k, prev)
+        k = min(k, prev - 1)
         pruned = prev - k
-        r = int(pruned * recycle) + 1 if pruned > 0 else 0
-        c = int(r / per_cluster) + 1 if r else 0
-        stages.append(Stage(layer, k, "raters", "probe", recycle=r, clusters=c))
+        m = int(pruned * recycle) + 1
+        c = int(m / per_cluster) + 1
+        stages.append(Stage(layer, k, "raters", "self", recycle=m, clusters=c))
         prev = k + c
     return tuple(stages)
 
 
+# Released positions and padding thresholds per method (methods.md): "keep" = original position ids.
 METHOD_DEFAULTS = {
-    "fastv": dict(positions="keep"),
-    "pdrop": dict(positions="keep"),
-    "himap": dict(positions="keep"),
-    "visionzip": dict(positions="reindex"),
-    "sparsevlm": dict(positions="reindex"),
-    "tokencarve": dict(positions="reindex"),
+    "fastv": dict(positions="keep", pad_tau=0.5),
+    "pdrop": dict(positions="reindex", pad_tau=0.01),
+    "himap": dict(positions="keep", pad_tau=0.5),
+    "visionzip": dict(positions="reindex", pad_tau=0.5),
+    "sparsevlm": dict(positions="reindex", pad_tau=0.5),
+    "tokencarve": dict(positions="keep", pad_tau=0.5),
 }
 
 
@@ -200,6 +226,12 @@ class PruneSpec:
     debias: a ``Debias``; positions: "keep" / "reindex" (default: the method's).
     buckets: keep counts are rounded up to these (static shapes).
     visionzip_contextual: contextual (merged) tokens for VisionZip (published: 10 / 20 / 30 for 64 / 128 / 192).
+    mode: "remove" (tokens leave the sequence and the caches: the fast default) or "mask" (FastV's released mask
+      mode: nothing is removed and layers >= K mask the pruned image keys; one tap stage only).
+    reselect: "prefill" (the selection made at prefill serves every generated token: the fast default) or
+      "every_token" (as the releases decode: with mode="mask" each new token re-selects from its own layer-(K-1)
+      row over the cache (FastV); with mode="remove" the whole pruned prefill is recomputed for every token, the
+      generated tokens joining the text rows, without a KV cache (HiMAP)).
     visionzip_cls: the tower's CLS feature is the first dominant token (as in the released code, where
       ``keep = 64`` is CLS + 53 patches + 10 contextual); False keeps ``keep - contextual`` patches instead.
     """
@@ -213,6 +245,8 @@ class PruneSpec:
     buckets: tuple = DEFAULT_BUCKETS
     visionzip_contextual: int | None = None
     visionzip_cls: bool = True
+    mode: str = "remove"
+    reselect: str = "prefill"
 
     def __post_init__(self):
         m = canonical_method(self.method)
@@ -222,6 +256,10 @@ class PruneSpec:
         if pos not in ("keep", "reindex"):
             raise ValueError(f"positions must be 'keep' or 'reindex', got {pos!r}.")
         object.__setattr__(self, "positions", pos)
+        if self.mode not in ("remove", "mask"):
+            raise ValueError(f"mode must be 'remove' or 'mask', got {self.mode!r}.")
+        if self.reselect not in ("prefill", "every_token"):
+            raise ValueError(f"reselect must be 'prefill' or 'every_token', got {self.reselect!r}.")
 
     def schedule(self, n_visual: int, num_layers: int) -> tuple[Stage, ...]:
         """The stages, checked against the model: layers in 1..L-1 increasing, keeps decreasing and <= N."""
@@ -236,14 +274,17 @@ class PruneSpec:
         elif self.method == "sparsevlm":
             stages = sparsevlm_stages(self.keep, n=n_visual)
         elif self.method == "tokencarve":
-            stages = tokencarve_stages(self.keep, 2 if self.layer is None else self.layer, n=n_visual)
+            stages = tokencarve_stages(self.keep, 2 if self.layer is None else self.layer)
         else:
             stages = ()
         prev_layer, prev_keep = 0, n_visual
         for s in stages:
-            if not prev_layer < s.layer < num_layers:
-                raise ValueError(f"{self.method}: stage layer {s.layer} must be in {prev_layer + 1}..{num_layers - 1} "
-                                 f"(the model has {num_layers} decoder layers).")
+            if s.source not in ("tap", "probe", "self"):
+                raise ValueError(f"{self.method}: stage source must be 'tap', 'probe' or 'self', got {s.source!r}.")
+            if not prev_layer < s.boundary < num_layers or s.layer < 1:
+                raise ValueError(f"{self.method}: stage layer {s.layer} must be in {prev_layer + 1}.."
+                                 f"{num_layers - 1 - (s.source == 'self')} (the model has {num_layers} decoder "
+                                 "layers).")
             if not 0 < s.keep <= prev_keep:
                 raise ValueError(f"{self.method}: stage at layer {s.layer} keeps {s.keep} tokens but only {prev_keep} "
                                  "remain; --keep must not exceed the visual tokens.")
@@ -253,13 +294,17 @@ class PruneSpec:
             if not 0 <= s.info_weight <= 1:
                 raise ValueError(f"{self.method}: info_weight must be in [0, 1], got {s.info_weight}.")
             if s.info_weight and s.source != "tap":
-                raise ValueError(f"{self.method}: info_weight needs source 'tap' (the information score is computed "
-                                 f"on layer {s.layer - 1}'s attention output), got {s.source!r}.")
+                raise ValueError(f"{self.method}: info_weight (TokenCarve) needs source 'tap' (the last token's "
+                                 f"attention in layer {s.layer - 1}), got {s.source!r}.")
             if s.recycle < s.clusters or (s.recycle and s.keep + s.recycle > prev_keep):
                 raise ValueError(f"{self.method}: stage at layer {s.layer} recycles {s.recycle} of the "
                                  f"{prev_keep - s.keep} pruned tokens into {s.clusters} clusters; need clusters <= "
                                  "recycled <= pruned.")
-            prev_layer, prev_keep = s.layer, s.keep + s.clusters
+            prev_layer, prev_keep = s.boundary, s.keep + s.clusters
+        if self.mode == "mask" and (len(stages) != 1 or stages[0].source != "tap" or stages[0].recycle
+                                    or stages[0].info_weight):
+            raise ValueError(f"{self.method}: mode='mask' (FastV's mask mode) needs one plain 'tap' stage; use "
+                             "method 'fastv' or mode='remove'.")
         if self.method == "visionzip" and self.keep > n_visual:
             raise ValueError(f"visionzip: keep={self.keep} exceeds the {n_visual} visual tokens.")
         return stages
@@ -284,8 +329,11 @@ class PruneSpec:
         shaped, prev = [], n_visual
         for s in stages:
             # recycling stages keep exact counts (their cluster counts follow from them): one program per budget
-            keep = s.keep if s.recycle else self.bucketed(s.keep, prev)
-            merge = self.bucketed(s.merge, prev) if s.merge else 0
+            # recycling and TokenCarve stages keep exact counts (clusters and halves follow from them): one
+            # program per budget
+            exact = s.recycle or s.info_weight
+            keep = s.keep if exact else self.bucketed(s.keep, prev)
+            merge = s.merge if exact else (self.bucketed(s.merge, prev) if s.merge else 0)
             shaped.append(dataclasses.replace(s, keep=keep, merge=merge))
             prev = keep + s.clusters
         return (dataclasses.replace(self, keep=n_visual, stages=tuple(shaped)),

@@ -34,14 +34,18 @@ KNOWN_SINK_DIMS: dict[str, tuple[int, ...]] = {
 }
 
 
-def known_sink_dims(model: str) -> tuple[int, ...]:
+def known_sink_dims(model: str, *, as_released: bool = False) -> tuple[int, ...]:
     """Published sink dims for a model name (case-insensitive); the error lists the known names and points to
-    ``discover_sink_dims`` for others."""
+    ``discover_sink_dims`` for others.
+
+    ``as_released=True`` gives what the released VAR code (seilk/VisAttnSink@98e62d6) actually runs: its model-name
+    setter is never called, so every model - 13B included - runs the 7B dims {1415, 2533}. Use it to reproduce the
+    published 13B numbers; the default gives each model its own published dims."""
     key = model.lower()
     if key not in KNOWN_SINK_DIMS:
         raise KeyError(f"No published sink dimensions for {model!r}. Known: {', '.join(KNOWN_SINK_DIMS)}. "
                        "For another LLM, find them with jaxdebias.discover_sink_dims(hidden_states).")
-    return KNOWN_SINK_DIMS[key]
+    return KNOWN_SINK_DIMS["llava-1.5-7b"] if as_released else KNOWN_SINK_DIMS[key]
 
 
 def _dims(sink_dims, d: int):

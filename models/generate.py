@@ -80,15 +80,16 @@ def prefill_step(graphdef, state, input_ids, pixel_values, real, image_sizes, in
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
-def decode_step(graphdef, state, tokens, cache, key, *, temperature, var=None):
-    """One jitted decode step that donates (updates in place) the cache: (next tokens int32[B], cache)."""
+def decode_step(graphdef, state, tokens, cache, key, reselect=None, *, temperature, var=None):
+    """One jitted decode step that donates (updates in place) the cache: (next tokens int32[B], cache).
+    ``reselect``: FastV's mask-mode state from the prefill (``pruning.MaskReselect``) or None."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(tokens, cache, var=var)
+    logits, cache = model.decode(tokens, cache, var=var, reselect=reselect)
     return pick_tokens(logits, temperature, key), cache
 
 
 def decode_loop(graphdef, state, first, cache, keys, *, eos: int, stop_at_eos: bool, temperature: float,
-                var: VarSpec | None = None) -> np.ndarray:
+                var: VarSpec | None = None, reselect=None) -> np.ndarray:
     """Decoding from a prefilled cache: ``first`` int[B] is the first new token; one jitted, cache-donating step
     per further token. After a sample's EOS its tokens are EOS (with ``stop_at_eos`` the loop ends once every
     sample is done). Returns int32[B, len(keys)]."""
@@ -99,7 +100,8 @@ def decode_loop(graphdef, state, first, cache, keys, *, eos: int, stop_at_eos: b
         if stop_at_eos and done.all():
             out.append(np.full(done.shape, eos, np.int32))
             continue
-        tok, cache = decode_step(graphdef, state, tok, cache, keys[i], temperature=float(temperature), var=var)
+        tok, cache = decode_step(graphdef, state, tok, cache, keys[i], reselect, temperature=float(temperature),
+                                 var=var)
         t = np.where(done, eos, np.asarray(tok)) if stop_at_eos else np.asarray(tok)
         out.append(t)
         done = done | (t == eos)
@@ -190,6 +192,10 @@ def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, v
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}.")
     model.check_interventions(batch.pixel_values, var, triangle)
+    if prune is not None and prune.reselect == "every_token" and prune.mode == "remove":
+        return recompute_generate(model, batch, prune, var=var, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed, stop_at_eos=stop_at_eos, mesh=mesh,
+                                  prompt_buckets=prompt_buckets)
     prep = prepare(model, batch, prune, triangle=triangle, mesh=mesh, prompt_buckets=prompt_buckets)
     extra = jd.bucket(max_new_tokens, (), then_every=CACHE_STEP)
     graphdef, state = nnx.split(model)
@@ -197,9 +203,55 @@ def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, v
     first, cache, info = prefill_step(graphdef, state, *prep.arrays, prep.limits, keys[0], spec=prep.shape,
                                       extra=extra, temperature=float(temperature), var=var, triangle=triangle)
     tokens = decode_loop(graphdef, state, first, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
-                         temperature=temperature, var=var)
+                         temperature=temperature, var=var, reselect=info["reselect"])
     segs, _ = pruning.segments(prep.arrays[0].shape[1], prep.shape, model.cfg.vision.num_features,
                                model.cfg.text.num_layers)
     return Result(tokens, [(np.asarray(idx), np.asarray(slot)) for idx, slot in info["kept"]],
                   np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],
-                  np.asarray(info["logits"]))
+                  first_logits)
+
+
+def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: VarSpec | None = None,
+                       max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
+                       mesh: jax.sharding.Mesh | None = None, prompt_buckets=PROMPT_BUCKETS) -> Result:
+    """Generation without a KV cache, as HiMAP's release decodes: every new token reruns the whole pruned prefill
+    on the prompt and the tokens generated so far (which join the text rows that vote), so both stages re-select
+    at every token. The prompt is bucketed with room for the new tokens: one compiled program serves every step.
+    Needs right-padded (or unpadded) prompts. Returns a ``Result`` whose ``kept`` / ``scores`` are the last
+    step's and whose ``logits`` are the first step's (the prompt's)."""
+    input_ids = np.asarray(batch.input_ids)
+    real = (np.ones(input_ids.shape, bool) if batch.attention_mask is None
+            else np.asarray(batch.attention_mask).astype(bool))
+    n_real = real.sum(1)
+    if not (real == (np.arange(real.shape[1])[None] < n_real[:, None])).all():
+        raise ValueError("reselect='every_token' with mode='remove' recomputes the prompt for every token and "
+                         "appends each new token after the prompt: right-pad the batch (or pass no padding).")
+    room = jd.bucket(input_ids.shape[1] + max_new_tokens, prompt_buckets, then_every=prompt_buckets[-1])
+    pad = ((0, 0), (0, room - input_ids.shape[1]))
+    input_ids = np.pad(input_ids, pad, constant_values=model.cfg.pad_token_id)
+    real = np.pad(real, pad)
+    graphdef, state = nnx.split(model)
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    eos = model.cfg.eos_token_id
+    tokens, done, info, first_logits = [], np.zeros(len(input_ids), bool), None, None
+    for step in range(max_new_tokens):
+        if stop_at_eos and done.all():
+            tokens.append(np.full(done.shape, eos, np.int32))
+            continue
+        prep = prepare(model, dataclasses.replace(batch, input_ids=input_ids, attention_mask=real), prune, mesh=mesh,
+                       prompt_buckets=(room,))
+        tok, _, info = prefill_step(graphdef, state, *prep.arrays, prep.limits, keys[step], spec=prep.shape,
+                                    extra=CACHE_STEP, temperature=float(temperature), var=var)
+        tok = np.asarray(tok)
+        first_logits = np.asarray(info["logits"]) if first_logits is None else first_logits
+        if stop_at_eos:
+            tok = np.where(done, eos, tok)
+            done = done | (tok == eos)
+        tokens.append(tok.astype(np.int32))
+        rows = np.arange(len(input_ids))
+        input_ids[rows, n_real], real[rows, n_real] = tok, True
+        n_real = n_real + 1
+    segs, _ = pruning.segments(room, prep.shape, model.cfg.vision.num_features, model.cfg.text.num_layers)
+    return Result(np.stack(tokens, 1), [(np.asarray(idx), np.asarray(slot)) for idx, slot in info["kept"]],
+                  np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],
+                  first_logits)

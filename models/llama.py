@@ -341,23 +341,30 @@ class LlamaModel(nnx.Module):
             cache = dataclasses.replace(cache, **{name: tuple(x) for name, x in new.items()})
         return h, cache, tapped
 
-    def decode(self, h, cache: KVCache, var: VarSpec | None = None):
+    def decode(self, h, cache: KVCache, var: VarSpec | None = None, reselect=None):
         """One new token per sample. h: [B, 1, D] embeddings. Each layer writes at its own next slot and uses its
         own position counter (they differ after pruning). With ``var``, the new token's row is edited on VAR's
-        layers using each layer's prefill sinks and image span from the cache. Returns (states [B, 1, D], cache).
+        layers using each layer's prefill sinks and image span from the cache. ``reselect`` (FastV's mask mode,
+        ``pruning.MaskReselect``): the new token's row in layer ``reselect.layer - 1`` gives the keys
+        (``reselect(probs) -> bool[B, S]``) that the layers from ``reselect.layer`` on may attend to.
+        Returns (states [B, 1, D], cache).
         """
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
         B = h.shape[0]
         ks, vs, valids, lens, poss = (list(x) for x in (cache.k, cache.v, cache.valid, cache.length, cache.next_pos))
         var_layers = () if var is None else var.layer_set(self.cfg.num_layers)
         row, row_valid = jnp.zeros((B, 1), jnp.int32), jnp.ones((B, 1), bool)
+        tap_layer = None if reselect is None else reselect.layer - 1
+        allowed = None
         for i in range(self.cfg.num_layers):
             slot = lens[i]
             valids[i] = jax.lax.dynamic_update_slice_in_dim(valids[i], jnp.ones((B, 1), bool), slot, axis=1)
-            mask = slot_mask(jnp.full((B, 1), slot), valids[i])
+            mask = slot_mask(jnp.full((B, 1), slot), valids[i] if allowed is None else valids[i] & allowed)
             edit = VarRows(row, row_valid, cache.visual[i], cache.sink[i], var) if i in var_layers else None
-            h, (ks[i], vs[i]), _, _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]),
-                                                     slot=slot, var=edit)
+            h, (ks[i], vs[i]), probs, _ = self.layers[i](h, poss[i][:, None], inv_freq, mask, kv=(ks[i], vs[i]),
+                                                         slot=slot, var=edit, tap_rows=row if i == tap_layer else None)
+            if i == tap_layer:
+                allowed = reselect(probs)
             lens[i], poss[i] = slot + 1, poss[i] + 1
         return h, dataclasses.replace(cache, k=tuple(ks), v=tuple(vs), valid=tuple(valids), length=tuple(lens),
                                       next_pos=tuple(poss))

@@ -167,9 +167,11 @@ class Llava(nnx.Module):
                                                       var=self.var_context(ids, real, var), triangle=triangle)
         return Output(logits=self.language_model.logits(h), image_features=feats, **tapped)
 
-    def decode(self, tokens, cache: KVCache, var: VarSpec | None = None):
-        """One token per sample (int[B]) at each layer's next slot. Returns (logits float32[B, V], cache)."""
-        h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache, var=var)
+    def decode(self, tokens, cache: KVCache, var: VarSpec | None = None, reselect=None):
+        """One token per sample (int[B]) at each layer's next slot (``reselect``: FastV's mask mode, see
+        ``LlamaModel.decode``). Returns (logits float32[B, V], cache)."""
+        h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache, var=var,
+                                              reselect=reselect)
         return self.language_model.logits(h)[:, 0], cache
 
 

@@ -30,8 +30,8 @@ from jaxdebias.models.interventions import TriangleMix, VarSpec, var_context
 from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq
 from jaxdebias.models.llava import Llava
 from jaxdebias.models.rows import rows_after_image, slot_mask
-from jaxdebias.policies import (carve_scores, dpc_knn_merge, information_scores, merge_into, stage_scores,
-                                text_raters, visionzip_select)
+from jaxdebias.policies import (dpc_knn_merge, rank_fusion, stage_scores, sv_scores, text_raters, tokencarve_select,
+                                visionzip_select)
 
 
 @jax.tree_util.register_dataclass
@@ -112,10 +112,60 @@ def segments(T: int, shape: PruneSpec, n: int, L: int):
         return [(0, L, T - n + shape.keep)], ()
     segs, cur, S, nv = [], 0, T, n
     for s in shape.stages:
-        segs.append((cur, s.layer, S))
-        S, nv, cur = S - nv + s.keep + s.clusters, s.keep + s.clusters, s.layer
+        segs.append((cur, s.boundary, S))
+        if shape.mode == "mask":  # nothing leaves the sequence
+            cur = s.boundary
+            continue
+        S, nv, cur = S - nv + s.keep + s.clusters, s.keep + s.clusters, s.boundary
     segs.append((cur, L, S))
     return segs, shape.stages
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MaskReselect:
+    """FastV's released mask mode at decode: each new token's attention row in layer ``layer - 1`` re-selects the
+    ``keep`` image tokens that layers >= ``layer`` may attend to (debiased as the prefill's selection).
+
+    image_slots: int[B, N] cache slot of each image token (raster order); content: bool[B, N] candidates (padding
+    excluded when debiasing); limit: int[] the real budget (<= keep); curve: a curve pytree or None."""
+
+    image_slots: jax.Array
+    content: jax.Array
+    limit: jax.Array
+    curve: Any
+    layer: int = dataclasses.field(metadata={"static": True})
+    keep: int = dataclasses.field(metadata={"static": True})
+    online: bool = dataclasses.field(default=False, metadata={"static": True})
+    padding: bool = dataclasses.field(default=False, metadata={"static": True})
+
+    def __call__(self, probs):
+        """probs float32[B, H, 1, S] (the new token's row in layer ``layer - 1``) -> keys allowed bool[B, S]."""
+        B, S = probs.shape[0], probs.shape[-1]
+        scores = jnp.take_along_axis(jnp.mean(probs[:, :, 0], axis=1), self.image_slots, axis=1)
+        curve = "online" if self.online else self.curve
+        scores = jd.debias(scores, curve=curve, pad_mask=self.content if self.padding else None)
+        idx, slot = jd.select_topk(scores, self.keep, valid=self.content, limit=self.limit)
+        kept = jd.kept_mask(idx, slot, scores.shape[1])
+        return jnp.ones((B, S), bool).at[jnp.arange(B)[:, None], self.image_slots].set(kept)
+
+
+def masked_keys(mask, key_keep):
+    """A slot mask bool[B, T, S] whose keys where ``key_keep`` bool[B, S] is False are masked for every query,
+    their own rows included (a pruned image token's row still sees the text before it); a row left empty (a
+    padding slot) keeps its diagonal."""
+    kept = mask & key_keep[:, None, :]
+    own = jnp.arange(mask.shape[1])[:, None] == jnp.arange(mask.shape[2])[None, :]
+    return kept | (own[None] & ~jnp.any(kept, -1, keepdims=True))
+
+
+def keep_in_caches(cache: KVCache, start: int, stop: int, seq: Seq, keep) -> KVCache:
+    """The caches of layers [start, stop) keep only the slots where ``keep`` bool[B, S] (over the current
+    sequence's slots) is True: generated tokens no longer see the others there. TokenCarve's rule for the layers
+    below its work layer (the release gathers them), and a mask-mode selection fixed at prefill."""
+    S = keep.shape[1]
+    return dataclasses.replace(cache, valid=tuple(
+        v.at[:, :S].set(v[:, :S] & keep) if start <= layer < stop else v for layer, v in enumerate(cache.valid)))
 
 
 def limits_array(limits) -> jax.Array:
@@ -144,15 +194,17 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
     segs, stages = segments(T, spec, n, L)
     cache = KVCache.empty(cfg.text, B, [S + extra for a, b, S in segs for _ in range(a, b)])
     content = None
-    if spec.debias.pad_tau is not None:
+    tau = spec.debias.tau_for(spec.method)
+    if tau is not None:
         grid = cfg.vision.grid
         content = jd.pad_mask_expand2square(image_sizes[:, 0], image_sizes[:, 1], grid=grid,
-                                            canvas=cfg.vision.image_size, tau=spec.debias.pad_tau)
+                                            canvas=cfg.vision.image_size, tau=tau)
         if n != grid * grid:
             raise ValueError("Padding suppression needs one token per patch (vision_feature_select_strategy "
                              "'default').")
     curve = spec.debias.curve_for(spec.method) if spec.debias.curve is not None else None
-    info = {"kept": [], "scores": jnp.zeros((B, n)), "debiased": jnp.zeros((B, n))}
+    info = {"kept": [], "scores": jnp.zeros((B, n)), "debiased": jnp.zeros((B, n)), "reselect": None}
+    debias_on = spec.debias.enabled
     raster = jnp.where(is_img, jnp.cumsum(is_img, axis=1) - 1, -1)
     orig = jnp.broadcast_to(jnp.arange(T), (B, T))
 
@@ -197,46 +249,60 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         raters = text_raters(jd.gather_tokens(seq.h, vslots), seq.h, text)
     inv_freq = jnp.asarray(rope_inv_freq(cfg.text))
     n_real = jnp.sum(real, 1)
+    key_keep = None
     for i, (start, stop, S) in enumerate(segs):
         cache = cache.with_prompt(start, stop, seq.valid,
                                   n_real if spec.positions == "keep" else jnp.sum(seq.valid, 1))
         mask = slot_mask(jnp.broadcast_to(jnp.arange(S), (B, S)), cache.valid[start])
+        if key_keep is not None:  # mask mode: layers after the stage may not attend to the pruned image tokens
+            mask = masked_keys(mask, jnp.ones(cache.valid[start].shape, bool).at[:, :S].set(key_keep))
         stage = stages[i] if i < len(stages) else None
-        taps = Taps() if stage is None or stage.source != "tap" else None
-        rows = None
+        taps, rows = Taps(), None
         if stage is not None:
             rows, row_valid = voting_rows(seq, stage.query, instr, raters)
-            if stage.source == "tap":
-                taps = Taps(attn_layers=(stage.layer - 1,), rows=rows,
-                            out_layers=(stage.layer - 1,) if stage.info_weight else ())
+            if stage.source != "probe":  # "tap": layer boundary - 1 = layer - 1; "self": the stage layer itself
+                taps = Taps(attn_layers=(stage.boundary - 1,), rows=rows)
         h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps,
                                          real=seq.valid, var=seq_var_context(seq, var), triangle=triangle)
         seq = dataclasses.replace(seq, h=h)
         if stage is None:
             break
-        if stage.source == "tap":
-            probs = tapped["attentions"][stage.layer - 1]
-        else:
+        if stage.source == "probe":
             probs = lm.layers[stage.layer].probe(seq.h, seq.pos, inv_freq, mask, rows)
+        else:
+            probs = tapped["attentions"][stage.boundary - 1]
         kslots = seq.first[:, None] + jnp.arange(seq.nv)
         kvalid = jnp.take_along_axis(seq.valid, kslots, axis=1)
-        scores = stage_scores(probs, row_valid, kslots, kvalid)
+        raw = stage_scores(probs, row_valid, kslots, kvalid)
         seq_raster = jnp.take_along_axis(seq.raster, kslots, axis=1)
-        scores, cand = debias_stage(i, scores, seq_raster, kvalid)
-        if stage.info_weight:  # TokenCarve: fused with each token's share of the singular values of the tapped
-            # layer's attention output matrix (its visual rows)
-            info_scores = information_scores(jd.gather_tokens(tapped["attn_outputs"][stage.layer - 1], kslots), cand)
-            scores = carve_scores(scores, info_scores, cand, stage.info_weight)
-        idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=limits[i, 0])
+        scores, cand = debias_stage(i, raw, seq_raster, kvalid)
+        take = lambda x, idx: jd.gather_tokens(x, seq.first[:, None] + idx)  # noqa: E731
+        if stage.info_weight:  # TokenCarve: (debiased) attention and SV ranks fused; padding may still win by SV
+            x = take(seq.h, jnp.broadcast_to(jnp.arange(seq.nv), kvalid.shape))  # layer W's input, image rows
+            fused = rank_fusion(scores, sv_scores(x, kvalid), kvalid, stage.info_weight)
+            idx, slot, merged = tokencarve_select(fused, x, kvalid, stage.keep)
+            block = [merged.astype(seq.h.dtype), slot, take(seq.raster, idx), take(seq.pos, idx)]
+            cache = keep_in_caches(cache, 0, stage.boundary, seq, ~seq.vis | jnp.zeros_like(seq.vis).at[
+                jnp.arange(B)[:, None], kslots].set(jd.kept_mask(idx, slot, seq.nv)))
+        else:
+            idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=limits[i, 0])
+            block = [take(seq.h, idx), slot, take(seq.raster, idx), take(seq.pos, idx)]
         info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))
-        take = lambda x, i=idx: jd.gather_tokens(x, seq.first[:, None] + i)  # noqa: E731
-        block = [take(seq.h), slot, take(seq.raster), take(seq.pos)]
-        pruned = cand & ~jd.kept_mask(idx, slot, seq.nv)
-        if stage.merge:  # TokenCarve: the next-best tokens are merged into the kept ones they resemble most
-            midx, mslot = jd.select_topk(scores, stage.merge, valid=pruned, limit=limits[i, 1])
-            block[0] = merge_into(block[0], slot, take(seq.h, midx), mslot).astype(seq.h.dtype)
-        if stage.recycle:  # SparseVLM: the best-scored pruned tokens, clustered and merged, follow the kept ones
-            ridx, rslot = jd.select_topk(scores, stage.recycle, valid=pruned)
+        if spec.mode == "mask":  # FastV's mask mode: the tokens stay; later layers (and decode) mask them
+            kept_slots = jnp.zeros((B, seq.valid.shape[1]), bool).at[jnp.arange(B)[:, None], kslots].set(
+                jd.kept_mask(idx, slot, seq.nv))
+            key_keep = ~seq.vis | kept_slots
+            if spec.reselect == "every_token":
+                online = isinstance(curve, str)
+                info["reselect"] = MaskReselect(kslots, cand, limits[i, 0], None if online or not debias_on else curve,
+                                                stage.boundary, stage.keep, online and debias_on,
+                                                debias_on and content is not None)
+            else:  # the prefill's selection serves every generated token: its caches drop the pruned keys
+                cache = keep_in_caches(cache, stage.boundary, L, seq, key_keep)
+            continue
+        if stage.recycle:  # SparseVLM: the best pruned tokens by raw score, clustered, follow the kept ones
+            pruned = kvalid & ~jd.kept_mask(idx, slot, seq.nv)
+            ridx, rslot = jd.select_topk(raw, stage.recycle, valid=pruned)
             merged, mvalid = dpc_knn_merge(take(seq.h, ridx), rslot, stage.clusters)
             last_pos = jnp.max(jnp.where(slot, block[3], 0), 1, keepdims=True)
             block = [jnp.concatenate([block[0], merged.astype(seq.h.dtype)], 1), jnp.concatenate([slot, mvalid], 1),

@@ -47,6 +47,7 @@ def test_discover_sink_dims():
 def test_known_dims_table_and_errors():
     assert jd.known_sink_dims("LLaVA-1.5-7B") == (1415, 2533)
     assert jd.known_sink_dims("vicuna-13b") == (2100, 4743)
+    assert jd.known_sink_dims("llava-1.5-13b", as_released=True) == (1415, 2533)  # what the VAR release runs
     with pytest.raises(KeyError, match="discover_sink_dims"):
         jd.known_sink_dims("qwen2-7b")
     with pytest.raises(ValueError, match="out of range for hidden size 64"):
