@@ -3,67 +3,177 @@
 Axes: ``...`` a batch of image sizes, G grid side (24 for CLIP ViT-L/14 at 336 px), N = G * G tokens in raster
 order. Masks are True for content, False for padding, so ``scores * mask`` suppresses the padding sink.
 
-A patch is padding when the fraction of its area that lies on the padded canvas exceeds ``tau``
-(0.5 in most published methods, 0.01 in PyramidDrop's debiased variant).
+The released masks (intcomp/attention-bias@e75ebe7):
+
+- ``generate_pad_mask`` (patches/FastV.patch L505-557; the same function in the HiMAP, PyramidDrop and TokenCarve
+  patches): on the 336-px canvas the content spans [pad, 336 - pad] on the short axis, pad = (S - s) / (2S) * 336,
+  centred continuously; a 14-px patch is padding iff 1 - overlap / 196 > tau (0.5 for FastV, HiMAP and
+  TokenCarve, 0.01 for PyramidDrop). ``pad_mask_expand2square`` (geometry "continuous").
+- SparseVLM (patches/SparseVLMs.patch, ``expand2square`` / ``process_images`` in llava/mm_utils.py): a 0/1 PIL
+  "L" mask of the letterboxed image (content pasted at PIL's floored offset) resized to G x G with
+  ``Image.BILINEAR``; a token is content iff the resized value >= 0.5. ``pad_mask_resized``.
+
+Both are computed in exact integer arithmetic (int32), so no float rounding decides a patch. The release's float64
+arithmetic breaks exact ties (padded fraction exactly tau) either way: at tau = 0.01 it does so for 128 (size,
+patch) pairs with sides up to 4000 px (48 padding, 80 content, e.g. 400 x 333); at tau = 0.5 its ties all come out
+content, as here. Here a tie is content (``1 - overlap / 196 > tau`` is false).
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdebias import _checks
 
+GEOMETRIES = ("continuous", "pil", "bilinear")
+_RESIZED_MAX_SIDE = 80_000  # pad_mask_resized's int32 long division needs its weight sums below 2**30
 
-def _check_sizes(width, height):
+
+def _check_sizes(width, height, max_side=None):
     for name, v in (("width", width), ("height", height)):
         if _checks.is_concrete(v) and np.any(np.asarray(v) <= 0):
             raise ValueError(f"Image {name} must be positive (pixels), got {v!r}.")
+        if max_side is not None and _checks.is_concrete(v) and np.any(np.asarray(v) > max_side):
+            raise ValueError(f"Image {name} must be at most {max_side} px here, got {v!r}; downscale it first "
+                             "(the mask depends on the aspect ratio only up to rounding).")
 
 
-def _overlap(lo, hi, a, b):
-    return jnp.clip(jnp.minimum(hi, b) - jnp.maximum(lo, a), 0, None)
+def _tau_fraction(tau) -> Fraction:
+    """tau as an exact fraction p/q (q <= 10**4: 0.01 -> 1/100, the decimal the user wrote)."""
+    if not _checks.is_concrete(tau) or np.ndim(tau) != 0:
+        raise TypeError(f"tau must be a Python float (it is compared exactly, so it is static), got {tau!r}.")
+    _checks.check_fraction("tau", tau)
+    return Fraction(float(tau)).limit_denominator(10_000)
 
 
-def pad_mask_expand2square(width, height, *, grid: int = 24, canvas: int = 336, tau: float = 0.5):
+def _floor_mul_div(a, p: int, q: int):
+    """floor(a * p / q) for int32 a >= 0 without forming a * p."""
+    return (a // q) * p + ((a % q) * p) // q
+
+
+def _short_axis_to_mask(w, h, is_content, grid: int):
+    rows = jnp.where((w >= h)[..., None], is_content, True)  # wide image: padded rows (top/bottom)
+    cols = jnp.where((w < h)[..., None], is_content, True)  # tall image: padded columns (left/right)
+    return (rows[..., :, None] & cols[..., None, :]).reshape(*rows.shape[:-1], grid * grid)
+
+
+def pad_mask_expand2square(width, height, *, grid: int = 24, canvas: int = 336, tau: float = 0.5,
+                           geometry: str = "continuous"):
     """Content mask of LLaVA-1.5's ``expand2square`` letterbox.
 
-    The image (W x H) is pasted on a square of side S = max(W, H) at offset (S - min(W, H)) // 2 along its short
-    side (as PIL ``paste`` in LLaVA's ``expand2square``), resized to ``canvas`` and cut into ``grid x grid``
-    patches. The padded fraction of a patch is independent of the resize, so it is computed exactly in the
-    original pixel units.
+    The image (W x H) sits on a square of side S = max(W, H); along the short side (s = min(W, H)) its content
+    starts at an offset of (S - s) / 2 pixels. The square is cut into ``grid x grid`` patches (the padded fraction
+    of a patch does not depend on the resize to ``canvas``); a patch is padding iff its padded area fraction is
+    > tau. Exact: computed in int32 units of 1 / (2G) px and with tau as the fraction p/q nearest to it with
+    q <= 10**4 (0.01 -> 1/100).
 
     Args:
-      width, height: int or int[...] original image size in pixels (may be traced).
+      width, height: int or int[...] original image size in pixels (may be traced; sides up to 44M px).
       grid: static patch-grid side G.
       canvas: static square side the processor resizes to (must be a multiple of ``grid``).
-      tau: a patch is padding when its padded area fraction is > tau; tau in [0, 1].
+      tau: static padding threshold in [0, 1].
+      geometry: "continuous" (default): offset (S - s) / 2 unfloored, the released ``generate_pad_mask`` of
+        intcomp/attention-bias@e75ebe7 (patches/FastV.patch L505-557); "pil": offset (S - s) // 2 as PIL's
+        ``paste`` places the pixels (the project's earlier default); "bilinear": SparseVLM's resized mask,
+        ``pad_mask_resized`` (only tau = 0.5, its fixed threshold).
+
+    Returns:
+      bool[..., G * G] in raster order, True = content.
+    """
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}.")
+    grid = _checks.check_positive_int("grid", grid)
+    canvas = _checks.check_positive_int("canvas", canvas)
+    if canvas % grid:
+        raise ValueError(f"canvas ({canvas}) must be a multiple of grid ({grid}): patches are canvas // grid px.")
+    frac = _tau_fraction(tau)
+    if geometry == "bilinear":
+        if frac != Fraction(1, 2):
+            raise ValueError(f"geometry 'bilinear' (SparseVLM's resized mask) thresholds the resized mask at 0.5 "
+                             f"only; got tau={tau}. Use tau=0.5 or geometry 'continuous'.")
+        return pad_mask_resized(width, height, grid=grid)
+    _check_sizes(width, height)
+    w = jnp.asarray(width, jnp.int32)
+    h = jnp.asarray(height, jnp.int32)
+    side = jnp.maximum(w, h)[..., None]
+    short = jnp.minimum(w, h)[..., None]
+    # Units of 1 / (2G) px: patch k spans [2kS, 2(k+1)S], the content [lo, lo + 2G s].
+    lo = grid * (side - short) if geometry == "continuous" else 2 * grid * ((side - short) // 2)
+    k = jnp.arange(grid, dtype=jnp.int32)
+    overlap = jnp.clip(jnp.minimum((k + 1) * 2 * side, lo + 2 * grid * short) - jnp.maximum(k * 2 * side, lo), 0)
+    padded = 2 * side - overlap  # padded length of each patch, out of 2S
+    is_content = padded <= _floor_mul_div(2 * side, frac.numerator, frac.denominator)  # [..., G] short axis
+    return _short_axis_to_mask(w, h, is_content, grid)
+
+
+_PRECISION_BITS = 22  # Pillow's Resample.c: 32 - 8 - 2 bits of fixed point for 8-bit images
+_CHUNK = 64  # window pixels per loop step
+
+
+def pad_mask_resized(width, height, *, grid: int = 24):
+    """SparseVLM's padding mask, as released with the debias paper (intcomp/attention-bias@e75ebe7:
+    patches/SparseVLMs.patch, llava/mm_utils.py ``expand2square`` and ``process_images``): an "L" image of the
+    letterboxed square (S = max(W, H)) that is 1 on the content (pasted at PIL's offset (S - s) // 2) and 0 on the
+    padding, ``resize((G, G), Image.BILINEAR)``; a token is content iff the resized value >= 0.5.
+
+    Pillow's 8-bit resampling is reproduced exactly in integers (Resample.c ``precompute_coeffs`` and
+    ``normalize_coeffs_8bpc``): output y averages the pixels i of its window with triangle weights
+    a_i = max(fs - |2G i + G - (2y + 1) S|, 0), fs = max(2S, 2G) (units of 1 / (2G) px), rounded to fixed point
+    k_i = round(a_i / sum(a) * 2**22) half up; the output is (2**21 + sum over content i of k_i) >> 22, i.e.
+    content iff sum over content i of k_i >= 2**21. The mask is constant along the long axis, so only the short
+    axis is resampled (the other pass maps constant lines to themselves).
+
+    Args:
+      width, height: int or int[...] original image size in pixels (may be traced; sides up to 80,000 px).
+      grid: static output side G.
 
     Returns:
       bool[..., G * G] in raster order, True = content.
     """
     grid = _checks.check_positive_int("grid", grid)
-    canvas = _checks.check_positive_int("canvas", canvas)
-    if canvas % grid:
-        raise ValueError(f"canvas ({canvas}) must be a multiple of grid ({grid}): patches are canvas // grid px.")
-    _checks.check_fraction("tau", tau)
-    _check_sizes(width, height)
+    _check_sizes(width, height, _RESIZED_MAX_SIDE)
     w = jnp.asarray(width, jnp.int32)
     h = jnp.asarray(height, jnp.int32)
-    side = jnp.maximum(w, h)
-    short = jnp.minimum(w, h)
-    offset = (side - short) // 2
-    k = jnp.arange(grid, dtype=jnp.int32)
-    # Everything scaled by `grid` so patch edges k * S / G become the integers k * S.
-    s = side[..., None]
-    content = _overlap(k * s, (k + 1) * s, offset[..., None] * grid, (offset + short)[..., None] * grid)
-    is_content = (s - content).astype(jnp.float32) <= tau * s.astype(jnp.float32)  # [..., G] along short axis
-    rows = jnp.where((w >= h)[..., None], is_content, True)  # wide image: padded rows (top/bottom)
-    cols = jnp.where((w < h)[..., None], is_content, True)  # tall image: padded columns (left/right)
-    return (rows[..., :, None] & cols[..., None, :]).reshape(*rows.shape[:-1], grid * grid)
+    side = jnp.maximum(w, h)[..., None]
+    short = jnp.minimum(w, h)[..., None]
+    off = (side - short) // 2
+    centre2 = (2 * jnp.arange(grid, dtype=jnp.int32) + 1) * side  # 2G * centre of output y, [..., G]
+    fs = jnp.maximum(2 * side, 2 * grid)  # 2G * support
+    lo = jnp.maximum((centre2 - fs + grid) // (2 * grid), 0)  # Pillow's xmin
+    hi = jnp.minimum((centre2 + fs + grid) // (2 * grid), side)  # Pillow's xmin + xmax
+    chunks = (jnp.max(hi - lo) + _CHUNK - 1) // _CHUNK
+    step = jnp.arange(_CHUNK, dtype=jnp.int32)
+
+    def window_sum(term):
+        def body(carry):
+            c, acc = carry
+            i = lo[..., None] + c * _CHUNK + step  # [..., G, CHUNK]
+            weight = jnp.maximum(fs[..., None] - jnp.abs(2 * grid * i + grid - centre2[..., None]), 0)
+            return c + 1, acc + jnp.sum(jnp.where(i < hi[..., None], term(i, weight), 0), -1)
+
+        return jax.lax.while_loop(lambda carry: carry[0] < chunks, body, (jnp.int32(0), jnp.zeros_like(lo)))[1]
+
+    total = window_sum(lambda i, a: a)  # sum of the weights, < 2**30
+
+    def fixed_point(i, a):  # round(a / total * 2**22) half up, by long division
+        t = total[..., None]
+        q = a // t
+        r = a - q * t
+        for _ in range(_PRECISION_BITS + 1):
+            r = 2 * r
+            bit = (r >= t).astype(jnp.int32)
+            q, r = 2 * q + bit, r - bit * t
+        inside = (i >= off[..., None]) & (i < (off + short)[..., None])
+        return jnp.where(inside, (q + 1) >> 1, 0)
+
+    is_content = window_sum(fixed_point) >= (1 << (_PRECISION_BITS - 1))
+    return _short_axis_to_mask(w, h, is_content, grid)
 
 
 class AnyresMask(NamedTuple):

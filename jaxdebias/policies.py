@@ -1,9 +1,12 @@
 """The array side of the pruning methods: how a stage scores, rates, fuses and merges visual tokens.
 
-Pure functions (jit- and vmap-able); ``jaxdebias.methods`` says which of them each method's stages use.
+Pure functions (jit- and vmap-able); ``jaxdebias.methods`` says which of them each method's stages use. Each
+default is the released rule of ``shared/reference/methods.md`` (the repo@commit:path is in each docstring);
+earlier project variants survive only as named options or as the legacy names ``information_scores``,
+``carve_scores`` and ``merge_into``.
 
 Axes: B batch, H heads, Q voting query rows, S key slots, N visual tokens in the current sequence, K kept slots,
-M other tokens (dropped, recycled), C clusters or contextual tokens, D width, E key dim.
+M other tokens (dropped, recycled), C clusters or contextual tokens, D width, E key dim, T text tokens.
 """
 
 from __future__ import annotations
@@ -11,24 +14,121 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdebias import _checks
 from jaxdebias.prune import kept_mask, select_topk
 
 
-def information_scores(x, valid):
-    """Each token's contribution to the singular values of the token matrix X = U S V^T (rows = tokens):
-    c_i = sum_j s_j |U_ij|. Computed from the Gram matrix X X^T = U S^2 U^T (``eigh``, N x N) rather than an
-    N x D SVD; singular values below 1e-3 of the largest are dropped (they are round-off in the Gram route).
+def sv_scores(x, valid):
+    """TokenCarve's information score (ShawnTan86/TokenCarve@a57bd59:TokenCarve/modeling_llama.py L1160-1167):
+    with the token matrix X = U S V^T (rows = tokens, an fp32 SVD), SV_i = sum_j S_j |U_ij|.
 
-    x: float[B, N, D]; valid: bool[B, N] (invalid rows are left out of X). Returns float32[B, N], 0 at invalid."""
+    In the release X is the decoder-layer output of layer W-1 on all 576 image rows (no padding exclusion): pass
+    ``valid`` = the real image slots. Invalid rows are zeroed, which leaves the SVD of the valid rows unchanged
+    (a zero row has U_ij = 0 wherever S_j > 0). With repeated singular values U is not unique and neither is SV
+    (as in the release).
+
+    x: float[B, N, D]; valid: bool[B, N]. Returns float32[B, N], 0 at invalid rows."""
     x = jnp.where(valid[..., None], x.astype(jnp.float32), 0.0)
-    lam, u = jnp.linalg.eigh(jnp.einsum("bnd,bmd->bnm", x, x))  # ascending eigenvalues, u[:, :, j] eigvectors
-    lam = jnp.where(lam > 1e-6 * lam[:, -1:], lam, 0.0)
-    return jnp.where(valid, jnp.einsum("bnj,bj->bn", jnp.abs(u), jnp.sqrt(lam)), 0.0)
+    u, s, _ = jnp.linalg.svd(x, full_matrices=False)  # u [B, N, min(N, D)], s [B, min(N, D)]
+    return jnp.where(valid, jnp.einsum("bnj,bj->bn", jnp.abs(u), s), 0.0)
+
+
+
+def descending_ranks(s, valid):
+    """0-based rank of each valid token when the valid tokens are sorted by descending ``s`` (ties: the lower
+    index first, as ``lax.top_k``); invalid tokens rank after all valid ones.
+
+    s: float[B, N]; valid: bool[B, N]. Returns int32[B, N]."""
+    _, order = jax.lax.top_k(jnp.where(valid, s.astype(jnp.float32), -jnp.inf), s.shape[-1])
+    return jnp.argsort(order, axis=-1).astype(jnp.int32)  # the inverse permutation
+
+
+
+def rank_fusion(av, sv, valid, w: float = 0.5):
+    """TokenCarve's score fusion (ShawnTan86/TokenCarve@a57bd59:TokenCarve/modeling_llama.py L1170-1175):
+    score_i = w (N - rank_AV(i)) + (1 - w) (N - rank_SV(i)), with 0-based descending ranks among the N valid
+    tokens (ties: lower index first). ``w = 1`` ranks by AV alone (the release's mode 2) and ``w = 0`` by SV alone
+    (mode 1): their top-R is the plain top-R of AV or SV.
+
+    av, sv: float[B, N] (debiasing applies to ``av`` only); valid: bool[B, N]; w: static weight on AV in [0, 1].
+    Returns float32[B, N]: valid scores lie in [1, N], invalid tokens get 0 (below every valid one)."""
+    n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+    ra = descending_ranks(av, valid).astype(jnp.float32)
+    rs = descending_ranks(sv, valid).astype(jnp.float32)
+    return jnp.where(valid, w * (n - ra) + (1.0 - w) * (n - rs), 0.0)
+
+
+
+def _unit(x):
+    x = x.astype(jnp.float32)
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.where(norm > 0, norm, 1.0)
+
+
+
+def tokencarve_select(score, x, valid, n: int):
+    """TokenCarve's selection and similarity merging (ShawnTan86/TokenCarve@a57bd59:TokenCarve/modeling_llama.py
+    L1185-1211, counts from TokenCarve_model_vqa_loader.py L104-105).
+
+    R = int(1.5 n) tokens with the highest ``score``, in descending-score order (ties: lower index first);
+    A = the first int(R / 2), B = the rest. On unit-normalised ``x`` each b in B finds its most cosine-similar a
+    in A (ties: the earlier a in A's order). The min(|A|, int(n / 2)) B tokens with the largest such cosine (ties:
+    earlier in B's order) are merged into their a: a' = (a + sum of its merged b) / (1 + their count), all
+    sources read before any write. Kept = A and the unmerged B: exactly n tokens when N >= R tokens are valid.
+
+    Args:
+      score: float[B, N] (e.g. ``rank_fusion``); x: float[B, N, D] the features that are compared and merged
+        (the release: the decoder-layer output of layer W-1); valid: bool[B, N] tokens that may be selected;
+        n: static number of kept tokens, with int(1.5 n) <= N.
+
+    Returns:
+      (idx int32[B, n] kept tokens in ascending original order, slot_mask bool[B, n] (False only when fewer than
+       R tokens are valid; such a slot's idx points at an unkept token and must be masked),
+       features float32[B, n, D] the kept tokens' features after merging, slot-aligned with idx).
+    """
+    n = _checks.check_positive_int("n", n)
+    N = x.shape[1]
+    R, M = int(n / 2 * 3), int(n / 2)  # as the release's loader spells them
+    if R > N:
+        raise ValueError(f"TokenCarve keeps n={n} of int(1.5 n)={R} candidates, but there are only N={N} tokens; "
+                         f"keep at most {N * 2 // 3}.")
+    half = int(R / 2)
+    merges = min(half, M)
+    _, top = jax.lax.top_k(jnp.where(valid, score.astype(jnp.float32), -jnp.inf), R)  # [B, R] descending
+    top_ok = jnp.take_along_axis(valid, top, axis=1)
+    xt = jnp.take_along_axis(x.astype(jnp.float32), top[..., None], axis=1)  # [B, R, D]
+    xa, xb, ok_a, ok_b = xt[:, :half], xt[:, half:], top_ok[:, :half], top_ok[:, half:]
+    merged = jnp.zeros(ok_b.shape, bool)
+    xa_new = xa
+    if merges > 0:
+        ut = _unit(xt)
+        cos = jnp.where(ok_a[:, None, :], jnp.einsum("bjd,bid->bji", ut[:, half:], ut[:, :half]), -jnp.inf)
+        best, target = jnp.max(cos, -1), jnp.argmax(cos, -1)  # [B, R - half]
+        best = jnp.where(ok_b, best, -jnp.inf)
+        mval, mpos = jax.lax.top_k(best, merges)
+        merged = jnp.any(jax.nn.one_hot(mpos, R - half, dtype=bool) & (mval > -jnp.inf)[..., None], axis=1)
+        joins = jax.nn.one_hot(target, half) * merged[..., None]  # [B, R - half, half]
+        xa_new = (xa + jnp.einsum("bji,bjd->bid", joins, xb)) / (1.0 + jnp.sum(joins, 1))[..., None]
+    keep = jnp.concatenate([ok_a, ok_b & ~merged], axis=1)  # [B, R]
+    order = jnp.argsort(jnp.where(keep, top, N + top), axis=1)[:, :n]  # kept first, ascending index
+    idx = jnp.take_along_axis(top, order, axis=1).astype(jnp.int32)
+    slot = jnp.take_along_axis(keep, order, axis=1)
+    feats = jnp.take_along_axis(jnp.concatenate([xa_new, xb], axis=1), order[..., None], axis=1)
+    return idx, slot, feats
+
+
+
+def information_scores(x, valid):
+    """Legacy name of ``sv_scores`` (kept importable; the Gram/eigh route it used is gone).
+
+    x: float[B, N, D]; valid: bool[B, N]. Returns float32[B, N], 0 at invalid."""
+    return sv_scores(x, valid)
 
 
 
 def carve_scores(attn, info, valid, info_weight: float):
-    """(1 - w) * minmax(attn) + w * minmax(info), min and max over each sample's valid tokens (0 elsewhere).
+    """The project's earlier TokenCarve fusion (NOT the release, which fuses ranks: ``rank_fusion``):
+    (1 - w) * minmax(attn) + w * minmax(info), min and max over each sample's valid tokens (0 elsewhere).
 
     attn, info: float[B, N]; valid: bool[B, N]. Returns float32[B, N]."""
     def minmax(s):
@@ -42,16 +142,13 @@ def carve_scores(attn, info, valid, info_weight: float):
 
 
 def merge_into(x_keep, keep_valid, x_drop, drop_valid):
-    """Each valid dropped token joins the valid kept token whose feature is most cosine-similar; a kept token
-    becomes the mean of itself and the tokens that joined it.
+    """The project's earlier TokenCarve merge (NOT the release's A/B split: ``tokencarve_select``): each valid
+    dropped token joins the valid kept token whose feature is most cosine-similar; a kept token becomes the mean
+    of itself and the tokens that joined it.
 
     x_keep: float[B, K, D]; keep_valid: bool[B, K]; x_drop: float[B, M, D]; drop_valid: bool[B, M].
     Returns float32[B, K, D] (invalid kept slots unchanged)."""
-    def unit(x):
-        x = x.astype(jnp.float32)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-
-    sim = jnp.where(keep_valid[:, None, :], jnp.einsum("bmd,bkd->bmk", unit(x_drop), unit(x_keep)), -jnp.inf)
+    sim = jnp.where(keep_valid[:, None, :], jnp.einsum("bmd,bkd->bmk", _unit(x_drop), _unit(x_keep)), -jnp.inf)
     joining = drop_valid & jnp.any(keep_valid, 1, keepdims=True)  # [B, M]
     joins = jax.nn.one_hot(jnp.argmax(sim, -1), x_keep.shape[1]) * joining[..., None]  # [B, M, K]
     total = x_keep.astype(jnp.float32) + jnp.einsum("bmk,bmd->bkd", joins, x_drop.astype(jnp.float32))
@@ -59,40 +156,55 @@ def merge_into(x_keep, keep_valid, x_drop, drop_valid):
 
 
 
-def text_raters(h_visual, h_text, text_valid):
-    """SparseVLM's raters: R = softmax_j(H_v H_t^T / sqrt(D)) over the text tokens j, r_j = mean_i R_ij over the
-    visual tokens; a text token rates when r_j >= mean_j r_j.
+def text_raters(h_visual, h_text, text_valid, *, scaled: bool = False, strict: bool = True):
+    """SparseVLM v1.5's raters (Gumpest/SparseVLMs@734d900:llava/model/language_model/modelling_sparse_llama.py
+    L200-204), from the layer-0 input embeddings: M = softmax over the text tokens j of the raw dot products
+    H_v H_t^T, m_j = mean_i M_ij over the visual tokens i; a text token rates when m_j > mean_j m_j (strict).
+    Computed in fp32 (the release: fp16).
 
-    h_visual: float[B, N, D]; h_text: float[B, T, D]; text_valid: bool[B, T]. Returns bool[B, T]."""
-    d = h_visual.shape[-1]
-    logits = jnp.einsum("bnd,btd->bnt", h_visual.astype(jnp.float32), h_text.astype(jnp.float32)) / jnp.sqrt(d)
+    h_visual: float[B, N, D]; h_text: float[B, T, D] (the release: every token after the image);
+    text_valid: bool[B, T] (softmax and mean over these only); scaled: the project's earlier variant, logits
+    divided by sqrt(D); strict: False for the earlier ``>=``. Returns bool[B, T]."""
+    logits = jnp.einsum("bnd,btd->bnt", h_visual.astype(jnp.float32), h_text.astype(jnp.float32))
+    if scaled:
+        logits = logits / jnp.sqrt(jnp.float32(h_visual.shape[-1]))
     logits = jnp.where(text_valid[:, None, :], logits, -jnp.inf)
-    r = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)  # [B, T]
-    m = jnp.sum(jnp.where(text_valid, r, 0.0), 1, keepdims=True) / jnp.maximum(jnp.sum(text_valid, 1, keepdims=True), 1)
-    return text_valid & (r >= m)
+    m = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)  # [B, T]
+    mean = jnp.sum(jnp.where(text_valid, m, 0.0), 1, keepdims=True) / jnp.maximum(
+        jnp.sum(text_valid, 1, keepdims=True), 1)
+    return text_valid & ((m > mean) if strict else (m >= mean))
 
 
 
-def dpc_knn_merge(x, valid, clusters: int, k: int = 7):
-    """Density-peak clustering with k nearest neighbours (DPC-KNN, as in TCFormer) and the mean of each cluster.
+def dpc_knn_merge(x, valid, clusters: int, k: int | None = None):
+    """SparseVLM v1.5's recycling clusters (Gumpest/SparseVLMs@734d900:llava/model/language_model/utils.py
+    L247-310, ``cluster_and_merge``): density-peak clustering with k nearest neighbours, then the plain mean of
+    each cluster.
 
-    density_i = exp(-mean of the squared distances to its k nearest neighbours) (distances / sqrt(D)); parent
-    distance = the distance to the nearest denser token (the largest distance for the densest); the ``clusters``
-    tokens with the largest density * parent distance are the centres; every token joins its nearest centre.
+    d_ij = ||x_i - x_j|| / sqrt(D) (D = the feature width: the release divides by C ** 0.5 with C = x.shape[-1],
+    4096 on 7B); rho_i = exp(-mean of d^2 over the k nearest tokens, self included); delta_i = the distance to
+    the nearest strictly denser token (the largest distance for the densest); centres = the ``clusters`` tokens
+    with the largest delta * rho (in that order: cluster c of the output is the c-th centre); every token joins
+    its nearest centre (ties: the earlier centre), centres join themselves. The release adds U(0, 1) * 1e-6 to
+    rho to break density ties; this function adds no noise (ties: neither token is denser). Distances use the
+    Gram expansion on features centred on the valid tokens' mean (fp32).
 
-    x: float[B, M, D]; valid: bool[B, M]. Returns (merged float32[B, clusters, D], cluster_valid bool[B, clusters]).
-    """
+    x: float[B, M, D]; valid: bool[B, M]; clusters: static C; k: static neighbours, default C (the release);
+    the project's earlier variant used k=7. Returns (merged float32[B, C, D], cluster_valid bool[B, C]; a
+    cluster is invalid only when fewer than C tokens are valid)."""
     B, M, D = x.shape
+    kk = max(1, min(clusters if k is None else k, M))
     x = x.astype(jnp.float32)
-    sq = jnp.sum(x * x, -1)
-    dist = jnp.sqrt(jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * jnp.einsum("bmd,bnd->bmn", x, x), 0.0))
-    dist = dist / jnp.sqrt(D)
+    nv = jnp.sum(valid, 1)
+    centre = jnp.sum(jnp.where(valid[..., None], x, 0.0), 1, keepdims=True) / jnp.maximum(nv, 1)[:, None, None]
+    xc = jnp.where(valid[..., None], x - centre, 0.0)
+    sq = jnp.sum(xc * xc, -1)
+    d2 = jnp.maximum(sq[:, :, None] + sq[:, None, :] - 2 * jnp.einsum("bmd,bnd->bmn", xc, xc), 0.0)
+    dist = jnp.where(jnp.eye(M, dtype=bool), 0.0, jnp.sqrt(d2)) / jnp.sqrt(jnp.float32(D))
     pair = valid[:, :, None] & valid[:, None, :]
     big = jnp.max(jnp.where(pair, dist, 0.0), axis=(1, 2), keepdims=True)
-    kk = max(1, min(k, M))
     near = -jax.lax.top_k(-jnp.where(valid[:, None, :], dist, jnp.inf), kk)[0]  # [B, M, kk] (self included)
-    nv = jnp.sum(valid, 1)[:, None, None]
-    near_ok = jnp.arange(kk)[None, None, :] < jnp.minimum(nv, kk)
+    near_ok = jnp.arange(kk)[None, None, :] < jnp.minimum(nv, kk)[:, None, None]
     density = jnp.exp(-jnp.sum(jnp.where(near_ok, near**2, 0.0), -1) / jnp.maximum(jnp.sum(near_ok, -1), 1))
     denser = (density[:, None, :] > density[:, :, None]) & valid[:, None, :]
     parent = jnp.min(jnp.where(denser, dist, big), axis=-1)

@@ -9,10 +9,12 @@ from hypothesis import strategies as st
 import jaxdebias as jd
 
 
-def reference_expand2square(w, h, grid=24, tau=0.5):
-    """Exact rational re-derivation of LLaVA's expand2square letterbox, patch by patch."""
+def reference_expand2square(w, h, grid=24, tau=0.5, geometry="continuous"):
+    """Exact rational re-derivation of LLaVA's expand2square letterbox, patch by patch: the content starts at
+    (S - s) / 2 (the released generate_pad_mask) or at PIL's floored offset (S - s) // 2 (geometry "pil")."""
     side, short = max(w, h), min(w, h)
-    off = (side - short) // 2
+    off = Fraction(side - short, 2) if geometry == "continuous" else Fraction((side - short) // 2)
+    tau = Fraction(tau).limit_denominator(10_000)
     keep = []
     for k in range(grid):
         lo, hi = Fraction(k * side, grid), Fraction((k + 1) * side, grid)
@@ -38,11 +40,20 @@ def test_worked_by_hand():
     assert np.asarray(jd.pad_mask_expand2square(336, 336)).all()
 
 
-@given(w=st.integers(1, 3000), h=st.integers(1, 3000), tau=st.sampled_from([0.0, 0.01, 0.25, 0.5, 0.99, 1.0]))
+@given(w=st.integers(1, 3000), h=st.integers(1, 3000), tau=st.sampled_from([0.0, 0.01, 0.25, 0.3, 0.5, 0.99, 1.0]),
+       geometry=st.sampled_from(["continuous", "pil"]))
 @settings(max_examples=150, deadline=None)
-def test_matches_exact_reference(w, h, tau):
-    np.testing.assert_array_equal(np.asarray(jd.pad_mask_expand2square(w, h, tau=tau)),
-                                  reference_expand2square(w, h, tau=tau))
+def test_matches_exact_reference(w, h, tau, geometry):
+    np.testing.assert_array_equal(np.asarray(jd.pad_mask_expand2square(w, h, tau=tau, geometry=geometry)),
+                                  reference_expand2square(w, h, tau=tau, geometry=geometry))
+
+
+def test_pil_and_continuous_geometry_differ_where_the_issue_says():
+    # S - s odd: the paste offset is floored by half a pixel; at tau 0.01 a whole line of 24 tokens flips
+    for w, h in [(640, 427), (500, 375)]:
+        cont = np.asarray(jd.pad_mask_expand2square(w, h, tau=0.01))
+        pil = np.asarray(jd.pad_mask_expand2square(w, h, tau=0.01, geometry="pil"))
+        assert (cont & ~pil).sum() == 24 and not (pil & ~cont).any()
 
 
 @given(w=st.integers(1, 2000), h=st.integers(1, 2000))
@@ -76,6 +87,10 @@ def test_errors():
         jd.pad_mask_expand2square(10, 10, tau=1.5)
     with pytest.raises(ValueError, match="multiple of grid"):
         jd.pad_mask_expand2square(10, 10, canvas=100)
+    with pytest.raises(ValueError, match="geometry must be one of"):
+        jd.pad_mask_expand2square(10, 10, geometry="floor")
+    with pytest.raises(ValueError, match="thresholds the resized mask at 0.5"):
+        jd.pad_mask_expand2square(10, 10, tau=0.01, geometry="bilinear")
 
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

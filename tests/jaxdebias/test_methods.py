@@ -1,5 +1,6 @@
 """The methods' pure parts against NumPy re-derivations: SparseVLM's text raters and DPC-KNN clustering +
-merging, TokenCarve's information scores (an SVD), score fusion and similarity merging."""
+merging (named options), TokenCarve's information scores (an SVD) and the project's earlier fusion and merging
+(legacy names). The released rules at their defaults: test_released_rules.py."""
 
 import chex
 import jax
@@ -10,15 +11,17 @@ import jaxdebias as jd
 from jaxdebias import policies
 
 
-def np_raters(hv, ht, valid):
+def np_raters(hv, ht, valid, scaled=False, strict=True):
+    """Released rule: softmax over text of raw dot products, mean over visual rows, strictly above the mean.
+    ``scaled``/``strict=False``: the project's earlier 1/sqrt(D) and >= variant."""
     out = []
     for v, t, ok in zip(hv, ht, valid):
         idx = np.nonzero(ok)[0]
-        logits = v @ t[idx].T / np.sqrt(v.shape[-1])
+        logits = v @ t[idx].T / (np.sqrt(v.shape[-1]) if scaled else 1.0)
         p = np.exp(logits - logits.max(1, keepdims=True))
         r = (p / p.sum(1, keepdims=True)).mean(0)
         row = np.zeros(len(t), bool)
-        row[idx] = r >= r.mean()
+        row[idx] = (r > r.mean()) if strict else (r >= r.mean())
         out.append(row)
     return np.stack(out)
 
@@ -45,6 +48,8 @@ class RatersTest(chex.TestCase):
         got = self.variant(policies.text_raters)(hv, ht, valid)
         np.testing.assert_array_equal(np.asarray(got), np_raters(hv, ht, valid))
         assert not np.asarray(got)[~valid].any()
+        old = self.variant(lambda a, b, c: policies.text_raters(a, b, c, scaled=True, strict=False))(hv, ht, valid)
+        np.testing.assert_array_equal(np.asarray(old), np_raters(hv, ht, valid, scaled=True, strict=False))
 
 
 class DpcKnnTest(chex.TestCase):
@@ -143,12 +148,14 @@ class TokenCarveTest(chex.TestCase):
 
 def test_tokencarve_schedule_and_checks():
     (s,) = jd.PruneSpec("tokencarve", keep=128).schedule(576, 32)
-    assert (s.layer, s.keep, s.merge, s.query, s.source, s.info_weight) == (2, 128, 128, "last", "tap", 0.5)
-    assert jd.PruneSpec("tokencarve").positions == "reindex"
-    assert jd.PruneSpec("tokencarve", keep=400).schedule(576, 32)[0].merge == 176  # what remains
+    # the release: R = int(1.5 n) candidates, int(n / 2) merged, original positions
+    assert (s.layer, s.keep, s.merge, s.query, s.source, s.info_weight) == (2, 128, 64, "last", "tap", 0.5)
+    assert jd.PruneSpec("tokencarve").positions == "keep"
+    with pytest.raises(ValueError, match="merges 200 more tokens but only 576 remain"):
+        jd.PruneSpec("tokencarve", keep=400).schedule(576, 32)  # int(1.5 * 400) > 576 candidates
     with pytest.raises(ValueError, match="merges 5 more tokens but only 9 remain"):
         jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "tap", merge=5),)).schedule(9, 4)
     with pytest.raises(ValueError, match="info_weight must be in"):
         jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "tap", info_weight=1.5),)).schedule(9, 4)
-    with pytest.raises(ValueError, match="info_weight needs source 'tap'"):
+    with pytest.raises(ValueError, match="info_weight.*needs source 'tap'"):
         jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "probe", info_weight=0.5),)).schedule(9, 4)
