@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -12,7 +17,7 @@
 # # Calibrate a debiasing curve and evaluate with and without it
 #
 # 1. Stream a benchmark subset through the model and fit the positional trend of FastV's scores
-#    (`jaxdebias calibrate`), 2. evaluate POPE pruned to `KEEP` tokens without debiasing, with padding
+#    (what `jaxdebias calibrate` does), 2. evaluate POPE pruned to `KEEP` tokens without debiasing, with padding
 #    suppression, and with padding + the calibrated curve, 3. plot the comparison.
 #
 # On Colab point `DATA` at a POPE folder in the LLaVA layout (`llava_pope_test.jsonl` with labels + `images/`)
@@ -32,12 +37,13 @@ import os
 
 from PIL import Image
 
-from jaxdebias import app
+from jaxdebias.cli import inputs
 
+os.makedirs(OUT, exist_ok=True)
 if DATA is None:  # a tiny POPE-style sample: letterboxed images of three aspect ratios, yes/no labels
     DATA = os.path.join(OUT, "sample")
     os.makedirs(os.path.join(DATA, "images"), exist_ok=True)
-    base = Image.open(app.default_image_path())
+    base = Image.open(inputs.default_image_path())
     with open(os.path.join(DATA, "questions.jsonl"), "w") as f:
         for i, (size, obj, label) in enumerate([((640, 427), "ball", "yes"), ((427, 640), "car", "no"),
                                                 ((500, 500), "tree", "yes"), ((800, 300), "dog", "no"),
@@ -46,18 +52,50 @@ if DATA is None:  # a tiny POPE-style sample: letterboxed images of three aspect
             f.write(json.dumps({"question_id": i, "image": f"{i}.png", "label": label,
                                 "text": f"Is there a {obj} in the image?"}) + "\n")
 
-# %%
-record = app.calibrate(CHECKPOINT, DATA, os.path.join(OUT, "curve.json"), "fastv", "exp", limit=LIMIT,
-                       batch_size=2, progress=False)
-print(record["curve"], record["fit_of_mean"])
+# %% [markdown]
+# Calibration: run FastV with nothing pruned (keep = all visual tokens) to get its first-stage scores, average
+# them position by position over the images with `jd.Calibration` (letterbox padding excluded), and fit the
+# exponential trend `w_i = exp(-b i)` that debiasing divides out.
 
 # %%
+import numpy as np
+
+import jaxdebias as jd
+from jaxdebias.cli import figures
+from jaxdebias.eval.benchmarks import read_any
+from jaxdebias.models.generate import generate
+
+loaded = inputs.load_model(CHECKPOINT)  # None: the embedded untrained tiny model
+rows, image_dir = read_any(DATA, "pope")
+keep_all = jd.PruneSpec("fastv", keep=loaded.n_visual)
+calibration = jd.Calibration.init(loaded.n_visual)
+for row in rows[:LIMIT]:
+    request = loaded.request(inputs.load_image(os.path.join(image_dir, row["image"])), row["text"])
+    result = generate(loaded.model, loaded.batch([request]), prune=keep_all, max_new_tokens=1)
+    calibration = calibration.update(result.scores, loaded.pad_mask(request.size)[None])
+curve = calibration.fit("exp")
+mean = np.asarray(calibration.mean())
+with open(os.path.join(OUT, "curve.json"), "w") as f:
+    json.dump({"curve": jd.curve_to_dict(curve), "method": "fastv", "form": "exp"}, f)
+trend = np.asarray(1.0 / curve.weights(loaded.n_visual)) * mean[mean > 0].mean()  # the fit, on the mean's scale
+figures.figure_curve({"mean score": mean, "fitted trend": trend}, os.path.join(OUT, "curve.png"),
+                     f"FastV: calibrated over {int(calibration.n_samples)} images")
+print(jd.curve_to_dict(curve), {k: float(v) for k, v in jd.bias_strength(mean, mean > 0).items()})
+
+# %% [markdown]
+# Evaluation: POPE pruned to `KEEP` tokens without debiasing, with padding suppression, and with padding + the
+# calibrated curve. `evaluate` is what `jaxdebias eval` runs: LLaVA's answer file (resumable), the official
+# metric, one compiled program per batch shape.
+
+# %%
+from jaxdebias.cli.evaluate import evaluate
+
 results = {}
-for name, mode, curve in (("no debias", "off", None), ("padding", "pad", None),
-                          ("padding + calibrated curve", "pad+curve", os.path.join(OUT, "curve.json"))):
-    debias = app.parse_debias(mode, 0.5, curve, "pope")
-    results[name] = app.evaluate(CHECKPOINT, "pope", DATA, os.path.join(OUT, name.replace(" ", "_")),
-                                 ("fastv", KEEP, debias), limit=LIMIT, batch_size=2, progress=False)
+for name, debias in (("no debias", jd.Debias()), ("padding", jd.Debias(pad_tau=0.5)),
+                     ("padding + calibrated curve", jd.Debias(curve=curve, pad_tau=0.5))):
+    spec = jd.PruneSpec("fastv", keep=KEEP, debias=debias)
+    results[name] = evaluate("pope", DATA, os.path.join(OUT, name.replace(" ", "_")), spec=spec, model=loaded,
+                             limit=LIMIT, batch_size=2, progress=False)
 
 # %%
 import matplotlib.pyplot as plt

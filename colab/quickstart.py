@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -34,28 +39,57 @@ import os
 
 from huggingface_hub import snapshot_download
 
-from jaxdebias.convert.checkpoint import convert
+from jaxdebias.convert.write import convert
 
 src = snapshot_download(HF_REPO, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
 CHECKPOINT = "/content/llava-1.5-7b-jax"
 if not os.path.exists(CHECKPOINT):
     convert(src, CHECKPOINT, dtype="bfloat16")  # tensor by tensor: host memory stays near one tensor
 
+# %% [markdown]
+# Load the model with its tokenizer and image normalisation, turn the image and the question into a batch, and
+# generate three times: unpruned, pruned by `METHOD` to `KEEP` visual tokens, and pruned with the debiased
+# selection (padding suppression + the method's released positional curve).
+
 # %%
 import jax
+import numpy as np
 
-from jaxdebias import app
+import jaxdebias as jd
+from jaxdebias.cli import figures, inputs
+from jaxdebias.models.generate import generate
 
 print("devices:", jax.devices())
-debias = app.parse_debias("pad+curve", 0.5, None, "gqa")  # padding suppression + the released FastV curve
-summary = app.run(CHECKPOINT, IMAGE or app.default_image_path(), PROMPT, METHOD, KEEP, debias, OUT,
-                  max_new_tokens=16)
+loaded = inputs.load_model(CHECKPOINT)  # onto the device in bf16; None: the embedded untrained tiny model
+request = loaded.request(inputs.load_image(IMAGE or inputs.default_image_path()), PROMPT)
+batch = loaded.batch([request])
+debias = jd.Debias(curve="released", pad_tau=0.5, task="gqa")
+specs = {"unpruned": None, "pruned": jd.PruneSpec(METHOD, keep=KEEP),
+         "pruned + debiased": jd.PruneSpec(METHOD, keep=KEEP, debias=debias)}
+results = {name: generate(loaded.model, batch, prune=spec, max_new_tokens=16) for name, spec in specs.items()}
+for name, result in results.items():
+    print(f"{name:18s} {loaded.decode(result.tokens[0])!r}  decoder lengths {result.stage_lengths}")
+if loaded.embedded:
+    print("(the embedded model is untrained: its answers are meaningless, the selections below are real)")
+
+# %% [markdown]
+# Which visual tokens were kept (letterbox padding outlined in red where a selection kept it), and the
+# first-stage scores by grid row before and after debiasing.
 
 # %%
+import os
+
 from IPython.display import Image, display
 
-for path in summary["figures"]:
-    display(Image(filename=path))
-print({k: round(v, 3) for k, v in summary["seconds"].items()})
-print("bias before:", {k: round(v, 5) for k, v in summary["bias_before"].items()})
-print("bias after: ", {k: round(v, 5) for k, v in summary["bias_after"].items()})
+os.makedirs(OUT, exist_ok=True)
+content = loaded.pad_mask(request.size, tau=0.5)  # bool[N], True = image content, False = letterbox padding
+kept = {f"{name}, keep {KEEP}": np.asarray(jd.kept_mask(*results[name].kept[0], loaded.n_visual))[0]
+        for name in ("pruned", "pruned + debiased")}
+scores, debiased = results["pruned + debiased"].scores[0], results["pruned + debiased"].debiased[0]
+display(Image(filename=figures.figure_kept(request.letterboxed, kept, os.path.join(OUT, "kept.png"), content)))
+display(Image(filename=figures.figure_curve({"scores": scores, "debiased": np.where(debiased > 0, debiased, np.nan)},
+                                            os.path.join(OUT, "curve.png"), f"{METHOD}: first-stage scores")))
+print("padding patches kept:", {name: int((mask & ~content).sum()) for name, mask in kept.items()})
+print("bias before:", {k: round(float(v), 5) for k, v in jd.bias_strength(scores, pad_mask=content).items()})
+print("bias after: ", {k: round(float(v), 5) for k, v in jd.bias_strength(np.where(content, debiased, 0.0),
+                                                                       pad_mask=content).items()})

@@ -1,4 +1,4 @@
-"""A self-contained demonstration of the core on synthetic attention (no model, no download).
+"""``jaxdebias demo``: a self-contained demonstration of the core on synthetic attention (no model, no download).
 
 It plants what the literature reports in LLaVA-1.5's layer-2 attention - an object the question is about, a
 recency trend along raster order, and a padding sink on letterboxed images - then shows the bias numbers and
@@ -69,9 +69,9 @@ def run(k: int = 64, seed: int = 0, show: bool = True) -> dict:
         "padding + online per-sample fit": dict(curve="online", pad_mask=pad),
     }
     results, pictures = {}, {}
-    kk = jd.bucket(k)
+    k_bucket = jd.bucket(k)
     for name, kw in variants.items():
-        idx, slot, deb = jd.debias_and_select(scores, kk, **kw)
+        idx, slot, deb = jd.debias_and_select(scores, k_bucket, **kw)
         keep = np.zeros((len(sizes), N), bool)
         for b in range(len(sizes)):
             keep[b, np.asarray(idx[b])[np.asarray(slot[b])]] = True
@@ -83,7 +83,7 @@ def run(k: int = 64, seed: int = 0, show: bool = True) -> dict:
         }
         pictures[name] = keep
     if show:
-        print(f"jaxdebias demo: synthetic LLaVA-1.5 attention, {len(sizes)} images {sizes}, keep {kk} of {N}")
+        print(f"jaxdebias demo: synthetic LLaVA-1.5 attention, {len(sizes)} images {sizes}, keep {k_bucket} of {N}")
         print(f"{'variant':34s} {'object recall':>13s} {'padding kept':>12s} {'trend slope b':>14s}")
         for name, r in results.items():
             print(f"{name:34s} {r['object_recall']:13.2f} {r['padding_kept']:12d} {r['slope']:14.5f}")

@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
-from jaxdebias import app, demo
+import pytest
+
+import jaxdebias as jd
+from jaxdebias.cli import demo, inputs
+from jaxdebias.cli.run import run
 
 
 def test_demo_debiasing_recovers_the_planted_object():
@@ -25,8 +29,8 @@ def test_cli_demo_and_bad_keep():
 
 def test_run_on_the_embedded_default(tmp_path):
     lines = []
-    s = app.run(None, app.default_image_path(), "What is red?", "fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"),
-                str(tmp_path), max_new_tokens=3, log=lines.append)
+    spec = jd.PruneSpec("fastv", keep=64, debias=inputs.parse_debias("pad", 0.5, None, "gqa"))
+    s = run(spec, prompt="What is red?", out_dir=str(tmp_path), max_new_tokens=3, log=lines.append)
     assert any("untrained" in line for line in lines)
     for f in s["figures"]:
         assert os.path.getsize(f) > 5000  # a real PNG with content
@@ -35,7 +39,7 @@ def test_run_on_the_embedded_default(tmp_path):
     saved = json.load(open(tmp_path / "run.json"))
     assert set(saved["answers"]) == {"unpruned", "pruned", "pruned + debiased"}
     assert saved["stage_lengths"]["pruned"][1][2] < saved["stage_lengths"]["unpruned"][0][2]
-    ids, instr = app.build_prompt(app.ByteTokenizer(), "Hi?")
+    ids, instr = inputs.build_prompt(inputs.ByteTokenizer(), "Hi?", 576)
     assert (ids == 259).sum() == 576 and bytes(int(i) - 3 for i in ids[instr:instr + 1]) == b"?"
 
 
@@ -59,22 +63,17 @@ def test_run_bad_inputs_exit_2(tmp_path):
 
 
 def test_var_flags_parse():
-    import argparse
+    from jaxdebias.cli.main import _var, build_parser
 
-    import pytest
+    def parsed(*flags, checkpoint=True):
+        return build_parser().parse_args(["run", *flags] + (["--checkpoint", "ckpt"] if checkpoint else []))
 
-    from jaxdebias.__main__ import _var_spec
-
-    def ns(**kw):
-        base = dict(var=True, var_dims=None, var_p=0.6, var_tau=20.0, var_rho=0.5, var_layers="released")
-        return argparse.Namespace(**{**base, **kw})
-
-    assert _var_spec(ns(var=False), None) is None
-    assert _var_spec(ns(var_dims="llava-1.5-7b"), None).sink_dims == (1415, 2533)
-    spec = _var_spec(ns(var_dims="3,9", var_p=0.5, var_layers="2,3"), None)
+    assert _var(parsed()) is None
+    assert _var(parsed("--var", "--var-dims", "llava-1.5-7b")).sink_dims == (1415, 2533)
+    spec = _var(parsed("--var", "--var-dims", "3,9", "--var-p", "0.5", "--var-layers", "2,3"))
     assert spec.sink_dims == (3, 9) and spec.p == 0.5 and spec.layers == (2, 3)
-    assert _var_spec(ns(), "discover").sink_dims == "discover"
-    with pytest.raises(app.UserError, match="--var needs the model's sink dimensions"):
-        _var_spec(ns(), None)
-    with pytest.raises(app.UserError, match="p must lie"):
-        _var_spec(ns(var_dims="1", var_p=2.0), None)
+    assert _var(parsed("--var", checkpoint=False)).sink_dims == "discover"  # the embedded model: discovered
+    with pytest.raises(jd.UserError, match="--var needs the model's sink dimensions"):
+        _var(parsed("--var"))
+    with pytest.raises(jd.UserError, match="p must lie"):
+        _var(parsed("--var", "--var-dims", "1", "--var-p", "2.0"))

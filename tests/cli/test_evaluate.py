@@ -9,47 +9,35 @@ import time
 
 import jax
 import pytest
-from PIL import Image
 
-from jaxdebias import app, evals
+import jaxdebias as jd
+from jaxdebias.cli import inputs
+from jaxdebias.cli.calibrate import calibrate
+from jaxdebias.cli.evaluate import evaluate
+from jaxdebias.cli.runner import Runner
+from jaxdebias.eval import benchmarks, metrics
+from jaxdebias.models.generate import generate
+from tests.cli.samples import write_pope
 
-QUESTIONS = [("a.png", (640, 400), "Is there a dog in the image?", "yes"),
-             ("b.png", (300, 500), "Is there a cat in the image?", "no"),
-             ("c.png", (400, 400), "Is there a car in the image?", "no"),
-             ("a.png", (640, 400), "Is there a tree in the image?", "yes"),
-             ("b.png", (300, 500), "Is there a person in the image?", "no")]
-
-
-def write_pope(root, questions=QUESTIONS, drop_field=None):
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for i, (name, size, _, _) in enumerate(questions):
-        Image.new("RGB", size, (40 * i, 120, 200)).save(root / "images" / name)
-    with open(root / "llava_pope_test.jsonl", "w") as f:
-        for i, (name, _, text, label) in enumerate(questions):
-            row = {"question_id": i, "image": name, "text": text, "label": label, "category": "random"}
-            row.pop(drop_field, None)
-            f.write(json.dumps(row) + "\n")
-    return root
+SPEC = jd.PruneSpec("fastv", keep=64, debias=jd.Debias(pad_tau=0.5))
 
 
 def test_pope_metrics_by_hand():
-    answers = {1: "Yes, there is.", 2: "No.", 3: "There is not a dog", 4: "yes"}
-    labels = {1: "yes", 2: "no", 3: "yes", 4: "no"}
-    m = evals.pope_metrics(answers, labels)  # tp: 1, tn: 2, fn: 3, fp: 4
+    answers = ["Yes, there is.", "No.", "There is not a dog", "yes"]
+    labels = ["yes", "no", "yes", "no"]
+    m = metrics.pope_metrics([metrics.pope_yes_no(a) for a in answers], labels)  # tp: 1, tn: 2, fn: 3, fp: 4
     assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5, "n": 4}
 
 
 def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
     data = write_pope(tmp_path / "pope")
-    args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
     one = jax.devices()[:1]  # as the killed subprocess below runs (the test session has 4 fake devices)
-    full = app.evaluate(None, "pope", str(data), str(tmp_path / "full"), args, batch_size=1, progress=False,
-                        devices=one)
+    full = evaluate("pope", str(data), str(tmp_path / "full"), spec=SPEC, batch_size=1, progress=False, devices=one)
     lines = [json.loads(x) for x in open(tmp_path / "full" / "pope_answers.jsonl")]
     assert [x["question_id"] for x in lines] == list(range(5))
     assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-    labels = {i: q[3] for i, q in enumerate(QUESTIONS)}
-    assert full == evals.pope_metrics({x["question_id"]: x["text"] for x in lines}, labels)
+    rows, _ = benchmarks.read_any(str(data), "pope")
+    assert full == benchmarks.get("pope").score(rows, [x["text"] for x in lines])
 
     out = tmp_path / "resumed"
     answers = out / "pope_answers.jsonl"
@@ -67,10 +55,17 @@ def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
     assert 2 <= written < 5, written  # really interrupted mid-way
     with open(answers, "a") as f:
         f.write('{"question_id": 4, "pro')  # and a torn line, as a kill during a write would leave
-    resumed = app.evaluate(None, "pope", str(data), str(out), args, batch_size=1, progress=False, devices=one)
+    resumed = evaluate("pope", str(data), str(out), spec=SPEC, batch_size=1, progress=False, devices=one)
     assert resumed == full
     ids = [json.loads(x)["question_id"] for x in answers.read_text().splitlines()]
     assert sorted(ids) == list(range(5))  # nothing double-counted
+
+    # an interruption simulated with a limit: 2 answers, then the full run answers the other 3 and scores all 5
+    staged = tmp_path / "staged"
+    evaluate("pope", str(data), str(staged), spec=SPEC, batch_size=1, limit=2, progress=False, devices=one)
+    assert len((staged / "pope_answers.jsonl").read_text().splitlines()) == 2
+    assert evaluate("pope", str(data), str(staged), spec=SPEC, batch_size=1, progress=False, devices=one) == full
+    assert (staged / "pope_answers.jsonl").read_text() == (tmp_path / "full" / "pope_answers.jsonl").read_text()
 
 
 def test_eval_and_calibrate_bad_inputs(tmp_path):
@@ -84,21 +79,40 @@ def test_eval_and_calibrate_bad_inputs(tmp_path):
     os.remove(missing / "images" / "c.png")
     r = run("eval", "--bench", "pope", "--data", str(missing), "--out", str(tmp_path / "o2"))
     assert r.returncode == 2 and "Image c.png of question 2 is missing" in r.stderr
-    r = run("eval", "--bench", "pope", "--data", str(missing), "--keep", "700", "--out", str(tmp_path / "o3"))
-    assert r.returncode == 2
+    good = write_pope(tmp_path / "good")
+    r = run("eval", "--bench", "pope", "--data", str(good), "--keep", "700", "--out", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "--keep must be in 1..576 (the visual tokens of one image)" in r.stderr
     r = run("calibrate", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.json"))
     assert r.returncode == 2 and "is not a directory" in r.stderr
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "c.json"))
 
 
+def test_eval_truncated_image_stops_before_the_first_answer(tmp_path):
+    """The 7th of 7 images is a truncated PNG: exit 2 naming it, on a line of its own, and no answer file (the
+    run used to write 6 answers first)."""
+    questions = [(f"{name}.png", (320 + 10 * i, 240), f"Is there a {name} in the image?", "yes" if i % 2 else "no")
+                 for i, name in enumerate(["ant", "bee", "cat", "dog", "eel", "fox", "gnu"])]
+    data = write_pope(tmp_path / "pope", questions)
+    png = (data / "images" / "gnu.png").read_bytes()
+    (data / "images" / "gnu.png").write_bytes(png[:len(png) // 2])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "jaxdebias", "eval", "--bench", "pope", "--data", str(data),
+                        "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"jaxdebias eval: error: Image {data / 'images' / 'gnu.png'} cannot be read" in r.stderr
+    assert any(line.startswith("jaxdebias eval: error:") for line in r.stderr.splitlines())  # its own line
+    assert not out.exists()  # no answer file, no metrics
+
+
 def test_calibrate_writes_a_curve_run_accepts(tmp_path):
     data = write_pope(tmp_path / "cal")
     os.rename(data / "llava_pope_test.jsonl", data / "questions.jsonl")
-    rec = app.calibrate(None, str(data), str(tmp_path / "curve.json"), "fastv", "exp", batch_size=2,
-                        progress=False, log=lambda *_: None, devices=jax.devices()[:1])
+    rec = calibrate(str(data), str(tmp_path / "curve.json"), method="fastv", form="exp", batch_size=2,
+                    progress=False, log=lambda *_: None, devices=jax.devices()[:1])
     assert rec["samples"] == 5 and rec["curve"]["form"] == "exp"
     assert os.path.getsize(tmp_path / "curve.png") > 5000
-    debias = app.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
+    debias = inputs.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
     assert dict(debias.curve)["b"] == pytest.approx(rec["curve"]["b"])
 
 
@@ -119,22 +133,17 @@ def test_eval_splits_batches_over_devices(tmp_path):
     """On 4 (fake) devices the batch is sharded over "data"; the prefill logits equal a single device's."""
     import numpy as np
 
-    from jaxdebias.models import pruning
-
     assert len(jax.devices()) >= 4
     data = write_pope(tmp_path / "multi")
-    args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
-    runner = app.Runner(None, args, 2, devices=jax.devices()[:4])
+    runner = Runner(inputs.load_model(None), SPEC, 2, devices=jax.devices()[:4])
     assert runner.batch_size == 4 and runner.mesh.shape["data"] == 4
-    rows = evals.read_pope(str(data))[0][:4]
-    batch = app.make_batch(runner.requests(rows, str(data / "images")), runner.tok.pad)
-    sharded = pruning.prefill_and_generate(runner.model, batch, prune=runner.spec, max_new_tokens=1,
-                                           mesh=runner.mesh)
-    single, _, _, _ = app.load_model(None)
-    ref = pruning.prefill_and_generate(single, batch, prune=runner.spec, max_new_tokens=1)
+    rows = benchmarks.read_any(str(data), "pope")[0][:4]
+    batch = runner.loaded.batch(runner.requests(rows, str(data / "images")))
+    sharded = generate(runner.loaded.model, batch, prune=SPEC, max_new_tokens=1, mesh=runner.mesh)
+    ref = generate(inputs.load_model(None).model, batch, prune=SPEC, max_new_tokens=1)
     np.testing.assert_allclose(sharded.logits, ref.logits, atol=1e-4)
-    m = app.evaluate(None, "pope", str(data), str(tmp_path / "o"), args, batch_size=2, progress=False,
-                     devices=jax.devices()[:4])
+    m = evaluate("pope", str(data), str(tmp_path / "o"), spec=SPEC, batch_size=2, progress=False,
+                 devices=jax.devices()[:4])
     assert m["n"] == 5
 
 
@@ -144,9 +153,8 @@ def test_eval_under_jax_distributed_equals_one_process(tmp_path):
     import socket
 
     data = write_pope(tmp_path / "mh")
-    args = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
-    one = app.evaluate(None, "pope", str(data), str(tmp_path / "one"), args, batch_size=1, progress=False,
-                       devices=jax.devices()[:1])
+    one = evaluate("pope", str(data), str(tmp_path / "one"), spec=SPEC, batch_size=1, progress=False,
+                   devices=jax.devices()[:1])
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]

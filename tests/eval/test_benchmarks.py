@@ -12,9 +12,10 @@ import jax
 import pytest
 from PIL import Image
 
-from jaxdebias import app, evals
-
-SHORT = evals.SHORT
+import jaxdebias as jd
+from jaxdebias.cli.evaluate import evaluate
+from jaxdebias.eval import benchmarks, metrics
+from jaxdebias.eval.readers import SHORT
 
 
 def _img(path, size=(320, 240), colour=(90, 140, 200)):
@@ -160,29 +161,31 @@ def write_pope(root):
 
 WRITERS = {"pope": write_pope, "mme": write_mme, "gqa": write_gqa, "textvqa": write_textvqa,
            "scienceqa": write_scienceqa, "mmbench": write_mmbench, "vqav2": write_vqav2, "vizwiz": write_vizwiz}
-ARGS = ("fastv", 64, app.parse_debias("pad", 0.5, None, "gqa"))
+SPEC = jd.PruneSpec("fastv", keep=64, debias=jd.Debias(pad_tau=0.5))
 
 
 def _answers_file(path, bench, data, texts):
     """An answer file as a previous run leaves it (LLaVA's format, one line per question, in order)."""
-    rows, _ = evals.get(bench).read(str(data))
+    rows, _ = benchmarks.get(bench).read(str(data))
     assert len(rows) == len(texts)
     _jsonl(path, [{"question_id": r["question_id"], "prompt": r["text"], "text": t, "answer_id": str(r["question_id"]),
                    "model_id": "hand", "metadata": {}} for r, t in zip(rows, texts)])
 
 
 def test_vqa_normalisation_and_accuracy_by_hand():
-    assert evals.normalize_vqa("Two dogs.") == "2 dogs"
-    assert evals.normalize_vqa("The  Cat!") == "cat"
-    assert evals.normalize_vqa("dont") == "don't"
-    assert evals.normalize_vqa("1,000") == "1000"
-    assert evals.normalize_vqa("black/white") == "black white"
-    assert evals.vqa_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx(0.9)  # 3*(2/3) + 7*1 over 10
-    assert evals.vqa_accuracy("no", ["yes"] * 10) == 0.0
-    assert evals.option_letter("B", "ABC") == "B" and evals.option_letter("(C) cow", "ABC") == "C"
-    assert evals.option_letter("The answer is A.", "AB") == "A" and evals.option_letter("D", "ABC") is None
-    assert evals.option_letter("Because", "ABC") is None
-    assert [evals.mme_yes_no(a) for a in ("Yes", "no.", "Not sure", "It is")] == ["yes", "no", "no", "other"]
+    assert metrics.normalize_vqa("Two dogs.") == "2 dogs"
+    assert metrics.normalize_vqa("The  Cat!") == "cat"
+    assert metrics.normalize_vqa("dont") == "don't"
+    assert metrics.normalize_vqa("1,000") == "1000"
+    assert metrics.normalize_vqa("black/white") == "black white"
+    assert metrics.vqa_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx(0.9)  # 3*(2/3) + 7*1 over 10
+    assert metrics.textvqa_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx(0.9)  # 3*(2/3) + 7*1 over 10
+    assert metrics.vqa_accuracy("no", ["yes"] * 10) == 0.0
+    assert metrics.scienceqa_choice("B", 3) == 1 and metrics.scienceqa_choice("C. cow", 3) == 2
+    assert metrics.scienceqa_choice("The answer is A.", 2) == 0 and metrics.scienceqa_choice("D", 3) == -1
+    assert metrics.scienceqa_choice("Because", 3) == -1
+    assert metrics.mmbench_choice("(C) cow", {"A": "cat", "B": "dog", "C": "cow"}) == "C"
+    assert [metrics.mme_yes_no(a) for a in ("Yes", "no.", "Not sure", "It is")] == ["yes", "no", "no", "other"]
 
 
 @pytest.mark.parametrize("bench", list(WRITERS))
@@ -190,7 +193,7 @@ def test_metric_equals_the_hand_computed_value(tmp_path, bench):
     """Answers written as a previous run would have left them: evaluate resumes, runs no model, and scores."""
     data, answers, expected = WRITERS[bench](tmp_path / bench)
     _answers_file(tmp_path / "out" / f"{bench}_answers.jsonl", bench, data, answers)
-    m = app.evaluate(None, bench, str(data), str(tmp_path / "out"), ARGS, progress=False, log=lambda *_: None)
+    m = evaluate(bench, str(data), str(tmp_path / "out"), spec=SPEC, progress=False, log=lambda *_: None)
     for k, v in expected.items():
         assert m[k] == pytest.approx(v), (k, m)
     assert m["n"] == len(answers)
@@ -225,9 +228,9 @@ def _check_export(bench, out, rows):
 def test_eval_end_to_end_writes_the_official_layout(tmp_path, bench):
     data, _, _ = WRITERS[bench](tmp_path / bench)
     out = tmp_path / "out"
-    m = app.evaluate(None, bench, str(data), str(out), ARGS, batch_size=4, max_new_tokens=2, progress=False,
-                     log=lambda *_: None, devices=jax.devices()[:1])
-    rows, _ = evals.get(bench).read(str(data))
+    m = evaluate(bench, str(data), str(out), spec=SPEC, batch_size=4, max_new_tokens=2, progress=False,
+                 log=lambda *_: None, devices=jax.devices()[:1])
+    rows, _ = benchmarks.get(bench).read(str(data))
     lines = [json.loads(x) for x in (out / f"{bench}_answers.jsonl").read_text().splitlines()]
     assert [x["question_id"] for x in lines] == [r["question_id"] for r in rows]
     assert all(set(x) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for x in lines)
@@ -239,7 +242,7 @@ def test_test_split_without_answers_writes_submission_and_no_metric(tmp_path):
     data, answers, _ = write_vqav2(tmp_path / "vqav2")
     (data / "v2_mscoco_val2014_annotations.json").unlink()
     _answers_file(tmp_path / "out" / "vqav2_answers.jsonl", "vqav2", data, answers)
-    m = app.evaluate(None, "vqav2", str(data), str(tmp_path / "out"), ARGS, progress=False, log=lambda *_: None)
+    m = evaluate("vqav2", str(data), str(tmp_path / "out"), spec=SPEC, progress=False, log=lambda *_: None)
     assert m == {"metric": None, "n": 2}
     assert json.load(open(tmp_path / "out" / "vqav2_submission.json")) == [
         {"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "don't know"}]

@@ -1,0 +1,190 @@
+"""The ``jaxdebias`` command: all argument parsing. Each command is a function over library objects (a
+``jd.PruneSpec``, a ``jd.Debias``, a ``VarSpec``, a loaded model) in its own module; this file turns flags into
+those objects, calls it, and turns a ``jd.UserError`` into a message and exit code 2.
+
+  run        one image unpruned, pruned and pruned + debiased, with figures       (jaxdebias.cli.run)
+  eval       a benchmark in the LLaVA layout, with the official files and metric (jaxdebias.cli.evaluate)
+  eval-grid  eval over methods x {plain, debiased}: one summary table and plot   (jaxdebias.cli.grid)
+  calibrate  fit a positional-debiasing curve over a data set                    (jaxdebias.cli.calibrate)
+  bias       the bias report of a method's scores over a data set                (jaxdebias.cli.bias)
+  demo       the core alone on synthetic attention                               (jaxdebias.cli.demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+import jaxdebias as jd
+from jaxdebias.cli import demo, grid
+from jaxdebias.cli.bias import bias_report
+from jaxdebias.cli.calibrate import FORMS, calibrate
+from jaxdebias.cli.evaluate import evaluate
+from jaxdebias.cli.inputs import DEBIAS_MODES, parse_debias, prune_spec, var_spec
+from jaxdebias.cli.run import run
+from jaxdebias.eval.benchmarks import BENCHES
+
+
+def _add_model(p):
+    p.add_argument("--checkpoint", help="a converted checkpoint (jaxdebias-convert); default: the embedded "
+                                        "untrained tiny model")
+
+
+def _pad_tau(text: str):
+    if text == "released":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or 'released', got {text!r}") from None
+
+
+def _add_debias(p):
+    p.add_argument("--debias", default="pad+curve", help=f"{', '.join(DEBIAS_MODES)} (default pad+curve)")
+    p.add_argument("--curve", default=None, help="curve.json from `jaxdebias calibrate`, 'online', or "
+                                                 "'released' (default: the method's released curve)")
+    p.add_argument("--task", default=None, help="benchmark whose released curve to use (default: --bench, "
+                                                "else gqa)")
+    p.add_argument("--pad-tau", type=_pad_tau, default="released",
+                   help="padding threshold, or 'released' (default: each method's released one, 0.5; PyramidDrop 0.01)")
+
+
+def _add_var(p):
+    p.add_argument("--var", action="store_true", help="VAR attention redistribution (needs --var-dims on "
+                                                      "models without published sink dims)")
+    p.add_argument("--var-p", type=float, default=0.6)
+    p.add_argument("--var-tau", type=float, default=20.0)
+    p.add_argument("--var-rho", type=float, default=0.5)
+    p.add_argument("--var-layers", default="released", help="released (2..L-1), intended (2..L-2) or 2,3,4")
+    p.add_argument("--var-dims", default=None, help="sink dims, e.g. 1415,2533, a model name "
+                                                    "(llava-1.5-7b), or 'discover'")
+
+
+def _add_prune(p):
+    p.add_argument("--method", default="fastv", help=f"{', '.join(jd.METHODS)} (default fastv)")
+    p.add_argument("--keep", type=int, default=128,
+                   help="visual tokens to keep (PyramidDrop, SparseVLM: layer average)")
+    _add_debias(p)
+    _add_var(p)
+
+
+def _add_data(p, limit_help="answer only the first N questions"):
+    p.add_argument("--data", required=True, help="the benchmark's folder in the LLaVA layout "
+                                                 "(playground/data/eval/<bench>): question file, images, answers")
+    p.add_argument("--limit", type=int, help=limit_help)
+    p.add_argument("--batch", type=int, default=4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxdebias", description="Debiased visual token pruning in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="answer a prompt about an image, pruned and debiased, with figures")
+    _add_model(p)
+    p.add_argument("--image", help="image file (default: an image shipped with the package)")
+    p.add_argument("--prompt", default="What is in the picture?")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--out", default="jaxdebias-out", help="directory for kept.png, curve.png, run.json")
+    _add_prune(p)
+    p = sub.add_parser("eval", help="pruned inference over a benchmark in the LLaVA layout, with its metric")
+    _add_model(p)
+    p.add_argument("--bench", required=True, help=", ".join(BENCHES))
+    _add_data(p)
+    p.add_argument("--out", default="jaxdebias-eval")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--distributed", action="store_true", help="run under jax.distributed, one process per host "
+                   "(TPU pod slices and SLURM are detected; elsewhere give the three flags below)")
+    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    _add_prune(p)
+    p = sub.add_parser("eval-grid", help="eval over pruning methods x {plain, debiased}: a summary table "
+                                         "(CSV, Markdown) and plot")
+    _add_model(p)
+    p.add_argument("--bench", required=True, help=", ".join(BENCHES))
+    _add_data(p)
+    p.add_argument("--out", default="jaxdebias-grid")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(grid.GRID_METHODS)})")
+    p.add_argument("--keep", type=int, default=64, help="visual tokens to keep (default 64)")
+    p.add_argument("--no-unpruned", action="store_true", help="skip the unpruned reference row")
+    _add_debias(p)
+    p = sub.add_parser("calibrate", help="fit a positional-debiasing curve over a data set")
+    _add_model(p)
+    _add_data(p, "use only the first N samples")
+    p.add_argument("--bench", help="read --data as this benchmark (default: questions.jsonl or any known)")
+    p.add_argument("--method", default="fastv")
+    p.add_argument("--form", default="exp", help=", ".join(FORMS))
+    p.add_argument("--out", default="curve.json")
+    p.add_argument("--pad-tau", type=float, default=0.5)
+    p = sub.add_parser("bias", help="the bias report of a method's scores over a data set")
+    _add_model(p)
+    _add_data(p, "use only the first N samples")
+    p.add_argument("--bench", help="read --data as this benchmark (default: questions.jsonl or any known)")
+    p.add_argument("--method", default="fastv")
+    p.add_argument("--out", default="jaxdebias-bias")
+    p.add_argument("--pad-tau", type=float, default=0.5)
+    p = sub.add_parser("demo", help="debias + prune synthetic LLaVA-1.5 attention (the core alone, no model)")
+    p.add_argument("--keep", type=int, default=64, help="visual tokens to keep (rounded up to a bucket)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _var(args):
+    """VAR from the flags; without a checkpoint the embedded model's sink dims are discovered."""
+    if not args.var:
+        return None
+    return var_spec(args.var_dims or (None if args.checkpoint else "discover"), p=args.var_p, tau=args.var_tau,
+                    rho=args.var_rho, layers=args.var_layers)
+
+
+def _debias(args) -> jd.Debias:
+    """--debias, --pad-tau, --curve; the released curve of --task, by default the benchmark's (gqa without one)."""
+    return parse_debias(args.debias, args.pad_tau, args.curve, args.task or getattr(args, "bench", None) or "gqa")
+
+
+def _command(args) -> None:
+    if args.command == "calibrate":
+        calibrate(args.data, args.out, method=args.method, form=args.form, model=args.checkpoint, bench=args.bench,
+                  limit=args.limit, batch_size=args.batch, pad_tau=args.pad_tau)
+    elif args.command == "bias":
+        bias_report(args.data, args.out, method=args.method, model=args.checkpoint, bench=args.bench,
+                    limit=args.limit, batch_size=args.batch, pad_tau=args.pad_tau)
+    elif args.command == "eval-grid":
+        grid.evaluate_grid(args.bench, args.data, args.out, methods=grid.parse_methods(args.methods),
+                           keep=args.keep, debias=_debias(args), unpruned=not args.no_unpruned,
+                           model=args.checkpoint, limit=args.limit, batch_size=args.batch,
+                           max_new_tokens=args.max_new_tokens)
+    elif args.command == "eval":
+        spec, var = prune_spec(args.method, args.keep, _debias(args)), _var(args)
+        if args.distributed:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; others ignore it
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        evaluate(args.bench, args.data, args.out, spec=spec, model=args.checkpoint, limit=args.limit,
+                 batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var)
+    else:
+        run(prune_spec(args.method, args.keep, _debias(args)), model=args.checkpoint, image=args.image,
+            prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        if not 0 < args.keep <= demo.N:
+            parser.error(f"--keep must be in 1..{demo.N} (the synthetic LLaVA-1.5 image has {demo.N} visual "
+                         f"tokens), got {args.keep}")
+        demo.run(k=args.keep, seed=args.seed)
+        return 0
+    try:
+        _command(args)
+    except jd.UserError as e:
+        sys.stdout.flush()
+        print(f"jaxdebias {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The benchmark file readers (LLaVA-1.5's evaluation layout): each returns (rows, image folder) or raises a
+UserError that names the file, the line and what is missing. See ``jaxdebias.eval.benchmarks`` for the table."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import glob
+import json
+import os
+
+from jaxdebias import UserError
+
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+QUESTION_FIELDS = ("question_id", "image", "text")
+MME_RELEASE = "MME_Benchmark_release_version"
+
+
+class NotFound(UserError):
+    """The benchmark's question file is not in the folder (``read_any`` then tries the next benchmark)."""
+
+
+def optional_file(data_dir, names):
+    """The first file matching one of ``names`` (glob patterns) in ``data_dir``, or None."""
+    for name in names:
+        matches = sorted(p for p in glob.glob(os.path.join(data_dir, name)) if os.path.isfile(p))
+        if matches:
+            return matches[0]
+    return None
+
+
+def _find(data_dir, names, what):
+    path = optional_file(data_dir, names)
+    if path is None:
+        raise NotFound(f"No {what} in {data_dir}: expected {' or '.join(names)}.")
+    return path
+
+
+def image_folder(data_dir, names):
+    for name in names:
+        if os.path.isdir(os.path.join(data_dir, name)):
+            return os.path.join(data_dir, name)
+    return data_dir
+
+
+def jsonl(path, need):
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {number}: not JSON ({e}).") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
+            missing = [k for k in need if k not in row]
+            if missing:
+                raise UserError(f"{path}, line {number}: missing field(s) {', '.join(missing)} (each line needs "
+                                f"{', '.join(need)}).")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no questions.")
+    return rows
+
+
+def _json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {path} cannot be read ({e}).") from None
+
+
+def read_pope(data_dir):
+    path = _find(data_dir, ["questions.jsonl", "llava_pope_test.jsonl"], "POPE question file")
+    rows = jsonl(path, QUESTION_FIELDS + ("label",))
+    bad = [r["question_id"] for r in rows if r["label"] not in ("yes", "no")]
+    if bad:
+        raise UserError(f"POPE labels must be 'yes' or 'no'; question(s) {bad[:5]} have others.")
+    return rows, image_folder(data_dir, ["images", "val2014"])
+
+
+def read_gqa(data_dir):
+    path = _find(data_dir, ["questions.jsonl", "llava_gqa_testdev_balanced.jsonl"], "GQA question file")
+    rows = jsonl(path, QUESTION_FIELDS)
+    truth = optional_file(data_dir, ["testdev_balanced_questions.json", "data/testdev_balanced_questions.json"])
+    if truth:
+        questions = _json(truth, "GQA questions")
+        for r in rows:
+            q = questions.get(str(r["question_id"]))
+            if q is None or "answer" not in q:
+                raise UserError(f"{truth}: no answer for question {r['question_id']}.")
+            r["answer"], r["balanced"] = q["answer"], q.get("isBalanced", True)
+    return rows, image_folder(data_dir, ["images"])
+
+
+def textvqa_question(prompt: str) -> str:
+    """The question inside a LLaVA TextVQA prompt, as eval_textvqa.py's prompt_processor finds it."""
+    lines = prompt.split("\n")
+    if "Reference OCR token: " in prompt and len(lines) == 3:
+        return (lines[1] if prompt.startswith("Reference OCR token:") else lines[0]).lower()
+    return lines[0].lower()
+
+
+def read_textvqa(data_dir):
+    path = _find(data_dir, ["questions.jsonl", "llava_textvqa_val_v051_ocr.jsonl"], "TextVQA question file")
+    rows = jsonl(path, QUESTION_FIELDS)
+    truth = optional_file(data_dir, ["TextVQA_0.5.1_val.json"])
+    if truth:
+        data = _json(truth, "TextVQA annotations").get("data", [])
+        by_key = {(a["image_id"], a["question"].lower()): a for a in data}
+        for r in rows:
+            stem, question = os.path.splitext(os.path.basename(r["image"]))[0], textvqa_question(r["text"])
+            a = by_key.get((str(r["question_id"]), question)) or by_key.get((stem, question))
+            if a is None:
+                raise UserError(f"{truth}: no annotation for question {r['question_id']} ({question!r}).")
+            r["answers"] = a["answers"]
+    return rows, image_folder(data_dir, ["train_images", "images"])
+
+
+def read_vqav2(data_dir):
+    path = _find(data_dir, ["questions.jsonl", "llava_vqav2_mscoco_*.jsonl"], "VQAv2 question file")
+    rows = jsonl(path, QUESTION_FIELDS)
+    truth = optional_file(data_dir, ["v2_mscoco_val2014_annotations.json"])
+    if truth:
+        by_id = {a["question_id"]: a for a in _json(truth, "VQAv2 annotations")["annotations"]}
+        for r in rows:
+            a = by_id.get(r["question_id"])
+            if a is None:
+                raise UserError(f"{truth}: no annotation for question {r['question_id']}.")
+            r["answers"] = [x["answer"] for x in a["answers"]]
+    return rows, image_folder(data_dir, ["test2015", "val2014", "images"])
+
+
+def read_vizwiz(data_dir):
+    path = _find(data_dir, ["questions.jsonl", "llava_test.jsonl"], "VizWiz question file")
+    rows = jsonl(path, QUESTION_FIELDS)
+    truth = optional_file(data_dir, ["val.json", "Annotations/val.json"])
+    if truth:
+        by_image = {a["image"]: a for a in _json(truth, "VizWiz annotations")}
+        for r in rows:
+            a = by_image.get(os.path.basename(r["image"]))
+            if a is None:
+                raise UserError(f"{truth}: no annotation for image {r['image']}.")
+            r["answers"] = [x["answer"] for x in a["answers"]]
+    return rows, image_folder(data_dir, ["test", "val", "images"])
+
+
+def read_scienceqa(data_dir):
+    """LLaVA's ScienceQA test file (a JSON list of conversations). Only the questions with an image are read:
+    pruning needs an image, and LLaVA-1.5 reports the image subset (SQA-IMG)."""
+    path = _find(data_dir, ["llava_test_CQM-A.json"], "ScienceQA question file")
+    items = _json(path, "ScienceQA questions")
+    problems_path = optional_file(data_dir, ["problems.json"])
+    problems = _json(problems_path, "ScienceQA problems") if problems_path else {}
+    rows = []
+    for n, it in enumerate(items):
+        missing = [k for k in ("id", "conversations") if k not in it]
+        if missing or not it["conversations"] or "value" not in it["conversations"][0]:
+            raise UserError(f"{path}, item {n}: missing field(s) {', '.join(missing) or 'conversations[0].value'}.")
+        if "image" not in it:
+            continue
+        text = it["conversations"][0]["value"].replace("<image>", "").strip()
+        row = {"question_id": it["id"], "image": it["image"], "text": f"{text}\n{LETTER}"}
+        if problems:
+            p = problems.get(str(it["id"]))
+            if p is None or "answer" not in p or "choices" not in p:
+                raise UserError(f"{problems_path}: no answer/choices for problem {it['id']}.")
+            row["answer"], row["n_choices"] = int(p["answer"]), len(p["choices"])
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no question with an image.")
+    return rows, image_folder(data_dir, ["images/test", "test", "images"])
+
+
+# The strings pandas' read_table reads as NaN (the MMBench scripts read the TSV with pandas), and LLaVA's
+# is_none adds "none" in any case.
+_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+       "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
+def _blank(value) -> bool:
+    return value is None or value in _NA or value.lower() == "none"
+
+
+def read_mmbench(data_dir):
+    """An MMBench TSV (index, question, hint, A-D, answer, category, image as base64, ...). The prompt is LLaVA's
+    model_vqa_mmbench: hint, question, "A. option" lines for A-D up to the first empty one, then the
+    single-letter instruction. ``choices`` (every non-empty letter column) is what VLMEvalKit matches against."""
+    path = _find(data_dir, ["mmbench_dev_20230712.tsv", "*.tsv"], "MMBench TSV")
+    csv.field_size_limit(1 << 30)
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        columns = reader.fieldnames or []
+        missing = [k for k in ("index", "question", "A", "B", "image") if k not in columns]
+        if missing:
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)} (MMBench TSVs have index, question, "
+                            "hint, A, B, C, D, answer, category, image).")
+        letters = [c for c in columns if len(c) == 1 and c.isupper()]
+        for n, record in enumerate(reader, 2):
+            try:
+                raw = base64.b64decode(record["image"], validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                raise UserError(f"{path}, line {n}: the image column is not base64.") from None
+            prompt_options = []
+            for c in "ABCD":
+                if c not in record or _blank(record[c]):
+                    break
+                prompt_options.append(f"\n{c}. {record[c]}")
+            question = record["question"] if _blank(record.get("hint")) else f"{record['hint']}\n{record['question']}"
+            index = record["index"]
+            numeric = index.strip().isdigit()
+            row = {"question_id": int(index) if numeric else index, "image_b64": raw,
+                   "text": question + "".join(prompt_options) + f"\n{LETTER}",
+                   "choices": [(c, record[c]) for c in letters if not _blank(record[c])],
+                   "circular_group": int(index) % 1_000_000 if numeric else index,
+                   "record": {k: v for k, v in record.items() if k != "image"}}
+            if not _blank(record.get("answer")):
+                row["answer"] = record["answer"].strip()
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no questions.")
+    return rows, data_dir
+
+
+def mme_key(question: str) -> str:
+    return " ".join(question.replace(SHORT, "").split())
+
+
+def read_mme(data_dir):
+    """LLaVA's llava_mme.jsonl (question_id "category/image", image, text, category) with the ground truth of the
+    MME release folder: per category, ``questions_answers_YN/<image stem>.txt`` (or ``<image stem>.txt`` beside
+    the images) holding "question<TAB>answer" lines."""
+    path = _find(data_dir, ["questions.jsonl", "llava_mme.jsonl"], "MME question file")
+    rows = jsonl(path, QUESTION_FIELDS + ("category",))
+    release = image_folder(data_dir, [MME_RELEASE])
+    truth = {}
+    for category in {r["category"] for r in rows}:
+        folder = os.path.join(release, category, "questions_answers_YN")
+        folder = folder if os.path.isdir(folder) else os.path.join(release, category)
+        for txt in glob.glob(os.path.join(folder, "*.txt")):
+            with open(txt) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    parts = line.rstrip("\n").split("\t")
+                    if len(parts) != 2:
+                        raise UserError(f"{txt}, line {n}: expected 'question<TAB>answer'.")
+                    truth[category, os.path.splitext(os.path.basename(txt))[0], mme_key(parts[0])] = parts[1].strip()
+    if truth:
+        for r in rows:
+            stem = os.path.splitext(os.path.basename(str(r["question_id"])))[0]
+            answer = truth.get((r["category"], stem, mme_key(r["text"])))
+            if answer is None:
+                raise UserError(f"No MME ground truth for {r['question_id']} ({r['text']!r}) under {release}.")
+            r["answer"] = answer
+    return rows, release
