@@ -19,7 +19,7 @@ from jaxdebias.curves import (
 from jaxdebias.fitting import Calibration, bias_strength, fit_curve, fit_exp_curve, fit_online
 from jaxdebias.methods import Debias, PruneSpec, Stage
 from jaxdebias.names import METHOD_ALIASES, METHODS, canonical_method
-from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square
+from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square, pad_mask_resized
 from jaxdebias.prune import (
     DEFAULT_BUCKETS,
     bucket,
@@ -48,6 +48,6 @@ __all__ = [
     "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
     "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
     "fit_online", "gather_tokens", "image_centric_heads", "kept_mask", "known_sink_dims", "pad_mask_anyres",
-    "pad_mask_expand2square", "query_mask", "released_curve", "select_topk", "sink_dim_value", "sink_tokens",
+    "pad_mask_expand2square", "pad_mask_resized", "query_mask", "released_curve", "select_topk", "sink_dim_value", "sink_tokens",
     "var_redistribute", "visual_positions", "visual_scores",
 ]

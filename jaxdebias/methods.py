@@ -87,6 +87,11 @@ class Debias:
         """The padding threshold this method runs with (``pad_tau="released"``: the method's released one)."""
         return METHOD_DEFAULTS[method]["pad_tau"] if self.pad_tau == "released" else self.pad_tau
 
+    def geometry_for(self, method: str) -> str:
+        """The padding-mask geometry: the method's released one with ``pad_tau="released"`` (SparseVLM: a
+        bilinearly resized mask), else the released letterbox geometry ("continuous")."""
+        return METHOD_DEFAULTS[method]["pad_geometry"] if self.pad_tau == "released" else "continuous"
+
     def curve_for(self, method: str) -> Curve | str | None:
         if self.curve is None or self.curve == "online":
             return self.curve
@@ -203,14 +208,16 @@ def sparsevlm_stages(keep: int, layers=(2, 6, 15), n: int = 576, recycle: float 
     return tuple(stages)
 
 
-# Released positions and padding thresholds per method (methods.md): "keep" = original position ids.
+# Per method, as released (methods.md): positions ("keep" = original ids), the padding threshold and geometry
+# (SparseVLM thresholds a bilinearly resized 0/1 mask), and whether padding stays a top-k candidate (only FastV
+# caps its budget at the content tokens). VisionZip has no debiased release: its padding choices are ours.
 METHOD_DEFAULTS = {
-    "fastv": dict(positions="keep", pad_tau=0.5),
-    "pdrop": dict(positions="reindex", pad_tau=0.01),
-    "himap": dict(positions="keep", pad_tau=0.5),
-    "visionzip": dict(positions="reindex", pad_tau=0.5),
-    "sparsevlm": dict(positions="reindex", pad_tau=0.5),
-    "tokencarve": dict(positions="keep", pad_tau=0.5),
+    "fastv": dict(positions="keep", pad_tau=0.5, pad_geometry="continuous", pad_candidates=False),
+    "pdrop": dict(positions="reindex", pad_tau=0.01, pad_geometry="continuous", pad_candidates=True),
+    "himap": dict(positions="keep", pad_tau=0.5, pad_geometry="continuous", pad_candidates=True),
+    "visionzip": dict(positions="reindex", pad_tau=0.5, pad_geometry="continuous", pad_candidates=False),
+    "sparsevlm": dict(positions="reindex", pad_tau=0.5, pad_geometry="bilinear", pad_candidates=True),
+    "tokencarve": dict(positions="keep", pad_tau=0.5, pad_geometry="continuous", pad_candidates=True),
 }
 
 
@@ -308,6 +315,11 @@ class PruneSpec:
         if self.method == "visionzip" and self.keep > n_visual:
             raise ValueError(f"visionzip: keep={self.keep} exceeds the {n_visual} visual tokens.")
         return stages
+
+    @property
+    def pad_candidates(self) -> bool:
+        """Whether zero-scored padding stays a top-k candidate (the releases except FastV's)."""
+        return METHOD_DEFAULTS[self.method]["pad_candidates"]
 
     def bucketed(self, keep: int, n_visual: int) -> int:
         return min(bucket(keep, self.buckets + (n_visual,)), n_visual)

@@ -150,38 +150,53 @@ def debias(scores, *, curve: Curve | str | None = None, pad_mask=None, valid=Non
     return s
 
 
-def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, grid: int | None = None):
-    """The whole per-request step, jitted once per (k, shapes): ``select_topk(debias(scores, ...), k)``.
-
-    Padding patches are excluded from the candidates (not only zeroed), so they are never kept while content
-    remains, and never fill a slot when content runs out (the slot is masked instead); with ``valid``, slots
-    past a sample's tokens are excluded too. ``curve`` is None, a curve pytree or "online"; ``k`` should come
-    from ``bucket``.
+def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, grid: int | None = None,
+                      raster=None, limit=None, pad_candidates: bool = False):
+    """The whole per-stage step, jitted once per (k, shapes): ``select_topk(debias(scores, ...), k)``. The
+    decoder's pruning stages call exactly this, so a selection made here on tapped attention is the model's.
 
     Args:
-      scores: float[B, N]; pad_mask, valid: bool[B, N] or None.
+      scores: float[B, M] scores of M tokens: the N-token grid itself, or (with ``raster``) any subset of it.
+      k: static slot count (from ``bucket``); limit: optional run-time budget <= k (int or int[B]).
+      curve: None, a curve pytree or "online"; pad_mask: bool[B, N] over the grid, True = content; valid:
+        bool[B, M] tokens that exist (default all); grid: grid side for the online fit (default sqrt(N)).
+      raster: int[B, M] grid index of each scored token, -1 for a merged token (never padding; its score passes
+        unchanged). Default: the scores are the grid (M = N).
+      pad_candidates: False - padding is excluded from the candidates (FastV's release caps the budget at the
+        content tokens: a slot content cannot fill is masked); True - padding is only zeroed and stays a
+        candidate, filling the top-k when content runs out (the other releases).
 
     Returns:
-      (idx int32[B, K], slot_mask bool[B, K], debiased scores float32[B, N]).
+      (idx int32[B, K] ascending, slot_mask bool[B, K], debiased scores float32[B, M]).
     """
-    _checks.check_rank("scores", scores, 2, "float[B, N]")
+    _checks.check_rank("scores", scores, 2, "float[B, M]")
     k = _checks.check_positive_int("k", k)
     if k > jnp.shape(scores)[-1]:
         raise ValueError(f"k={k} exceeds the number of tokens N={jnp.shape(scores)[-1]}; keep at most N tokens.")
     online = isinstance(curve, str) and curve == "online"
     if isinstance(curve, str) and not online:
         raise ValueError(f"curve must be None, a curve object or 'online', got {curve!r}.")
+    if raster is not None and pad_mask is None and grid is None and (curve is not None):
+        raise ValueError("With raster indices, give pad_mask (bool[B, N]) or grid so the grid size N is known.")
     _checks.check_no_nan("scores", scores)
-    return _debias_and_select(scores, None if online else curve, pad_mask, valid, k=k, grid=grid, online=online)
+    return _debias_and_select(scores, None if online else curve, pad_mask, valid, raster, limit, k=k, grid=grid,
+                              online=online, pad_candidates=pad_candidates)
 
 
-@partial(jax.jit, static_argnames=("k", "grid", "online"))
-def _debias_and_select(scores, curve, pad_mask, valid, *, k, grid, online):
-    d = debias(scores, curve="online" if online else curve, pad_mask=pad_mask, valid=valid, grid=grid)
-    candidates = jnp.ones(d.shape, bool) if valid is None else jnp.asarray(valid, bool)
-    if pad_mask is not None:
-        candidates = candidates & pad_mask
-    idx, slot = _select_topk(d, candidates, k)
+@partial(jax.jit, static_argnames=("k", "grid", "online", "pad_candidates"))
+def _debias_and_select(scores, curve, pad_mask, valid, raster, limit, *, k, grid, online, pad_candidates):
+    curve = "online" if online else curve
+    valid = jnp.ones(scores.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    if raster is None:
+        content = pad_mask
+        d = debias(scores, curve=curve, pad_mask=pad_mask, valid=valid, grid=grid)
+    else:
+        n = pad_mask.shape[-1] if pad_mask is not None else grid * grid
+        content = None if pad_mask is None else (
+            jnp.take_along_axis(jnp.asarray(pad_mask, bool), jnp.clip(raster, 0), axis=1) | (raster < 0))
+        d = debias_scores(scores, raster, valid, content, curve, n)
+    candidates = valid if content is None or pad_candidates else valid & content
+    idx, slot = _select_topk(d, candidates, k, limit)
     return idx, slot, d
 
 

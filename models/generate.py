@@ -48,12 +48,15 @@ class Batch:
 
 @dataclasses.dataclass
 class Result:
-    """tokens int32[B, new]; kept: per stage (raster idx int[B, K], slot mask bool[B, K]) as numpy; scores /
-    debiased float32[B, N] first-stage scores (0 without pruning); stage_lengths: (first layer, stop layer, slots)
-    per decoder segment; logits float32[B, V] of the prefill at the last prompt token."""
+    """tokens int32[B, new]; kept: per stage (raster idx int[B, K] (-1: a merged token), slot mask bool[B, K]) as
+    numpy; kept_span: per stage the same slots as indices int[B, K] into that stage's visual span (kept then merged
+    tokens of the stage before); scores / debiased float32[B, N] first-stage scores (0 without pruning);
+    stage_lengths: (first layer, stop layer, slots) per decoder segment; logits float32[B, V] of the prefill at
+    the last prompt token."""
 
     tokens: np.ndarray
     kept: list
+    kept_span: list
     scores: np.ndarray
     debiased: np.ndarray
     stage_lengths: list
@@ -206,9 +209,10 @@ def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, v
                          temperature=temperature, var=var, reselect=info["reselect"])
     segs, _ = pruning.segments(prep.arrays[0].shape[1], prep.shape, model.cfg.vision.num_features,
                                model.cfg.text.num_layers)
-    return Result(tokens, [(np.asarray(idx), np.asarray(slot)) for idx, slot in info["kept"]],
+    return Result(tokens, [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
+                  [np.asarray(local) for _, _, local in info["kept"]],
                   np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],
-                  first_logits)
+                  np.asarray(info["logits"]))
 
 
 def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: VarSpec | None = None,
@@ -252,6 +256,7 @@ def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: 
         input_ids[rows, n_real], real[rows, n_real] = tok, True
         n_real = n_real + 1
     segs, _ = pruning.segments(room, prep.shape, model.cfg.vision.num_features, model.cfg.text.num_layers)
-    return Result(np.stack(tokens, 1), [(np.asarray(idx), np.asarray(slot)) for idx, slot in info["kept"]],
+    return Result(np.stack(tokens, 1), [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
+                  [np.asarray(local) for _, _, local in info["kept"]],
                   np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],
                   first_logits)

@@ -180,7 +180,8 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
     a spec without stages runs the dense prefill. ``extra``: cache slots left for generated tokens.
     Returns (logits float32[B, V] at the last real token, KVCache, info dict).
 
-    info: "kept" list (per stage) of (raster idx int[B, K], slot mask bool[B, K]); "scores" / "debiased":
+    info: "kept" list (per stage) of (raster idx int[B, K] (-1 for a merged token), slot mask bool[B, K], index
+    in the stage's visual span int[B, K]); "scores" / "debiased":
     float32[B, N] first-stage scores over the raster grid before and after debiasing (0 where not scored).
     ``var`` (an ``attention.VarSpec``) runs VAR on each segment's sequence: the image span is the kept image
     tokens, the edited rows the text after them. ``triangle`` (TriangleMix) needs a spec without stages."""
@@ -193,44 +194,60 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
     vslots, _ = jd.visual_positions(is_img, n)
     segs, stages = segments(T, spec, n, L)
     cache = KVCache.empty(cfg.text, B, [S + extra for a, b, S in segs for _ in range(a, b)])
-    content = None
+    content = None  # bool[B, N] over the raster grid: not letterbox padding
     tau = spec.debias.tau_for(spec.method)
+    grid = cfg.vision.grid
     if tau is not None:
-        grid = cfg.vision.grid
-        content = jd.pad_mask_expand2square(image_sizes[:, 0], image_sizes[:, 1], grid=grid,
-                                            canvas=cfg.vision.image_size, tau=tau)
         if n != grid * grid:
             raise ValueError("Padding suppression needs one token per patch (vision_feature_select_strategy "
                              "'default').")
+        content = jd.pad_mask_expand2square(image_sizes[:, 0], image_sizes[:, 1], grid=grid,
+                                            canvas=cfg.vision.image_size, tau=tau,
+                                            geometry=spec.debias.geometry_for(spec.method))
     curve = spec.debias.curve_for(spec.method) if spec.debias.curve is not None else None
     info = {"kept": [], "scores": jnp.zeros((B, n)), "debiased": jnp.zeros((B, n)), "reselect": None}
     debias_on = spec.debias.enabled
     raster = jnp.where(is_img, jnp.cumsum(is_img, axis=1) - 1, -1)
     orig = jnp.broadcast_to(jnp.arange(T), (B, T))
 
-    def debias_stage(i, scores, seq_raster, valid):
-        use = spec.debias.enabled and (i == 0 or spec.debias.every_stage)
-        cont = None if content is None else jnp.take_along_axis(content, jnp.clip(seq_raster, 0), axis=1) | (
-            seq_raster < 0)  # merged tokens are not padding
-        deb = jd.debias_scores(scores, seq_raster, valid, cont if use else None, curve if use else None, n)
-        if i == 0:
-            bidx = jnp.arange(B)[:, None]
-            info["scores"] = info["scores"].at[bidx, jnp.clip(seq_raster, 0)].set(jnp.where(valid, scores, 0.0))
-            info["debiased"] = info["debiased"].at[bidx, jnp.clip(seq_raster, 0)].set(jnp.where(valid, deb, 0.0))
-        candidates = valid if cont is None else valid & cont  # padding is never selected, whatever the stage
-        return deb, candidates
+    def debiasing(i):
+        """(curve, padding mask) of stage i: the first stage only, unless every_stage."""
+        use = debias_on and (i == 0 or spec.debias.every_stage)
+        return (curve, content) if use else (None, None)
+
+    def record(i, raw, debiased, seq_raster, valid):
+        if i == 0:  # the first stage's scores over the raster grid, before and after debiasing
+            at = jnp.arange(B)[:, None], jnp.clip(seq_raster, 0)
+            info["scores"] = info["scores"].at[at].set(jnp.where(valid, raw, 0.0))
+            info["debiased"] = info["debiased"].at[at].set(jnp.where(valid, debiased, 0.0))
+
+    def candidates(i, seq_raster, valid):
+        """Tokens a content-capped selection may keep (FastV, VisionZip): padding excluded while debiasing."""
+        pad = debiasing(i)[1]
+        return valid if pad is None else valid & (jnp.take_along_axis(pad, jnp.clip(seq_raster, 0), 1) | (
+            seq_raster < 0))
+
+    def debias_and_select(i, raw, seq_raster, valid, keep, limit):
+        """The core's step (``jd.debias_and_select``) on the current tokens, identified by their raster index."""
+        stage_curve, pad = debiasing(i)
+        idx, slot, debiased = jd.debias_and_select(raw, keep, curve=stage_curve, pad_mask=pad, valid=valid,
+                                                   raster=seq_raster, limit=limit, grid=grid,
+                                                   pad_candidates=spec.pad_candidates)
+        record(i, raw, debiased, seq_raster, valid)
+        return idx, slot, debiased
 
     if spec.method == "visionzip":
         feats, cls_feat, cls_attn, keys = model.vision_tower.with_cls_attention(pixel_values)
         ctx, cls = spec.visionzip_contextual, int(spec.visionzip_cls)
-        ones = jnp.ones((B, n), bool)
-        scores, cand = debias_stage(0, cls_attn, jnp.broadcast_to(jnp.arange(n), (B, n)), ones)
-        idx, slot, merge, cmask = visionzip_select(scores, keys, cand, spec.keep - ctx - cls, ctx, limit=limits[0, 0])
+        grid_raster, ones = jnp.broadcast_to(jnp.arange(n), (B, n)), jnp.ones((B, n), bool)
+        _, _, scores = debias_and_select(0, cls_attn, grid_raster, ones, 1, None)
+        idx, slot, merge, cmask = visionzip_select(scores, keys, candidates(0, grid_raster, ones),
+                                                   spec.keep - ctx - cls, ctx, limit=limits[0, 0])
         feats = feats.astype(cfg.text.dtype)
         block_v = jnp.concatenate([cls_feat[:, None, :].astype(feats.dtype)[:, :cls], jd.gather_tokens(feats, idx),
                                    jnp.einsum("bcn,bnd->bcd", merge, feats)], 1)  # [CLS], dominant, contextual
         block_h = model.multi_modal_projector(block_v).astype(cfg.text.dtype)
-        info["kept"].append((idx, slot))
+        info["kept"].append((idx, slot, idx))
         h, _ = model.embed(input_ids, None)
         seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
         block_valid = jnp.concatenate([jnp.ones((B, cls), bool), slot, cmask], 1)
@@ -275,26 +292,30 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         kvalid = jnp.take_along_axis(seq.valid, kslots, axis=1)
         raw = stage_scores(probs, row_valid, kslots, kvalid)
         seq_raster = jnp.take_along_axis(seq.raster, kslots, axis=1)
-        scores, cand = debias_stage(i, raw, seq_raster, kvalid)
         take = lambda x, idx: jd.gather_tokens(x, seq.first[:, None] + idx)  # noqa: E731
         if stage.info_weight:  # TokenCarve: (debiased) attention and SV ranks fused; padding may still win by SV
+            stage_curve, pad = debiasing(i)
+            av = jd.debias_scores(raw, seq_raster, kvalid, None if pad is None else candidates(i, seq_raster, kvalid),
+                                  stage_curve, n)
+            record(i, raw, av, seq_raster, kvalid)
             x = take(seq.h, jnp.broadcast_to(jnp.arange(seq.nv), kvalid.shape))  # layer W's input, image rows
-            fused = rank_fusion(scores, sv_scores(x, kvalid), kvalid, stage.info_weight)
+            fused = rank_fusion(av, sv_scores(x, kvalid), kvalid, stage.info_weight)
             idx, slot, merged = tokencarve_select(fused, x, kvalid, stage.keep)
             block = [merged.astype(seq.h.dtype), slot, take(seq.raster, idx), take(seq.pos, idx)]
             cache = keep_in_caches(cache, 0, stage.boundary, seq, ~seq.vis | jnp.zeros_like(seq.vis).at[
                 jnp.arange(B)[:, None], kslots].set(jd.kept_mask(idx, slot, seq.nv)))
         else:
-            idx, slot = jd.select_topk(scores, stage.keep, valid=cand, limit=limits[i, 0])
+            idx, slot, _ = debias_and_select(i, raw, seq_raster, kvalid, stage.keep, limits[i, 0])
             block = [take(seq.h, idx), slot, take(seq.raster, idx), take(seq.pos, idx)]
-        info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot))
+        info["kept"].append((jnp.take_along_axis(seq_raster, idx, axis=1), slot, idx))
         if spec.mode == "mask":  # FastV's mask mode: the tokens stay; later layers (and decode) mask them
             kept_slots = jnp.zeros((B, seq.valid.shape[1]), bool).at[jnp.arange(B)[:, None], kslots].set(
                 jd.kept_mask(idx, slot, seq.nv))
             key_keep = ~seq.vis | kept_slots
             if spec.reselect == "every_token":
                 online = isinstance(curve, str)
-                info["reselect"] = MaskReselect(kslots, cand, limits[i, 0], None if online or not debias_on else curve,
+                info["reselect"] = MaskReselect(kslots, candidates(i, seq_raster, kvalid), limits[i, 0],
+                                                None if online or not debias_on else curve,
                                                 stage.boundary, stage.keep, online and debias_on,
                                                 debias_on and content is not None)
             else:  # the prefill's selection serves every generated token: its caches drop the pruned keys

@@ -22,8 +22,9 @@ def np_topk(scores, valid, k):
 
 
 def test_bucket():
-    assert jd.bucket(1) == 32 and jd.bucket(64) == 64 and jd.bucket(65) == 96 and jd.bucket(576) == 576
+    assert jd.bucket(1) == 16 and jd.bucket(64) == 64 and jd.bucket(65) == 96 and jd.bucket(576) == 576
     assert jd.bucket(7, (8, 4, 16)) == 8
+    assert jd.bucket(4097, (64, 4096), then_every=1024) == 5120 and jd.bucket(40, (), then_every=64) == 64
     with pytest.raises(ValueError, match="larger than the largest bucket 576"):
         jd.bucket(577)
     with pytest.raises(ValueError, match="k must be > 0"):
