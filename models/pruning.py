@@ -182,7 +182,8 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
 
     info: "kept" list (per stage) of (raster idx int[B, K] (-1 for a merged token), slot mask bool[B, K], index
     in the stage's visual span int[B, K]); "scores" / "debiased":
-    float32[B, N] first-stage scores over the raster grid before and after debiasing (0 where not scored).
+    float32[B, N] first-stage scores over the raster grid before and after debiasing (0 where not scored);
+    "recycled": per recycling stage (span idx int[B, R], slot mask bool[B, R]) of the tokens merged by DPC-kNN.
     ``var`` (an ``attention.VarSpec``) runs VAR on each segment's sequence: the image span is the kept image
     tokens, the edited rows the text after them. ``triangle`` (TriangleMix) needs a spec without stages."""
     cfg = model.cfg
@@ -205,7 +206,8 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
                                             canvas=cfg.vision.image_size, tau=tau,
                                             geometry=spec.debias.geometry_for(spec.method))
     curve = spec.debias.curve_for(spec.method) if spec.debias.curve is not None else None
-    info = {"kept": [], "scores": jnp.zeros((B, n)), "debiased": jnp.zeros((B, n)), "reselect": None}
+    info = {"kept": [], "scores": jnp.zeros((B, n)), "debiased": jnp.zeros((B, n)), "reselect": None,
+            "recycled": []}
     debias_on = spec.debias.enabled
     raster = jnp.where(is_img, jnp.cumsum(is_img, axis=1) - 1, -1)
     orig = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -324,6 +326,7 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         if stage.recycle:  # SparseVLM: the best pruned tokens by raw score, clustered, follow the kept ones
             pruned = kvalid & ~jd.kept_mask(idx, slot, seq.nv)
             ridx, rslot = jd.select_topk(raw, stage.recycle, valid=pruned)
+            info["recycled"].append((ridx, rslot))
             merged, mvalid = dpc_knn_merge(take(seq.h, ridx), rslot, stage.clusters)
             last_pos = jnp.max(jnp.where(slot, block[3], 0), 1, keepdims=True)
             block = [jnp.concatenate([block[0], merged.astype(seq.h.dtype)], 1), jnp.concatenate([slot, mvalid], 1),
