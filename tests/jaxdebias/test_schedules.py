@@ -36,12 +36,12 @@ def test_himap_budgets():
     for budget in (64, 192):
         stages = jd.PruneSpec("himap", keep=budget).schedule(576, 32)
         assert abs(layer_average(stages) - budget) < 1.5 and stages[1].keep < stages[0].keep
-    upstream = jd.methods.himap_stages(128, keeps=(288, 72))
+    upstream = jd.stages.himap_stages(128, keeps=(288, 72))
     assert [(s.layer, s.keep) for s in upstream] == [(2, 288), (8, 72)]
 
 
 def test_sparsevlm_released_lists_and_recycling_counts():
-    for keep, lists in jd.methods.SPARSEVLM_KEEPS.items():
+    for keep, lists in jd.stages.SPARSEVLM_KEEPS.items():
         stages = jd.PruneSpec("sparsevlm", keep=keep).schedule(576, 32)
         assert [s.layer for s in stages] == [2, 6, 15] and tuple(s.keep for s in stages) == lists
         assert {s.source for s in stages} == {"self"} and [s.boundary for s in stages] == [3, 7, 16]
