@@ -22,7 +22,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias import policies
 from jaxdebias.models import generate as gen
-from jaxdebias.models import llava, pruning
+from jaxdebias.models import llava, sequence
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
 from _timing import interleaved_times, median_time
@@ -65,7 +65,7 @@ def main():
 
     dense_fn, dense_shape = runner(jd.PruneSpec("fastv", keep=576, stages=()))
     Tb = jd.bucket(T, gen.PROMPT_BUCKETS)
-    f_dense = decoder_flops(pruning.segments(Tb, dense_shape, 576, L)[0])
+    f_dense = decoder_flops(sequence.segments(Tb, dense_shape, 576, L)[0])
     specs = {keep: jd.PruneSpec(args.method, keep=keep, debias=jd.Debias(curve="released", pad_tau=0.5, task="gqa"))
              for keep in (64, 128, 192)}
     runs = {keep: runner(spec) for keep, spec in specs.items()}
@@ -80,7 +80,7 @@ def main():
     print(f"{'keep':>5s} {'prefill ms':>11s} {'time ratio':>11s} {'FLOP ratio':>11s} {'debias+select share':>20s}")
     for keep, spec in specs.items():
         shape, t = runs[keep][1], times[keep]
-        f = decoder_flops(pruning.segments(Tb, shape, 576, L)[0])
+        f = decoder_flops(sequence.segments(Tb, shape, 576, L)[0])
         curve = spec.debias.curve_for(spec.method)
         k = shape.stages[0].keep if shape.stages else shape.keep
         sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 import jaxdebias as jd
-from jaxdebias.models import pruning
+from jaxdebias.models import pruning, sequence
 from jaxdebias.models.interventions import TriangleMix, VarSpec
 from jaxdebias.models.llava import Llava
 
@@ -85,7 +85,7 @@ def prefill_step(graphdef, state, input_ids, pixel_values, real, image_sizes, in
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
 def decode_step(graphdef, state, tokens, cache, key, reselect=None, *, temperature, var=None):
     """One jitted decode step that donates (updates in place) the cache: (next tokens int32[B], cache).
-    ``reselect``: FastV's mask-mode state from the prefill (``pruning.MaskReselect``) or None."""
+    ``reselect``: FastV's mask-mode state from the prefill (``sequence.MaskReselect``) or None."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.decode(tokens, cache, var=var, reselect=reselect)
     return pick_tokens(logits, temperature, key), cache
@@ -138,7 +138,7 @@ def check_one_image(model: Llava, input_ids):
 class Prepared:
     """A checked, bucketed batch ready for ``prefill_step``: arrays (input_ids int[B, T], pixel_values, real
     bool[B, T], image_sizes int[B, 2], instruction_pos int[B] or None); the static shape spec; the real per-stage
-    (keep, merge) counts as ``pruning.limits_array``."""
+    (keep, merge) counts as ``sequence.limits_array``."""
 
     arrays: list
     shape: jd.PruneSpec
@@ -173,7 +173,7 @@ def prepare(model: Llava, batch: Batch, prune: jd.PruneSpec | None = None, *, tr
                              "pad the batch.")
         data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         arrays = [None if x is None else jax.device_put(x, data) for x in arrays]
-    return Prepared(arrays, shape, pruning.limits_array(limits))
+    return Prepared(arrays, shape, sequence.limits_array(limits))
 
 
 def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, var: VarSpec | None = None,
@@ -207,7 +207,7 @@ def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, v
                                       extra=extra, temperature=float(temperature), var=var, triangle=triangle)
     tokens = decode_loop(graphdef, state, first, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
                          temperature=temperature, var=var, reselect=info["reselect"])
-    segs, _ = pruning.segments(prep.arrays[0].shape[1], prep.shape, model.cfg.vision.num_features,
+    segs, _ = sequence.segments(prep.arrays[0].shape[1], prep.shape, model.cfg.vision.num_features,
                                model.cfg.text.num_layers)
     return Result(tokens, [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
                   [np.asarray(local) for _, _, local in info["kept"]],
@@ -255,7 +255,7 @@ def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: 
         rows = np.arange(len(input_ids))
         input_ids[rows, n_real], real[rows, n_real] = tok, True
         n_real = n_real + 1
-    segs, _ = pruning.segments(room, prep.shape, model.cfg.vision.num_features, model.cfg.text.num_layers)
+    segs, _ = sequence.segments(room, prep.shape, model.cfg.vision.num_features, model.cfg.text.num_layers)
     return Result(np.stack(tokens, 1), [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
                   [np.asarray(local) for _, _, local in info["kept"]],
                   np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],

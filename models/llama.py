@@ -345,7 +345,7 @@ class LlamaModel(nnx.Module):
         """One new token per sample. h: [B, 1, D] embeddings. Each layer writes at its own next slot and uses its
         own position counter (they differ after pruning). With ``var``, the new token's row is edited on VAR's
         layers using each layer's prefill sinks and image span from the cache. ``reselect`` (FastV's mask mode,
-        ``pruning.MaskReselect``): the new token's row in layer ``reselect.layer - 1`` gives the keys
+        ``sequence.MaskReselect``): the new token's row in layer ``reselect.layer - 1`` gives the keys
         (``reselect(probs) -> bool[B, S]``) that the layers from ``reselect.layer`` on may attend to.
         Returns (states [B, 1, D], cache).
         """

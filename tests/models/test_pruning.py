@@ -12,7 +12,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias.methods import Stage
 from jaxdebias.models import generate as gen
-from jaxdebias.models import layers, llava, pruning
+from jaxdebias.models import layers, llava, sequence
 from jaxdebias.models.llama import rope_inv_freq
 from jaxdebias.models.rows import slot_mask
 
@@ -549,7 +549,7 @@ def _flops(model, spec, T=640):
 
     g, st = nnx.split(model)
     lowered = gen.prefill_step.lower(g, st, jnp.asarray(ids), px, jnp.ones((B, T), bool), jnp.ones((B, 2), jnp.int32),
-                                     None, pruning.limits_array(limits), jax.random.key(0), spec=shape,
+                                     None, sequence.limits_array(limits), jax.random.key(0), spec=shape,
                                      extra=64, temperature=0.0)
     return lowered.compile().cost_analysis()["flops"], shape
 
