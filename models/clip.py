@@ -6,6 +6,9 @@ H heads, E head dim.
 LLaVA reads ``hidden_states[vision_feature_layer]`` of the tower (default -2: the input of the last layer), so
 only the layers up to that one are built and run; the last layer and ``post_layernorm`` are never used and are
 not parameters of this port. The CLS token is dropped for ``vision_feature_select_strategy="default"``.
+
+``ClipVisionTower.with_merges`` runs iLLaVA's encoder stage (``jaxdebias.policies.illava_encoder_merge``): in the
+chosen layers r tokens are merged away between the attention residual and the MLP; CLS is never merged (ours).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdebias.models import layers
+from jaxdebias.policies import illava_encoder_merge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,16 @@ class ClipAttention(nnx.Module):
         q, k, v = (p(x).reshape(B, P, self.heads, D // self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         return self.out_proj(jax.nn.dot_product_attention(q, k, v).reshape(B, P, D))
 
+    def with_probs(self, x):
+        """``__call__`` with explicit attention (as HF's "eager"): (float[B, P, D], probs float32[B, H, P, P])."""
+        B, P, D = x.shape
+        E = D // self.heads
+        q, k, v = (p(x).reshape(B, P, self.heads, E) for p in (self.q_proj, self.k_proj, self.v_proj))
+        logits = jnp.einsum("bqhe,bkhe->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(E)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhe->bqhe", probs.astype(v.dtype), v).reshape(B, P, D)
+        return self.out_proj(out), probs
+
     def cls_probe(self, x):
         """The CLS row of this layer's attention and its keys, fp32: (float[B, H, P], float[B, P, H, E])."""
         B, P, D = x.shape
@@ -124,6 +138,13 @@ class ClipEncoderLayer(nnx.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
+    def merged(self, x, r: int):
+        """This layer with iLLaVA's merge of r tokens between the attention residual and the MLP, CLS (token 0)
+        protected: x float[B, P, D] -> (float[B, P - r, D], kept int32[B, P - r] ascending indices into P)."""
+        out, probs = self.self_attn.with_probs(self.layer_norm1(x))
+        x, kept = illava_encoder_merge(x + out, probs, r, protected=1)
+        return x + self.mlp(self.layer_norm2(x)), kept
+
 
 class ClipVisionTower(nnx.Module):
     """pixel_values float[B, C, H, W] (NCHW, as the HF processor gives) -> features float[B, P', D]."""
@@ -148,16 +169,46 @@ class ClipVisionTower(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(cfg.dtype), (B, 1, patches.shape[-1]))
         return jnp.concatenate([cls, patches], 1) + self.position_embedding[...].astype(cfg.dtype)
 
-    def __call__(self, pixel_values):
+    def embedded(self, pixel_values):
+        """The checked input after embeddings and ``pre_layrnorm``: float[B, P + 1, D] (CLS first)."""
         cfg = self.cfg
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"pixel_values must be float[B, {cfg.num_channels}, {cfg.image_size}, "
                              f"{cfg.image_size}] (NCHW, as the HF image processor returns), got "
                              f"{pixel_values.shape}.")
-        x = self.pre_layrnorm(self.embed(pixel_values))
+        return self.pre_layrnorm(self.embed(pixel_values))
+
+    def __call__(self, pixel_values):
+        x = self.embedded(pixel_values)
         for layer in self.layers:
             x = layer(x)
-        return x[:, 1:] if cfg.select_strategy == "default" else x
+        return x[:, 1:] if self.cfg.select_strategy == "default" else x
+
+    def with_merges(self, pixel_values, layers: tuple[int, ...], r: int):
+        """iLLaVA's encoder stage (hulianyuyy/iLLaVA@4068149): each layer in the static ``layers`` (0-based, among
+        the ``cfg.layers_run`` that run) merges r tokens away; CLS is never merged or dropped (ours: the release's
+        SigLIP has none). Without layers (or r = 0) the features equal ``__call__``'s.
+
+        Returns (features float[B, F - len(layers) r, D], source int32[B, F - len(layers) r]): F and the feature
+        order as ``__call__`` (patches, or CLS + patches for select 'full'); source = each feature's index among
+        ``__call__``'s features (for 'default' the raster patch index), ascending; a merged feature sits at the
+        index of the token it was merged into."""
+        cfg, layers = self.cfg, tuple(layers)
+        if len(set(layers)) != len(layers) or not all(0 <= i < cfg.layers_run for i in layers):
+            raise ValueError(f"iLLaVA merge layers {layers} must be distinct, in [0, {cfg.layers_run}) (the "
+                             f"layers that run up to feature_layer={cfg.feature_layer}).")
+        if r < 0 or cfg.grid**2 - len(layers) * r < 1:
+            raise ValueError(f"iLLaVA merges r={r} tokens in each of {len(layers)} layers: r must be >= 0 and "
+                             f"leave at least one of the {cfg.grid**2} patches.")
+        x = self.embedded(pixel_values)
+        source = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        for i, layer in enumerate(self.layers):
+            if i in layers and r > 0:
+                x, kept = layer.merged(x, r)
+                source = jnp.take_along_axis(source, kept, axis=1)
+            else:
+                x = layer(x)
+        return (x[:, 1:], source[:, 1:] - 1) if cfg.select_strategy == "default" else (x, source)
 
     def with_cls_attention(self, pixel_values):
         """VisionZip's inputs from the feature layer (the last layer run): the patch features as ``__call__``
