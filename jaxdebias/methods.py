@@ -31,8 +31,9 @@ from jaxdebias import _checks
 from jaxdebias.curves import Curve, curve_from_dict, curve_to_dict, released_curve
 from jaxdebias.names import canonical_method
 from jaxdebias.prune import DEFAULT_BUCKETS, bucket
-from jaxdebias.stages import (METHOD_DEFAULTS, Stage, fastv_stages, himap_stages, pdrop_stages, sparsevlm_stages,
-                              tokencarve_stages)
+from jaxdebias.policies import ILLAVA_LLAVA15_VIT_LAYERS, ILLAVA_LLAVA15_VIT_R
+from jaxdebias.stages import (METHOD_DEFAULTS, Stage, fastv_stages, himap_stages, illava_stages, pdrop_stages,
+                              sparsevlm_stages, tokencarve_stages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Debias:
 class PruneSpec:
     """One line that says how to prune.
 
-    method: "fastv", "pdrop" (alias "pyramiddrop"), "himap", "sparsevlm", "tokencarve" or "visionzip".
+    method: "fastv", "pdrop" (alias "pyramiddrop"), "himap", "sparsevlm", "tokencarve", "visionzip" or "illava".
     keep: visual tokens kept (FastV, HiMAP first stage, TokenCarve, VisionZip) or the layer-average budget
       (PyramidDrop, SparseVLM).
     layer: pruning layer for FastV and TokenCarve (default 2).
@@ -133,6 +134,8 @@ class PruneSpec:
     buckets: tuple = DEFAULT_BUCKETS
     visionzip_contextual: int | None = None
     visionzip_cls: bool = True
+    illava_vit_layers: tuple = ILLAVA_LLAVA15_VIT_LAYERS
+    illava_vit_r: int = ILLAVA_LLAVA15_VIT_R
     mode: str = "remove"
     reselect: str = "prefill"
 
@@ -163,9 +166,14 @@ class PruneSpec:
             stages = sparsevlm_stages(self.keep, n=n_visual)
         elif self.method == "tokencarve":
             stages = tokencarve_stages(self.keep, 2 if self.layer is None else self.layer)
+        elif self.method == "illava":
+            stages = illava_stages(self.keep) if self.layer is None else illava_stages(self.keep, self.layer)
         else:
             stages = ()
-        prev_layer, prev_keep = 0, n_visual
+        prev_layer, prev_keep = 0, self.encoder_tokens(n_visual)
+        if prev_keep < 1:
+            raise ValueError(f"{self.method}: the encoder stage merges {n_visual - prev_keep} of {n_visual} tokens; "
+                             "lower illava_vit_r.")
         for s in stages:
             if s.source not in ("tap", "probe", "self"):
                 raise ValueError(f"{self.method}: stage source must be 'tap', 'probe' or 'self', got {s.source!r}.")
@@ -197,6 +205,14 @@ class PruneSpec:
             raise ValueError(f"visionzip: keep={self.keep} exceeds the {n_visual} visual tokens.")
         return stages
 
+    def encoder_tokens(self, n_visual: int) -> int:
+        """Visual tokens the decoder receives: iLLaVA's encoder stage merges ``illava_vit_r`` tokens in each of
+        ``illava_vit_layers`` (CLIP layers 5-8 and 72 each for LLaVA-1.5: ours, scaled from OneVision's 92 of 729);
+        VisionZip's block has ``keep`` tokens; the other methods get all N."""
+        if self.method == "illava":
+            return n_visual - len(self.illava_vit_layers) * self.illava_vit_r
+        return self.keep if self.method == "visionzip" else n_visual
+
     @property
     def pad_candidates(self) -> bool:
         """Whether zero-scored padding stays a top-k candidate (the releases except FastV's)."""
@@ -219,12 +235,12 @@ class PruneSpec:
             shape = dataclasses.replace(self, keep=self.visionzip_cls + self.bucketed(patches, n_visual) + ctx,
                                         visionzip_contextual=ctx, stages=())
             return shape, ((patches, 0),)
-        shaped, prev = [], n_visual
+        shaped, prev = [], self.encoder_tokens(n_visual)
         for s in stages:
             # recycling stages keep exact counts (their cluster counts follow from them): one program per budget
             # recycling and TokenCarve stages keep exact counts (clusters and halves follow from them): one
             # program per budget
-            exact = s.recycle or s.info_weight
+            exact = s.recycle or s.info_weight or s.policy != "topk"
             keep = s.keep if exact else self.bucketed(s.keep, prev)
             merge = s.merge if exact else (self.bucketed(s.merge, prev) if s.merge else 0)
             shaped.append(dataclasses.replace(s, keep=keep, merge=merge))

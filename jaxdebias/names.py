@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-METHODS = ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve", "visionzip")
+METHODS = ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve", "visionzip", "illava")
 METHOD_ALIASES = {"pyramiddrop": "pdrop", "pyramid_drop": "pdrop", "sparse_vlm": "sparsevlm"}
 
 

@@ -23,6 +23,8 @@ class Stage:
       DPC-kNN tokens after the kept ones (SparseVLM).
     merge / info_weight: TokenCarve: attention and singular-value ranks fused with weight ``info_weight``, the top
       1.5 x keep split in halves and ``merge`` (= keep // 2) of the second half merged into the first.
+    policy: "topk" (keep the best; with the fields above, SparseVLM's and TokenCarve's variants) or "illava" (the
+      tokens beyond ``keep`` and the last kept one are merged into it, iLLaVA's LLM stage).
     """
 
     layer: int
@@ -33,6 +35,7 @@ class Stage:
     clusters: int = 0
     merge: int = 0
     info_weight: float = 0.0
+    policy: str = "topk"
 
     @property
     def boundary(self) -> int:
@@ -96,6 +99,17 @@ def tokencarve_stages(keep: int, layer: int = 2, info_weight: float = 0.5) -> tu
     return (Stage(layer, keep, "last", "tap", merge=keep // 2, info_weight=info_weight),)
 
 
+ILLAVA_LLM_LAYER = 8  # OneVision's released llm k; the same for LLaVA-1.5 (ours)
+
+
+def illava_stages(keep: int, layer: int = ILLAVA_LLM_LAYER) -> tuple[Stage, ...]:
+    """iLLaVA's LLM stage (hulianyuyy/iLLaVA@4068149 ``forward_illava``) at layer k = 8: the last token's attention
+    in layer k - 1 orders the visual tokens; the r + 1 least attended merge into the (N - r)-th (weights 1..r+1)
+    and ``keep`` = N - r remain, at their original positions. OneVision's release keeps 70% (llm_r 0.70); here
+    ``keep`` sets it (ours)."""
+    return (Stage(layer, keep, "last", "tap", policy="illava"),)
+
+
 SPARSEVLM_KEEPS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
 
 
@@ -128,4 +142,5 @@ METHOD_DEFAULTS = {
     "visionzip": dict(positions="reindex", pad_tau=0.5, pad_geometry="continuous", pad_candidates=False),
     "sparsevlm": dict(positions="reindex", pad_tau=0.5, pad_geometry="bilinear", pad_candidates=True),
     "tokencarve": dict(positions="keep", pad_tau=0.5, pad_geometry="continuous", pad_candidates=True),
+    "illava": dict(positions="keep", pad_tau=0.5, pad_geometry="continuous", pad_candidates=True),
 }

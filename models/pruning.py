@@ -30,8 +30,8 @@ from jaxdebias.models.llava import Llava
 from jaxdebias.models.rows import slot_mask
 from jaxdebias.models.sequence import (MaskReselect, Seq, keep_in_caches, masked_keys, replace_visual, segments,
                                        seq_var_context, voting_rows)
-from jaxdebias.policies import (dpc_knn_merge, rank_fusion, stage_scores, sv_scores, text_raters, tokencarve_select,
-                                visionzip_select)
+from jaxdebias.policies import (dpc_knn_merge, illava_llm_merge, rank_fusion, stage_scores, sv_scores, text_raters,
+                                tokencarve_select, visionzip_select)
 
 
 def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instruction_pos, limits, spec: PruneSpec,
@@ -126,6 +126,15 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         last_pos = jnp.max(jnp.where(is_img, seq.pos, 0), 1, keepdims=True)
         block_pos = jnp.concatenate([img_pos, jnp.broadcast_to(last_pos, (B, ctx))], 1)
         seq = replace_visual(seq, block_h, block_valid, block_raster, block_pos, spec.positions)
+    elif spec.method == "illava":  # iLLaVA's encoder stage: CLIP merges tokens away in its middle layers
+        feats, source = model.vision_tower.with_merges(pixel_values, spec.illava_vit_layers, spec.illava_vit_r)
+        block_h = model.multi_modal_projector(feats.astype(cfg.text.dtype)).astype(cfg.text.dtype)
+        M = block_h.shape[1]
+        info["kept"].append((source, jnp.ones((B, M), bool), source))
+        h, _ = model.embed(input_ids, None)
+        seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
+        seq = replace_visual(seq, block_h, jnp.ones((B, M), bool), source, jnp.zeros((B, M), jnp.int32),
+                             "reindex")  # the decoder sees a shorter image span at contiguous positions
     else:
         h, _ = model.embed(input_ids, pixel_values)
         seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
@@ -171,6 +180,12 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
             block = [merged.astype(seq.h.dtype), slot, take(seq.raster, idx), take(seq.pos, idx)]
             cache = keep_in_caches(cache, 0, stage.boundary, seq, ~seq.vis | jnp.zeros_like(seq.vis).at[
                 jnp.arange(B)[:, None], kslots].set(jd.kept_mask(idx, slot, seq.nv)))
+        elif stage.policy == "illava":  # the r + 1 least attended merge into the (N - r)-th, N - r remain
+            x = take(seq.h, jnp.broadcast_to(jnp.arange(seq.nv), kvalid.shape))  # layer k's input, image rows
+            idx, merged = illava_llm_merge(x, debiased_scores(i, raw, seq_raster, kvalid), seq.nv - stage.keep,
+                                           valid=kvalid)
+            slot = jnp.take_along_axis(kvalid, idx, axis=1)
+            block = [merged.astype(seq.h.dtype), slot, take(seq.raster, idx), take(seq.pos, idx)]
         else:
             idx, slot, _ = debias_and_select(i, raw, seq_raster, kvalid, stage.keep, limits[i, 0])
             block = [take(seq.h, idx), slot, take(seq.raster, idx), take(seq.pos, idx)]

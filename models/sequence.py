@@ -96,7 +96,8 @@ def segments(T: int, shape: PruneSpec, n: int, L: int):
     """Static (first layer, stop layer, slots) of every decoder segment, for a shape spec (see PruneSpec.split)."""
     if shape.method == "visionzip":
         return [(0, L, T - n + shape.keep)], ()
-    segs, cur, S, nv = [], 0, T, n
+    nv = shape.encoder_tokens(n)
+    segs, cur, S = [], 0, T - n + nv
     for s in shape.stages:
         segs.append((cur, s.boundary, S))
         if shape.mode == "mask":  # nothing leaves the sequence

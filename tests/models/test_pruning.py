@@ -461,13 +461,56 @@ def test_tokencarve_lower_caches_hold_the_kept_tokens(tiny):
         assert np.asarray(cache.valid[2][b]).sum() == tiny["am"][b].sum() - 9 + 4
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip", "sparsevlm"])
+def test_illava_stages_equal_the_release_on_transformers(tiny):
+    """iLLaVA: CLIP layer 1 merges 2 tokens away (CLS protected), the decoder sees 7 image tokens at contiguous
+    positions; before layer 2 the last token's layer-1 attention (debiased by the curve at each token's raster
+    index) merges the 3 + 1 least attended into the 4th kept (weights 1..4), original positions: kept tokens and
+    logits = the NumPy rules on transformers' CLIP and decoder layers run one by one."""
+    from tests.jaxdebias.test_illava_rules import ref_llm_merge
+    from tests.models.test_illava import reference as clip_with_merges
+
+    spec = jd.PruneSpec("illava", keep=4, layer=2, illava_vit_layers=(1,), illava_vit_r=2,
+                        debias=jd.Debias(curve=CURVE))
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
+    hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
+    lm = hf.model.language_model
+    feats, source = clip_with_merges(hf.model.vision_tower, tiny["px"], (1,), 2, runs=2)
+    for b in range(2):
+        assert kept_sets(r, 0)[b] == sorted(source[b].tolist())
+        img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
+        n_valid = am[b].sum()
+        with torch.no_grad():
+            block = hf.model.multi_modal_projector(torch.tensor(feats[b]))
+            tok = hf.model.get_input_embeddings()(torch.tensor(ids[b][:n_valid]))
+            x = torch.cat([tok[:img[0]], block, tok[img[-1] + 1:]])[None]
+            L = x.shape[1]
+            mask = torch.full((1, 1, L, L), torch.finfo(x.dtype).min).triu(1)
+            pos = torch.arange(L)[None]
+            pe = lm.rotary_emb(x, pos)
+            seen = []
+            hook = lm.layers[1].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1][0].numpy()))
+            for layer in lm.layers[:2]:
+                x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                x = x[0] if isinstance(x, tuple) else x
+            hook.remove()
+        rows = img[0] + np.arange(7)
+        scores = seen[0][:, L - 1, rows].mean(0) * np.exp(-CURVE["b"] * source[b])
+        kept, merged = ref_llm_merge(x[0, rows].numpy(), scores, 3)
+        assert kept_sets(r, 1)[b] == sorted(source[b][kept].tolist())
+        x = torch.cat([x[0, :img[0]], torch.tensor(merged, dtype=x.dtype), x[0, img[0] + 7:]])[None]
+        positions = np.concatenate([np.arange(img[0]), img[0] + kept, np.arange(img[0] + 7, L)])  # original
+        np.testing.assert_allclose(r.logits[b], run_layers_from(lm, hf, x, positions, 2), atol=1e-4)
+    assert r.stage_lengths == [(0, 2, 64 - 9 + 7), (2, 4, 64 - 9 + 4)]
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "himap", "visionzip", "sparsevlm", "illava"])
 def test_keep_all_equals_unpruned(tiny, method):
     """(TokenCarve's released rule merges a quarter of its top 1.5 n even when n is every token: no keep-all.)"""
     stages = {"fastv": None, "pdrop": (Stage(1, 9, "instruction", "probe"), Stage(3, 9, "instruction", "probe")),
-              "sparsevlm": (Stage(2, 9, "raters", "self"),),
+              "sparsevlm": (Stage(2, 9, "raters", "self"),), "illava": (Stage(2, 9, "last", "tap", policy="illava"),),
               "himap": (Stage(1, 9, "text", "tap"), Stage(2, 9, "image", "tap")), "visionzip": None}[method]
-    spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0, visionzip_cls=False)
+    spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0, visionzip_cls=False,
+                        illava_vit_layers=(), illava_vit_r=0)
     r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
     out = tiny["model"](tiny["ids"], tiny["px"], tiny["am"])
     ref = np.asarray(layers.last_real(out.logits, jnp.asarray(tiny["am"], bool)))
