@@ -145,7 +145,7 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         raters = text_raters(jd.gather_tokens(seq.h, vslots), seq.h, text)
     inv_freq = jnp.asarray(rope_inv_freq(cfg.text))
     n_real = jnp.sum(real, 1)
-    key_keep = None
+    key_keep = fixed_keep = None
     for i, (start, stop, S) in enumerate(segs):
         cache = cache.with_prompt(start, stop, seq.valid,
                                   n_real if spec.positions == "keep" else jnp.sum(seq.valid, 1))
@@ -200,8 +200,8 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
                                                 None if online or not debias_on else curve,
                                                 stage.boundary, stage.keep, online and debias_on,
                                                 debias_on and content is not None)
-            else:  # the prefill's selection serves every generated token: its caches drop the pruned keys
-                cache = keep_in_caches(cache, stage.boundary, L, seq, key_keep)
+            else:  # the prefill's selection serves every generated token: its caches drop the pruned keys (after
+                fixed_keep = (stage.boundary, key_keep)  # the last segment has written its prompt flags)
             continue
         if stage.recycle:  # SparseVLM: the best pruned tokens by raw score, clustered, follow the kept ones
             pruned = kvalid & ~jd.kept_mask(idx, slot, seq.nv)
@@ -213,4 +213,6 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
                      jnp.concatenate([block[2], jnp.full(mvalid.shape, -1)], 1),
                      jnp.concatenate([block[3], jnp.broadcast_to(last_pos, mvalid.shape)], 1)]
         seq = replace_visual(seq, *block, spec.positions)
+    if fixed_keep is not None:
+        cache = keep_in_caches(cache, fixed_keep[0], L, seq, fixed_keep[1])
     return lm.logits(layers.last_real(seq.h, seq.valid)), cache, info
