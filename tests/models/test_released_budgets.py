@@ -154,25 +154,29 @@ class Reference:
             return self.hf.lm_head(self.lm.norm(self.x[:, -1]))[0].numpy()
 
 
-def continuous_content(tau):
-    return to_grid(W, H, ref_generate_pad_mask_1d(W, H, tau))
+BUDGETS = [(64, True), (128, True), (192, True), (128, False)]  # debiased at every budget, plain at 128
 
 
-def exp_weights(method):
-    return np.exp(-jd.RELEASED_EXP_B[method]["gqa"] * np.arange(576))
+def continuous_content(tau, debiased=True):
+    return to_grid(W, H, ref_generate_pad_mask_1d(W, H, tau)) if debiased else np.ones(576, bool)
 
 
-def released(method, keep):
-    return jd.PruneSpec(method, keep=keep, debias=jd.Debias(curve="released", pad_tau="released", task="gqa"))
+def exp_weights(method, debiased=True):
+    return np.exp(-jd.RELEASED_EXP_B[method]["gqa"] * np.arange(576)) if debiased else np.ones(576)
 
 
-@pytest.mark.parametrize("keep", [64, 128, 192])
-def test_fastv(big, keep):
-    r = run(big, released("fastv", keep))
+def released(method, keep, debiased=True):
+    debias = jd.Debias(curve="released", pad_tau="released", task="gqa") if debiased else jd.Debias()
+    return jd.PruneSpec(method, keep=keep, debias=debias)
+
+
+@pytest.mark.parametrize("keep,debiased", BUDGETS)
+def test_fastv(big, keep, debiased):
+    r = run(big, released("fastv", keep, debiased))
     ref = Reference(big)
     last = ref.x.shape[1] - 1
-    weights = 1 / np.polyval(FASTV_POLY[::-1], np.arange(576))
-    content = continuous_content(0.5)
+    weights = 1 / np.polyval(FASTV_POLY[::-1], np.arange(576)) if debiased else np.ones(576)
+    content = continuous_content(0.5, debiased)
     scores = big["attn"][1][:, last, ref.image].mean(0) * weights * content
     check_selection(kept(r, 0), scores, keep, content)  # FastV caps R at the content tokens
     ref.run_to(2)
@@ -180,21 +184,21 @@ def test_fastv(big, keep):
     np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
 
 
-@pytest.mark.parametrize("keep", [64, 128, 192])
-def test_pdrop(big, keep):
-    spec = released("pdrop", keep)
+@pytest.mark.parametrize("keep,debiased", BUDGETS)
+def test_pdrop(big, keep, debiased):
+    spec = released("pdrop", keep, debiased)
     stages = spec.schedule(576, LAYERS)
     if keep == 128:
         assert [s.keep for s in stages] == [184, 92, 46]
     r = run(big, spec)
     ref = Reference(big)
-    content = continuous_content(0.01)
+    content = continuous_content(0.01, debiased)
     for i, s in enumerate(stages):
         ref.run_to(s.layer)
         attn = ref.peek(s.layer)  # the attention layer s.layer computes on its input, last (instruction) row
         scores = attn[:, -1, ref.image].mean(0)
         if i == 0:  # debiased: released curve, padding (tau 0.01) zeroed but still a candidate
-            scores = scores * exp_weights("pdrop") * content
+            scores = scores * exp_weights("pdrop", debiased) * content
         check_selection(kept(r, i), scores, s.keep, np.ones(len(ref.image), bool))
         ref.keep(kept(r, i), positions="reindex")  # the release re-indexes 0..L'-1
     np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
@@ -209,21 +213,21 @@ def raters(x0):
     return np.nonzero(m > m.mean())[0]  # indices into the text after the image
 
 
-@pytest.mark.parametrize("keep", [64, 128, 192])
-def test_sparsevlm(big, keep):
-    spec = released("sparsevlm", keep)
+@pytest.mark.parametrize("keep,debiased", BUDGETS)
+def test_sparsevlm(big, keep, debiased):
+    spec = released("sparsevlm", keep, debiased)
     stages = spec.schedule(576, LAYERS)
     r = run(big, spec)
     recycled_by_us = recycled_sets(big, spec)
     ref = Reference(big)
     rating = raters(big["x0"][0].numpy())
-    content = pil_sparsevlm_mask(W, H)  # the release's bilinearly resized mask
+    content = pil_sparsevlm_mask(W, H) if debiased else np.ones(576, bool)  # the release's bilinear mask
     for i, s in enumerate(stages):
         attn = ref.run_to(s.layer + 1, capture=s.layer)  # the stage layer runs on the current set
         rows = ref.image[-1] + 1 + rating
         raw = attn[:, rows][:, :, ref.image].mean(0).mean(0)
         n_v = len(ref.image)
-        scores = raw * exp_weights("sparsevlm") * content if i == 0 else raw  # the top-k only is debiased
+        scores = raw * exp_weights("sparsevlm", debiased) * content if i == 0 else raw  # the top-k only is debiased
         ours = kept(r, i)
         check_selection(ours, scores, min(s.keep, n_v - 1), np.ones(n_v, bool))
         pruned = np.setdiff1d(np.arange(n_v), ours)
@@ -235,9 +239,9 @@ def test_sparsevlm(big, keep):
     np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
 
 
-@pytest.mark.parametrize("keep", [64, 128, 192])
-def test_himap(big, keep):
-    spec = released("himap", keep)
+@pytest.mark.parametrize("keep,debiased", BUDGETS)
+def test_himap(big, keep, debiased):
+    spec = released("himap", keep, debiased)
     (s1, s2) = spec.schedule(576, LAYERS)
     if keep == 128:
         assert (s1.layer, s1.keep, s2.layer, s2.keep) == (2, 115, 8, 90)
@@ -245,7 +249,7 @@ def test_himap(big, keep):
     ref = Reference(big)
     text = np.arange(ref.image[-1] + 1, ref.x.shape[1])
     scores = big["attn"][1][:, text][:, :, ref.image].mean(0).sum(0)  # every row after the image, summed
-    scores = scores * exp_weights("himap") * continuous_content(0.5)  # padding zeroed, still a candidate
+    scores = scores * exp_weights("himap", debiased) * continuous_content(0.5, debiased)  # padding zeroed, still a candidate
     check_selection(kept(r, 0), scores, s1.keep, np.ones(576, bool))
     ref.run_to(s1.layer)
     ref.keep(kept(r, 0))  # original positions
@@ -257,12 +261,13 @@ def test_himap(big, keep):
     np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
 
 
-@pytest.mark.parametrize("keep", [64, 128, 192])
-def test_tokencarve(big, keep):
-    r = run(big, released("tokencarve", keep))
+@pytest.mark.parametrize("keep,debiased", BUDGETS)
+def test_tokencarve(big, keep, debiased):
+    r = run(big, released("tokencarve", keep, debiased))
     ref = Reference(big)
     last = ref.x.shape[1] - 1
-    av = big["attn"][1][:, last, ref.image].mean(0) * exp_weights("tokencarve") * continuous_content(0.5)
+    av = big["attn"][1][:, last, ref.image].mean(0) * exp_weights("tokencarve", debiased) \
+        * continuous_content(0.5, debiased)
     ref.run_to(2)
     x = ref.x[0, ref.image].numpy()  # layer 1's decoder output = layer 2's input, all 576 image rows
     score = ref_rank_fusion(av, ref_sv(x))
@@ -270,3 +275,32 @@ def test_tokencarve(big, keep):
     np.testing.assert_array_equal(kept(r, 0), idx)
     ref.keep(np.asarray(idx), features=feats)  # original positions, merged features
     np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
+
+
+@pytest.mark.parametrize("keep", [64, 128, 192])
+def test_visionzip(big, keep):
+    """VisionZip has no debiased release: plain, at the split 54+10 / 108+20 / 162+30 (CLS first among the
+    dominant tokens); the block replaces the image span at contiguous positions."""
+    from tests.models.test_pruning import np_visionzip
+
+    r = run(big, jd.PruneSpec("visionzip", keep=keep))
+    ctx = {64: 10, 128: 20, 192: 30}[keep]
+    tower = big["hf"].model.vision_tower
+    with torch.no_grad():
+        out = tower(torch.tensor(big["px"]), output_hidden_states=True, output_attentions=True)
+        layer = tower.encoder.layers[-2]
+        x = layer.layer_norm1(out.hidden_states[-3])
+        keys = layer.self_attn.k_proj(x).reshape(*x.shape[:2], layer.self_attn.num_heads, -1).mean(2).numpy()
+        block, top = np_visionzip(out.attentions[-2][0].numpy(), out.hidden_states[-2][0].numpy(), keys[0],
+                                  keep - ctx, ctx)
+        np.testing.assert_array_equal(np.sort(result_raster(r)), np.sort(top))
+        ref = Reference(big)
+        proj = big["hf"].model.multi_modal_projector(torch.tensor(block)).numpy()
+        ref.keep(np.arange(len(block)) % 576, features=proj, positions="reindex")
+    # the block also carries the CLIP tower's and projector's fp32 rounding: a floor of 3e-4 on logits of ~5
+    np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=max(big["atol"], 3e-4))
+
+
+def result_raster(result):
+    idx, slot = result.kept[0]
+    return idx[0][slot[0]]
