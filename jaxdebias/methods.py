@@ -29,7 +29,7 @@ from typing import Any
 
 from jaxdebias import _checks
 from jaxdebias.curves import Curve, curve_from_dict, curve_to_dict, released_curve
-from jaxdebias.names import canonical_method
+from jaxdebias.names import QUERY_KINDS, canonical_method
 from jaxdebias.prune import DEFAULT_BUCKETS, bucket
 from jaxdebias.policies import ILLAVA_LLAVA15_VIT_LAYERS, ILLAVA_LLAVA15_VIT_R
 from jaxdebias.stages import (METHOD_DEFAULTS, Stage, fastv_stages, himap_stages, illava_stages, pdrop_stages,
@@ -175,6 +175,9 @@ class PruneSpec:
             raise ValueError(f"{self.method}: the encoder stage merges {n_visual - prev_keep} of {n_visual} tokens; "
                              "lower illava_vit_r.")
         for s in stages:
+            if s.query not in QUERY_KINDS:
+                raise ValueError(f"{self.method}: stage query must be one of {', '.join(QUERY_KINDS)}, got "
+                                 f"{s.query!r}.")
             if s.source not in ("tap", "probe", "self"):
                 raise ValueError(f"{self.method}: stage source must be 'tap', 'probe' or 'self', got {s.source!r}.")
             if not prev_layer < s.boundary < num_layers or s.layer < 1:

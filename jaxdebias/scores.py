@@ -2,11 +2,11 @@
 
 Axes: B batch, H heads, Q query rows (a subset of the sequence), T sequence (keys), N visual tokens.
 
-The methods differ in which query rows they read:
-  FastV         the last token of the prompt                       ``query_mask(..., kind="last")``
-  PyramidDrop   the last instruction token                         ``query_mask(..., kind="position")``
-  SparseVLM     selected text "raters"                             a boolean mask of your own
-  HiMAP, VTW    all text after the image (mean or sum)             ``query_mask(..., kind="after_image")``
+The methods differ in which query rows they read (one vocabulary with the pruning stages, ``names.QUERY_KINDS``):
+  FastV         the last token of the prompt                       ``query_mask("last", ...)``
+  PyramidDrop   the last instruction token                         ``query_mask("instruction", ..., position=)``
+  SparseVLM     selected text "raters"                             ``query_mask("raters", ..., raters=)``
+  HiMAP         all text after the image; then the image tokens    ``query_mask("text" | "image", ...)``
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdebias import _checks
+from jaxdebias.names import canonical_query
 
 _REDUCE = {"mean", "sum", "max"}
 
@@ -105,33 +106,42 @@ def visual_scores(attn, visual_mask, query_mask=None, *, n: int | None = None, h
                           query_reduce=query_reduce)
 
 
-def query_mask(kind: str, *, attention_mask, visual_mask=None, position=None):
-    """Boolean query-row masks over the sequence for the usual query sets.
+def query_mask(kind: str, *, attention_mask, visual_mask=None, position=None, raters=None):
+    """Boolean query-row masks over the sequence for the usual query sets (the pruning stages' vocabulary).
 
     Args:
-      kind: "last" (last real token, FastV), "after_image" (every real token after the last image token,
-        HiMAP/VTW), or "position" (the given per-sample ``position``, e.g. PyramidDrop's last instruction token).
+      kind: "last" (last real token: FastV), "instruction" (the given per-sample ``position``: PyramidDrop's last
+        instruction token), "text" (every real token after the last image token: HiMAP), "image" (the image
+        tokens: HiMAP's second stage) or "raters" (the ``raters`` among the text after the image: SparseVLM).
+        "after_image" and "position" are accepted aliases of "text" and "instruction".
       attention_mask: bool/int[B, T], 1 for real tokens (left or right padding both work).
-      visual_mask: bool[B, T], needed for "after_image".
-      position: int[B], needed for "position".
+      visual_mask: bool[B, T], needed for "text", "image" and "raters".
+      position: int[B], needed for "instruction"; raters: bool[B, T], needed for "raters".
 
     Returns:
       bool[B, T], True at the voting rows. Use it to pick the rows to tap, or as ``query_mask`` when the
       attention you hold covers all T rows.
     """
     _checks.check_rank("attention_mask", attention_mask, 2, "int[B, T]")
+    kind = canonical_query(kind)
     real = jnp.asarray(attention_mask).astype(bool)
     idx = jnp.arange(real.shape[1])
     if kind == "last":
         last = jnp.max(jnp.where(real, idx, -1), axis=1)
         return idx[None, :] == last[:, None]
-    if kind == "after_image":
-        if visual_mask is None:
-            raise ValueError("query_mask(kind='after_image') needs visual_mask (bool[B, T]).")
-        last_img = jnp.max(jnp.where(visual_mask, idx, -1), axis=1)
-        return real & (idx[None, :] > last_img[:, None]) & (last_img[:, None] >= 0)
-    if kind == "position":
+    if kind == "instruction":
         if position is None:
-            raise ValueError("query_mask(kind='position') needs position (int[B]).")
+            raise ValueError("query_mask('instruction') needs position (int[B]).")
         return idx[None, :] == jnp.asarray(position)[:, None]
-    raise ValueError(f"kind must be 'last', 'after_image' or 'position', got {kind!r}.")
+    if visual_mask is None:
+        raise ValueError(f"query_mask({kind!r}) needs visual_mask (bool[B, T]).")
+    visual = jnp.asarray(visual_mask, bool)
+    if kind == "image":
+        return real & visual
+    last_img = jnp.max(jnp.where(visual, idx, -1), axis=1)
+    text = real & (idx[None, :] > last_img[:, None]) & (last_img[:, None] >= 0)
+    if kind == "raters":
+        if raters is None:
+            raise ValueError("query_mask('raters') needs raters (bool[B, T], e.g. from policies.text_raters).")
+        return text & jnp.asarray(raters, bool)
+    return text

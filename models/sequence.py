@@ -70,7 +70,8 @@ def seq_var_context(seq: Seq, var: VarSpec | None):
 
 
 def voting_rows(seq: Seq, query: str, instruction_orig, raters=None):
-    """(rows int[B, Q], row_valid bool[B, Q]) of the voting query slots in the current sequence."""
+    """(rows int[B, Q], row_valid bool[B, Q]) of the voting query slots in the current sequence, for a query kind
+    of ``jaxdebias.names.QUERY_KINDS`` (the vocabulary of ``jd.query_mask``)."""
     B, S = seq.valid.shape
     slots = jnp.broadcast_to(jnp.arange(S), (B, S))
     last = jnp.max(jnp.where(seq.valid, slots, 0), axis=1)

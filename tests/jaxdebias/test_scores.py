@@ -69,5 +69,10 @@ def test_query_masks_left_and_right_padding():
     assert after[0].tolist() == [0, 0, 0, 1, 0, 0] and after[1].tolist() == [0, 0, 0, 0, 1, 1]
     pos = np.asarray(jd.query_mask("position", attention_mask=am, position=jnp.array([2, 4])))
     assert pos.sum(1).tolist() == [1, 1] and pos[0, 2] and pos[1, 4]
-    with pytest.raises(ValueError, match="kind"):
+    assert (np.asarray(jd.query_mask("text", attention_mask=am, visual_mask=vis)) == after).all()  # one vocabulary
+    image = np.asarray(jd.query_mask("image", attention_mask=am, visual_mask=vis))
+    assert (image == (vis & (am == 1))).all()
+    raters = np.asarray(jd.query_mask("raters", attention_mask=am, visual_mask=vis, raters=np.eye(6, dtype=bool)[[3, 5]]))
+    assert raters[0].tolist() == [0, 0, 0, 1, 0, 0] and raters[1].tolist() == [0, 0, 0, 0, 0, 1]
+    with pytest.raises(ValueError, match="Unknown query kind 'first'"):
         jd.query_mask("first", attention_mask=am)
