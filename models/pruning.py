@@ -106,6 +106,10 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         record(i, raw, debiased, seq_raster, valid)
         return idx, slot, debiased
 
+    # The encoder stage (layer 0): VisionZip and iLLaVA hand the decoder a shorter image block
+    encoder = spec.encoder_tokens(n) != n or spec.method == "visionzip"
+    h, _ = model.embed(input_ids, None if encoder else pixel_values)
+    seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
     if spec.method == "visionzip":
         feats, cls_feat, cls_attn, keys = model.vision_tower.with_cls_attention(pixel_values)
         ctx, cls = spec.visionzip_contextual, int(spec.visionzip_cls)
@@ -116,28 +120,22 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         feats = feats.astype(cfg.text.dtype)
         block_v = jnp.concatenate([cls_feat[:, None, :].astype(feats.dtype)[:, :cls], jd.gather_tokens(feats, idx),
                                    jnp.einsum("bcn,bnd->bcd", merge, feats)], 1)  # [CLS], dominant, contextual
-        block_h = model.multi_modal_projector(block_v).astype(cfg.text.dtype)
         info["kept"].append((idx, slot, idx))
-        h, _ = model.embed(input_ids, None)
-        seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
         block_valid = jnp.concatenate([jnp.ones((B, cls), bool), slot, cmask], 1)
         block_raster = jnp.concatenate([jnp.full((B, cls), -1), idx, jnp.full((B, ctx), -1)], 1)
         img_pos = jd.gather_tokens(seq.pos, vslots[:, 0:1] + jnp.concatenate([jnp.zeros((B, cls), int), idx], 1))
         last_pos = jnp.max(jnp.where(is_img, seq.pos, 0), 1, keepdims=True)
         block_pos = jnp.concatenate([img_pos, jnp.broadcast_to(last_pos, (B, ctx))], 1)
-        seq = replace_visual(seq, block_h, block_valid, block_raster, block_pos, spec.positions)
-    elif spec.method == "illava":  # iLLaVA's encoder stage: CLIP merges tokens away in its middle layers
-        feats, source = model.vision_tower.with_merges(pixel_values, spec.illava_vit_layers, spec.illava_vit_r)
-        block_h = model.multi_modal_projector(feats.astype(cfg.text.dtype)).astype(cfg.text.dtype)
-        M = block_h.shape[1]
-        info["kept"].append((source, jnp.ones((B, M), bool), source))
-        h, _ = model.embed(input_ids, None)
-        seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
-        seq = replace_visual(seq, block_h, jnp.ones((B, M), bool), source, jnp.zeros((B, M), jnp.int32),
-                             "reindex")  # the decoder sees a shorter image span at contiguous positions
-    else:
-        h, _ = model.embed(input_ids, pixel_values)
-        seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
+        positions = spec.positions
+    elif encoder:  # iLLaVA: CLIP merges tokens away in its middle layers
+        block_v, block_raster = model.vision_tower.with_merges(pixel_values, spec.illava_vit_layers,
+                                                                spec.illava_vit_r)
+        block_valid = jnp.ones(block_raster.shape, bool)
+        block_pos, positions = jnp.zeros(block_raster.shape, jnp.int32), "reindex"  # contiguous, as released
+        info["kept"].append((block_raster, block_valid, block_raster))
+    if encoder:
+        block_h = model.multi_modal_projector(block_v.astype(cfg.text.dtype)).astype(cfg.text.dtype)
+        seq = replace_visual(seq, block_h, block_valid, block_raster, block_pos, positions)
     instr = jnp.max(jnp.where(real, jnp.arange(T), 0), 1) if instruction_pos is None else instruction_pos
     raters = None
     if any(s.query == "raters" for s in stages):

@@ -95,9 +95,7 @@ def voting_rows(seq: Seq, query: str, instruction_orig, raters=None):
 
 def segments(T: int, shape: PruneSpec, n: int, L: int):
     """Static (first layer, stop layer, slots) of every decoder segment, for a shape spec (see PruneSpec.split)."""
-    if shape.method == "visionzip":
-        return [(0, L, T - n + shape.keep)], ()
-    nv = shape.encoder_tokens(n)
+    nv = shape.encoder_tokens(n)  # after the encoder stage (VisionZip, iLLaVA)
     segs, cur, S = [], 0, T - n + nv
     for s in shape.stages:
         segs.append((cur, s.boundary, S))
