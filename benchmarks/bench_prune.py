@@ -66,15 +66,17 @@ def main():
     dense_fn, dense_shape = runner(jd.PruneSpec("fastv", keep=576, stages=()))
     Tb = jd.bucket(T, gen.PROMPT_BUCKETS)
     f_dense = decoder_flops(sequence.segments(Tb, dense_shape, 576, L)[0])
-    specs = {keep: jd.PruneSpec(args.method, keep=keep, debias=jd.Debias(curve="released", pad_tau=0.5, task="gqa"))
-             for keep in (64, 128, 192)}
+    released = jd.canonical_method(args.method) in {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE}
+    debias = jd.Debias(curve="released" if released else None, pad_tau="released", task="gqa")
+    specs = {keep: jd.PruneSpec(args.method, keep=keep, debias=debias) for keep in (64, 128, 192)}
     runs = {keep: runner(spec) for keep, spec in specs.items()}
     times = interleaved_times({"dense": dense_fn, **{keep: fn for keep, (fn, _) in runs.items()}}, args.repeats)
     t_dense = times["dense"]
     scores = jnp.asarray(rng.random((1, 576)), jnp.float32)
     pad = jd.pad_mask_expand2square(640, 480)[None]
     print(f"device: {jax.devices()[0].platform}; decoder {L} x {D}, prompt {T} tokens (bucket {Tb}), "
-          f"{jnp.dtype(dtype).name}, method {args.method}, debias pad+released curve; "
+          f"{jnp.dtype(dtype).name}, method {args.method}, debias: released padding"
+          f"{' + released curve' if released else ' (no released curve)'}; "
           f"{args.repeats} interleaved rounds")
     print(f"unpruned prefill: {t_dense * 1e3:.1f} ms")
     print(f"{'keep':>5s} {'prefill ms':>11s} {'time ratio':>11s} {'FLOP ratio':>11s} {'debias+select share':>20s}")
@@ -85,14 +87,13 @@ def main():
         k = shape.stages[0].keep if shape.stages else shape.keep
         sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
         print(f"{keep:5d} {t * 1e3:11.1f} {t / t_dense:11.3f} {f / f_dense:11.3f} {100 * sel / t:19.3f}%")
-        if args.method == "tokencarve":  # its own selection work: the SVD information scores and the merge
+        if args.method == "tokencarve":  # its own selection work: the SVD, the rank fusion, the A/B merge
             h = jnp.asarray(rng.normal(size=(1, 576, D)), dtype)
             ok = jnp.ones((1, 576), bool)
-            m = shape.stages[0].merge
-            carve = jax.jit(lambda h: policies.merge_into(h[:, :k], ok[:, :k], h[:, k:k + m], ok[:, :m]).sum()
-                            + policies.information_scores(h, ok).sum())
-            c = median_time(lambda: carve(h), args.repeats)
-            print(f"      information scores (Gram + eigh, 576 x {D}) + merge of {m}: {c * 1e3:.1f} ms = "
+            carve = jax.jit(lambda h, s: policies.tokencarve_select(
+                policies.rank_fusion(s, policies.sv_scores(h, ok), ok), h, ok, k)[2].sum())
+            c = median_time(lambda: carve(h, scores), args.repeats)
+            print(f"      SV scores (SVD of 576 x {D}) + rank fusion + A/B merge: {c * 1e3:.1f} ms = "
                   f"{100 * c / t:.1f}% of this prefill")
 
 
