@@ -176,6 +176,27 @@ def _to_path(dotted: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
 
 
+def _expected(path: tuple, steps: list, source: Source) -> str:
+    """A missing parameter, the source tensor expected for it and the file(s) holding its siblings: guessed from a
+    converted parameter that differs only in its layer indices (e.g. layer 2's q_proj for layer 3's)."""
+    name = ".".join(map(str, path))
+    for step in steps:
+        other = step.path
+        if len(other) != len(path) or any(a != b and not (isinstance(a, int) and isinstance(b, int))
+                                           for a, b in zip(other, path)):
+            continue
+        key = step.key
+        for a, b in zip(other, path):
+            if a != b:
+                key = key.replace(f".{a}.", f".{b}.", 1)
+        prefix = key.rsplit(".", 2)[0] + "."
+        files = sorted({os.path.basename(r.file) for k, r in source.refs.items()
+                        if k.startswith(prefix) and isinstance(r, TensorRef)})
+        where = f" (expected beside its siblings in {', '.join(files)})" if files else ""
+        return f"{name} <- tensor {key!r}{where}"
+    return name
+
+
 def plan(source: Source, layout: str, target: dict[tuple, tuple], *, text_prefix: str = "language_model",
          unused: Callable[[tuple], bool] = lambda p: False) -> list[Step]:
     """Matches every source tensor to exactly one target parameter, or raises ConversionError.
@@ -214,10 +235,10 @@ def plan(source: Source, layout: str, target: dict[tuple, tuple], *, text_prefix
                               "Is this the right checkpoint, and the right --layout?")
     missing = [p for p in target if p not in seen]
     if missing:
-        names = ", ".join(".".join(map(str, p)) for p in missing[:12])
+        names = "; ".join(_expected(p, steps, source) for p in missing[:12])
         raise ConversionError(f"{len(missing)} parameter(s) have no tensor in the checkpoint (layout {layout!r}): "
-                              f"{names}{' ...' if len(missing) > 12 else ''}. The checkpoint is incomplete or "
-                              "its config does not match its weights.")
+                              f"{names}{' ...' if len(missing) > 12 else ''}. The checkpoint is incomplete (a "
+                              "shard not fully downloaded?) or its config does not match its weights.")
     for s in steps:  # shapes, checked before any data is read
         found = source.shape(s.key)
         if s.transform is tables.transpose:

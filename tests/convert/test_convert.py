@@ -150,7 +150,9 @@ def test_missing_extra_and_misshaped_keys(t5_dir, tmp_path):
     missing = dict(tensors)
     del missing["language_model.model.layers.1.mlp.up_proj.weight"]
     write_sharded(missing, tmp_path / "a", config)
-    _convert_fails(tmp_path / "a", tmp_path, "1 parameter\\(s\\) have no tensor .*language_model.layers.1.mlp.up_proj.kernel")
+    _convert_fails(tmp_path / "a", tmp_path, "1 parameter\\(s\\) have no tensor .*language_model.layers.1.mlp.up_proj.kernel"
+                   " <- tensor 'language_model.model.layers.1.mlp.up_proj.weight' \\(expected beside its siblings in "
+                   "model-0000")  # the key and the shard that holds the rest of layer 1's MLP
     extra = dict(tensors, **{"language_model.model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)})
     write_sharded(extra, tmp_path / "b", config)
     _convert_fails(tmp_path / "b", tmp_path, "not known to the 'transformers5' layout: "
