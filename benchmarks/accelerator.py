@@ -68,7 +68,7 @@ from jaxdebias.models.interventions import TriangleAttention, TriangleMix, atten
 from jaxdebias.models.layers import default_positions
 from jaxdebias.models.llama import DecoderLayer, LlamaConfig, rope_inv_freq
 from jaxdebias.models.rows import slot_mask
-from _timing import interleaved_times
+from _timing import call_times, interleaved_times
 
 COLUMNS = ("device", "model", "measurement", "setting", "ms", "work", "achieved", "% of limit", "time ratio",
            "FLOP ratio", "note")
@@ -248,13 +248,7 @@ def delete(tree):
 
 def best_time(fn, repeats: int) -> float:
     """Shortest wall time of ``fn()`` over ``repeats`` calls after a warm-up call: a limit is the best rate seen."""
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+    return min(call_times(fn, repeats))
 
 
 def limits(table: Table, args, dtype):
