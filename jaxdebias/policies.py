@@ -2,8 +2,7 @@
 
 Pure functions (jit- and vmap-able); ``jaxdebias.methods`` says which of them each method's stages use. Each
 default is the released rule of ``shared/reference/methods.md`` (the repo@commit:path is in each docstring);
-earlier project variants survive only as named options or as the legacy names ``information_scores``,
-``carve_scores`` and ``merge_into``.
+earlier project variants survive only as named options of these functions.
 
 Axes: B batch, H heads, Q voting query rows, S key slots, N visual tokens in the current sequence, K kept slots,
 M other tokens (dropped, recycled), C clusters or contextual tokens, D width, E key dim, T text tokens.
@@ -115,44 +114,6 @@ def tokencarve_select(score, x, valid, n: int):
     slot = jnp.take_along_axis(keep, order, axis=1)
     feats = jnp.take_along_axis(jnp.concatenate([xa_new, xb], axis=1), order[..., None], axis=1)
     return idx, slot, feats
-
-
-
-def information_scores(x, valid):
-    """Legacy name of ``sv_scores`` (kept importable; the Gram/eigh route it used is gone).
-
-    x: float[B, N, D]; valid: bool[B, N]. Returns float32[B, N], 0 at invalid."""
-    return sv_scores(x, valid)
-
-
-
-def carve_scores(attn, info, valid, info_weight: float):
-    """The project's earlier TokenCarve fusion (NOT the release, which fuses ranks: ``rank_fusion``):
-    (1 - w) * minmax(attn) + w * minmax(info), min and max over each sample's valid tokens (0 elsewhere).
-
-    attn, info: float[B, N]; valid: bool[B, N]. Returns float32[B, N]."""
-    def minmax(s):
-        s = s.astype(jnp.float32)
-        lo = jnp.min(jnp.where(valid, s, jnp.inf), 1, keepdims=True)
-        hi = jnp.max(jnp.where(valid, s, -jnp.inf), 1, keepdims=True)
-        return (s - lo) / jnp.where(hi > lo, hi - lo, 1.0)
-
-    return jnp.where(valid, (1 - info_weight) * minmax(attn) + info_weight * minmax(info), 0.0)
-
-
-
-def merge_into(x_keep, keep_valid, x_drop, drop_valid):
-    """The project's earlier TokenCarve merge (NOT the release's A/B split: ``tokencarve_select``): each valid
-    dropped token joins the valid kept token whose feature is most cosine-similar; a kept token becomes the mean
-    of itself and the tokens that joined it.
-
-    x_keep: float[B, K, D]; keep_valid: bool[B, K]; x_drop: float[B, M, D]; drop_valid: bool[B, M].
-    Returns float32[B, K, D] (invalid kept slots unchanged)."""
-    sim = jnp.where(keep_valid[:, None, :], jnp.einsum("bmd,bkd->bmk", _unit(x_drop), _unit(x_keep)), -jnp.inf)
-    joining = drop_valid & jnp.any(keep_valid, 1, keepdims=True)  # [B, M]
-    joins = jax.nn.one_hot(jnp.argmax(sim, -1), x_keep.shape[1]) * joining[..., None]  # [B, M, K]
-    total = x_keep.astype(jnp.float32) + jnp.einsum("bmk,bmd->bkd", joins, x_drop.astype(jnp.float32))
-    return total / (1.0 + jnp.sum(joins, 1))[..., None]
 
 
 

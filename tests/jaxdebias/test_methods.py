@@ -100,52 +100,6 @@ def test_merged_tokens_pass_debiasing_unchanged():
     np.testing.assert_allclose(np.asarray(out), [[0.0, np.exp(-0.5), 1.0, np.exp(-0.8)]], rtol=1e-6)
 
 
-def np_information(x):
-    u, s, _ = np.linalg.svd(x.astype(np.float64), full_matrices=False)
-    return np.abs(u) @ s
-
-
-def np_minmax(s):
-    return (s - s.min()) / (s.max() - s.min())
-
-
-class TokenCarveTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_information_scores_equal_an_svd(self):
-        rng = np.random.default_rng(3)
-        x = rng.normal(size=(3, 12, 32)).astype(np.float32) * rng.uniform(0.5, 4, (3, 12, 1)).astype(np.float32)
-        valid = np.ones((3, 12), bool)
-        valid[1, 9:] = False
-        valid[2, ::4] = False
-        got = np.asarray(self.variant(policies.information_scores)(x, valid))
-        for b in range(3):
-            np.testing.assert_allclose(got[b][valid[b]], np_information(x[b][valid[b]]), rtol=2e-4)
-            assert (got[b][~valid[b]] == 0).all()
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_fusion_and_merging_equal_numpy(self):
-        rng = np.random.default_rng(4)
-        attn, info = rng.random((2, 10)), rng.random((2, 10)) * 50
-        valid = np.ones((2, 10), bool)
-        valid[1, :3] = False
-        fused = np.asarray(self.variant(lambda a, i, v: policies.carve_scores(a, i, v, 0.3))(attn, info, valid))
-        for b in range(2):
-            ok = valid[b]
-            ref = 0.7 * np_minmax(attn[b][ok]) + 0.3 * np_minmax(info[b][ok])
-            np.testing.assert_allclose(fused[b][ok], ref, rtol=1e-5)
-            assert (fused[b][~ok] == 0).all()
-        xk, xd = rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 6, 8))
-        kv, dv = np.array([[1, 1, 1, 0]] * 2, bool), np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], bool)
-        merged = np.asarray(self.variant(policies.merge_into)(xk, kv, xd, dv))
-        for b in range(2):
-            unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
-            to = (unit(xd[b][dv[b]]) @ unit(xk[b][kv[b]]).T).argmax(1)
-            for j in range(3):
-                ref = np.concatenate([xk[b][j][None], xd[b][dv[b]][to == j]]).mean(0)
-                np.testing.assert_allclose(merged[b][j], ref, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(merged[b][3], xk[b][3], rtol=1e-6)  # an invalid kept slot is left alone
-
-
 def test_tokencarve_schedule_and_checks():
     (s,) = jd.PruneSpec("tokencarve", keep=128).schedule(576, 32)
     # the release: R = int(1.5 n) candidates, int(n / 2) merged, original positions
