@@ -25,8 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 import jaxdebias as jd
 from jaxdebias.models.rows import attention_rows, put_rows, rows_after_image, weighted_values
@@ -277,6 +275,7 @@ def _last_rows(out, q, k, v, mask, qpos, real, n_real, spec):
 
 def _triangle_band_mask(n_init: int, n_local: int):
     """Splash's computable mask for the static part of the pattern: j <= i and (j < n_init or i - j < n_local)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask  # TPU path
 
     class TriangleBandMask(splash_mask._ComputableMask):
         def __init__(self, shape):
@@ -294,7 +293,10 @@ def _triangle_band_mask(n_init: int, n_local: int):
 
 @functools.lru_cache(maxsize=16)
 def _splash_kernel(T: int, heads: int, n_init: int, n_local: int, interpret: bool):
-    """One splash-attention MQA kernel per (padded length, heads per kv group, pattern): built once, reused."""
+    """One splash-attention MQA kernel per (padded length, heads per kv group, pattern): built once, reused.
+    (Pallas is imported here, on the TPU path only, to keep it out of every import of the models.)"""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
     mask = splash_mask.MultiHeadMask([_triangle_band_mask(n_init, n_local)((T, T)) for _ in range(heads)])
     blk = 128
     sizes = splash_kernel.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
