@@ -19,7 +19,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
 from jaxdebias.convert.source import ConversionError, Source, detect_layout, list_weight_files, plan, stream
-from jaxdebias.models import llama, llava
+from jaxdebias.models import llama, llava, video_llava
 
 
 def config_path(src) -> str:
@@ -82,13 +82,16 @@ def model_for(config: dict, dtype):
     try:
         if kind == "llava":
             return llava.LlavaConfig.from_hf_config(config, dtype=dtype), llava.Llava, "language_model"
+        if kind == "video_llava":
+            return (video_llava.VideoLlavaConfig.from_hf_config(config, dtype=dtype), video_llava.VideoLlava,
+                    "language_model")
         if kind in ("llama", "qwen2"):
             return llama.LlamaConfig.from_hf_config(config, dtype=dtype, param_dtype=dtype), \
                 llama.LlamaForCausalLM, "model"
     except (KeyError, ValueError) as e:
         raise ConversionError(f"config.json is not a supported {kind} config: {e}") from None
-    raise ConversionError(f"config.json has model_type {kind!r}; supported: 'llava' (LLaVA-1.5), and 'llama' / "
-                          "'qwen2' text models.")
+    raise ConversionError(f"config.json has model_type {kind!r}; supported: 'llava' (LLaVA-1.5), 'video_llava' "
+                          "(Video-LLaVA), and 'llama' / 'qwen2' text models.")
 
 
 def unused_paths(cfg):
@@ -97,7 +100,8 @@ def unused_paths(cfg):
     runs = cfg.vision.layers_run if hasattr(cfg, "vision") else None
 
     def unused(path):
-        if path[0] == "vision_tower" and len(path) > 2 and path[1] == "layers" and runs is not None:
+        towers = ("vision_tower", "image_tower", "video_tower")
+        if path[0] in towers and len(path) > 2 and path[1] == "layers" and runs is not None:
             return path[2] >= runs  # layers past vision_feature_layer
         return text.tie_word_embeddings and path[-2:] == ("lm_head", "kernel")
 

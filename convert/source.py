@@ -145,6 +145,8 @@ def detect_layout(keys) -> str:
     def has(pattern):
         return any(re.match(pattern, k) for k in keys)
 
+    if has(r"(model\.)?video_tower\."):
+        return "video_llava"
     if has(r"vision_tower\.vision_model\.") or (has(r"language_model\.model\.") and not has(r"vision_tower\.")):
         return "hub"
     if has(r"(model\.)?(vision_tower|multi_modal_projector|language_model)\."):

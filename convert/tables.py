@@ -2,7 +2,8 @@
 
 Two steps, each a table of regular expressions:
 1. ``LAYOUTS[layout]``: (pattern, replacement) rules that rewrite a source key into a canonical key
-   (``text.*`` decoder body, ``lm_head.*``, ``vision.*`` CLIP vision transformer, ``projector.*``); the first
+   (``text.*`` decoder body, ``lm_head.*``, ``vision.*`` CLIP vision transformer,
+   ``image_tower.*`` / ``video_tower.*`` Video-LLaVA's two CLIP towers, ``projector.*``); the first
    matching rule wins. A key no rule matches is unknown.
 2. ``LLAVA``: (canonical pattern, our parameter path template, transform). A path template of ``None`` marks a
    tensor the port knows and deliberately does not use (CLIP's post-layernorm, position-id buffers ...).
@@ -12,6 +13,8 @@ the CLIP patch convolution [D, C, p, p] becomes [p, p, C, D].
 """
 
 from __future__ import annotations
+
+import re
 
 
 def transpose(x):
@@ -47,6 +50,15 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
         # the separate CLIP checkpoint (CLIPModel or CLIPVisionModel)
         (r"^vision_model\.", "vision."),
         (r"^(text_model\.|logit_scale|text_projection\.|visual_projection\.)", "unused.clip_text."),
+    ],
+    # Video-LLaVA (LanguageBind/Video-LLaVA-7B-hf, transformers 4 or 5): two CLIP towers with or without the
+    # inner `vision_model.`, one projector
+    "video_llava": [
+        (r"^(?:language_model\.)?lm_head\.", "lm_head."),
+        (r"^(?:model\.)?language_model\.(?:model\.)?", "text."),
+        (r"^(?:model\.)?image_tower\.(?:vision_model\.)?", "image_tower."),
+        (r"^(?:model\.)?video_tower\.(?:vision_model\.)?", "video_tower."),
+        (r"^(?:model\.)?multi_modal_projector\.", "projector."),
     ],
     # a text-only LlamaForCausalLM / Qwen2ForCausalLM checkpoint
     "causal_lm": [
@@ -85,3 +97,17 @@ CANONICAL: list[tuple[str, str | None, object]] = [
     (r"lm_head\.weight", "{text}.lm_head.kernel", transpose),
     (r"unused\..*", None, None),
 ]
+
+
+def _tower_rules(canonical: str, param: str) -> list:
+    """The CLIP rules above for another tower: canonical prefix ``canonical.`` -> parameters under ``param``."""
+    out = []
+    for pat, template, transform in CANONICAL:
+        if pat.startswith(r"vision\."):
+            out.append((re.escape(canonical) + pat[len(r"vision"):],
+                        None if template is None else param + template[len("vision_tower"):], transform))
+    return out
+
+
+# Video-LLaVA's two towers (``image_tower.*``, ``video_tower.*`` canonical keys)
+CANONICAL += _tower_rules("image_tower", "image_tower") + _tower_rules("video_tower", "video_tower")
