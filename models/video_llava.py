@@ -40,11 +40,18 @@ from jaxdebias.models.llava import Projector
 from jaxdebias.models.rows import slot_mask
 
 
+FRAME_TRENDS = ("frame", "video")
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoLlavaConfig:
     """``vision``: the towers' CLIP config (both towers share it; the image tower's select strategy is the
     model's ``vision_feature_select_strategy``, the video tower always keeps CLS); ``frames``: frames per video
-    (8 in the release; the processor samples them uniformly)."""
+    (8 in the release; the processor samples them uniformly); ``frame_trend``: how the debias plug-in's
+    positional trend runs over a video: "frame" (within each frame's raster; the index restarts at each frame)
+    or "video" (one index over all frames). The paper does not say which its Video-LLaVA numbers use, and its
+    released curves are fitted on LLaVA-1.5's 576-token grid only; "frame" is our default because the recency
+    trend the curves describe is a raster trend within one CLIP view."""
 
     vision: ClipVisionConfig = ClipVisionConfig(image_size=224)
     text: LlamaConfig = LlamaConfig(vocab_size=32064)
@@ -54,6 +61,12 @@ class VideoLlavaConfig:
     projector_bias: bool = True
     pad_token_id: int = 0
     eos_token_id: int = 2
+    frame_trend: str = "frame"
+
+    def __post_init__(self):
+        if self.frame_trend not in FRAME_TRENDS:
+            raise ValueError(f"frame_trend must be one of {FRAME_TRENDS}, got {self.frame_trend!r}: 'frame' fits the "
+                             "positional trend within each frame's raster, 'video' across all frames.")
 
     @property
     def video(self) -> ClipVisionConfig:
@@ -190,6 +203,35 @@ class VideoLlava(nnx.Module):
         if split_pixels(pixels)[1] is None:
             return 1, self.cfg.vision.num_features
         return self.cfg.frames, self.cfg.frame_tokens
+
+    def num_visual(self, pixels=None) -> int:
+        """The pruning interface's name for ``n_visual``."""
+        return self.n_visual(pixels)
+
+    def image_views(self, pixels=None):
+        """((view int[B, N], local int[B, N]), static view sizes, None) for ``jd.debias_views``: with
+        ``cfg.frame_trend == "frame"`` each frame is a view (the trend restarts at every frame's CLS; the online fit
+        runs per frame), with "video" the whole span is one view (one trend over F x (P + 1) indices)."""
+        images, videos = split_pixels(pixels)
+        B = jnp.shape(images if videos is None else videos)[0]
+        frames, per = self.frame_layout(pixels)
+        i = jnp.broadcast_to(jnp.arange(frames * per, dtype=jnp.int32), (B, frames * per))
+        if self.cfg.frame_trend == "video":
+            return (jnp.zeros_like(i), i), (frames * per,), None
+        return (i // per, i % per), (per,) * frames, None
+
+    def at_tau(self, pixels, tau: float):
+        raise ValueError("Video-LLaVA's processor resizes and centre-crops images and frames: there is no letterbox "
+                         "padding to suppress. Debias with the positional curve only (pad_tau=None, --debias "
+                         "curve).")
+
+    def padding_content(self, pixels, image_sizes, tau: float, geometry: str):
+        self.at_tau(pixels, tau)
+
+    def with_frame_trend(self, trend: str) -> VideoLlava:
+        """Sets how the positional trend is fitted over a video (``cfg.frame_trend``) and returns the model."""
+        self.cfg = dataclasses.replace(self.cfg, frame_trend=trend)
+        return self
 
     def check_inputs(self, input_ids, pixels, attention_mask=None):
         """Eager checks with clear messages (placeholder counts against the pixels given; skipped when traced)."""
