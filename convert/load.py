@@ -19,7 +19,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
 from jaxdebias.convert.source import ConversionError, Source, detect_layout, list_weight_files, plan, stream
-from jaxdebias.models import llama, llava, video_llava
+from jaxdebias.models import llama, llava, llava_next, video_llava
 
 
 def config_path(src) -> str:
@@ -82,15 +82,19 @@ def model_for(config: dict, dtype):
     try:
         if kind == "llava":
             return llava.LlavaConfig.from_hf_config(config, dtype=dtype), llava.Llava, "language_model"
+        if kind == "llava_next":
+            return (llava_next.LlavaNextConfig.from_hf_config(config, dtype=dtype), llava_next.LlavaNext,
+                    "language_model")
         if kind == "video_llava":
             return (video_llava.VideoLlavaConfig.from_hf_config(config, dtype=dtype), video_llava.VideoLlava,
                     "language_model")
-        if kind in ("llama", "qwen2"):
+        if kind in ("llama", "qwen2", "mistral"):
             return llama.LlamaConfig.from_hf_config(config, dtype=dtype, param_dtype=dtype), \
                 llama.LlamaForCausalLM, "model"
     except (KeyError, ValueError) as e:
         raise ConversionError(f"config.json is not a supported {kind} config: {e}") from None
-    raise ConversionError(f"config.json has model_type {kind!r}; supported: 'llava' (LLaVA-1.5), 'video_llava' "
+    raise ConversionError(f"config.json has model_type {kind!r}; supported: 'llava' (LLaVA-1.5), 'llava_next' "
+                          "(LLaVA-NeXT), 'video_llava' "
                           "(Video-LLaVA), and 'llama' / 'qwen2' text models.")
 
 

@@ -32,6 +32,7 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
         (r"^language_model\.lm_head\.", "lm_head."),
         (r"^vision_tower\.vision_model\.", "vision."),
         (r"^multi_modal_projector\.", "projector."),
+        (r"^image_newline$", "image_newline"),  # LLaVA-NeXT (llava-hf/llava-v1.6-*)
     ],
     # transformers 5.x: save_pretrained drops CLIP's inner `vision_model.`; in-memory names are `model.`-prefixed
     "transformers5": [
@@ -39,6 +40,7 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
         (r"^(?:model\.)?language_model\.(?:model\.)?", "text."),
         (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?", "vision."),
         (r"^(?:model\.)?multi_modal_projector\.", "projector."),
+        (r"^(?:model\.)?image_newline$", "image_newline"),  # LLaVA-NeXT
     ],
     # liuhaotian/llava-v1.5-*: LLaMA names, `mm_projector.{0,2}`, CLIP from a separate checkpoint (`--vision`)
     "original": [
@@ -95,6 +97,7 @@ CANONICAL: list[tuple[str, str | None, object]] = [
      None),
     (r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", None, None),
     (r"lm_head\.weight", "{text}.lm_head.kernel", transpose),
+    (r"image_newline", "image_newline", None),  # LLaVA-NeXT: one [D] vector after each row of tile features
     (r"unused\..*", None, None),
 ]
 

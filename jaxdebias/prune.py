@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxdebias import _checks
 from jaxdebias.curves import Curve
-from jaxdebias.fitting import fit_online
+from jaxdebias.fitting import fit_exp_curve, fit_online
 
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 576)
 
@@ -151,7 +151,7 @@ def debias(scores, *, curve: Curve | str | None = None, pad_mask=None, valid=Non
 
 
 def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, grid: int | None = None,
-                      raster=None, limit=None, pad_candidates: bool = False):
+                      raster=None, limit=None, pad_candidates: bool = False, views=None, view_sizes=()):
     """The whole per-stage step, jitted once per (k, shapes): ``select_topk(debias(scores, ...), k)``. The
     decoder's pruning stages call exactly this, so a selection made here on tapped attention is the model's.
 
@@ -176,38 +176,42 @@ def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, 
     online = isinstance(curve, str) and curve == "online"
     if isinstance(curve, str) and not online:
         raise ValueError(f"curve must be None, a curve object or 'online', got {curve!r}.")
-    if raster is not None and pad_mask is None and grid is None and (curve is not None):
+    if raster is not None and pad_mask is None and grid is None and views is None and (curve is not None):
         raise ValueError("With raster indices, give pad_mask (bool[B, N]) or grid so the grid size N is known.")
     _checks.check_no_nan("scores", scores)
-    return _debias_and_select(scores, None if online else curve, pad_mask, valid, raster, limit, k=k, grid=grid,
-                              online=online, pad_candidates=pad_candidates)
+    if views is not None and raster is None:
+        raster = jnp.broadcast_to(jnp.arange(jnp.shape(scores)[1]), jnp.shape(scores))
+    return _debias_and_select(scores, None if online else curve, pad_mask, valid, raster, limit, views, k=k,
+                              grid=grid, online=online, pad_candidates=pad_candidates, view_sizes=tuple(view_sizes))
 
 
-@partial(jax.jit, static_argnames=("k", "grid", "online", "pad_candidates"))
-def _debias_and_select(scores, curve, pad_mask, valid, raster, limit, *, k, grid, online, pad_candidates):
+@partial(jax.jit, static_argnames=("k", "grid", "online", "pad_candidates", "view_sizes"))
+def _debias_and_select(scores, curve, pad_mask, valid, raster, limit, views, *, k, grid, online, pad_candidates,
+                       view_sizes):
     curve = "online" if online else curve
     valid = jnp.ones(scores.shape, bool) if valid is None else jnp.asarray(valid, bool)
     if raster is None:
         content = pad_mask
         d = debias(scores, curve=curve, pad_mask=pad_mask, valid=valid, grid=grid)
     else:
-        n = pad_mask.shape[-1] if pad_mask is not None else grid * grid
+        n = pad_mask.shape[-1] if pad_mask is not None else views[0].shape[-1] if views is not None else grid * grid
         content = None if pad_mask is None else (
             jnp.take_along_axis(jnp.asarray(pad_mask, bool), jnp.clip(raster, 0), axis=1) | (raster < 0))
-        d = debias_scores(scores, raster, valid, content, curve, n)
+        d = debias_scores(scores, raster, valid, content, curve, n, views, view_sizes)
     candidates = valid if content is None or pad_candidates else valid & content
     idx, slot = _select_topk(d, candidates, k, limit)
     return idx, slot, d
 
 
-def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int):
+def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int, views=None, view_sizes=()):
     """``jaxdebias.debias`` for tokens identified by their raster index (they may already be a pruned subset):
     the valid tokens are placed at their raster positions, debiased there (the online fit sees only them, and
     only content), and read back.
 
     scores: float[B, M]; raster_idx: int[B, M] index of each token in the N-token image, -1 for a merged token
     (its score is returned as it is); valid: bool[B, M] (invalid tokens get 0); content: bool[B, M] or None
-    (padding suppression); curve: None, "online" or a curve. Returns float32[B, M].
+    (padding suppression); curve: None, "online" or a curve; views, view_sizes: as ``debias_views`` (over the
+    N-token image), or None. Returns float32[B, M].
     """
     B = scores.shape[0]
     s = jnp.asarray(scores, jnp.float32)
@@ -218,6 +222,50 @@ def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int):
         return jnp.full((B, n_raster + 1), fill, x.dtype).at[jnp.arange(B)[:, None], at].set(x)[:, :n_raster]
 
     pad = None if content is None else on_grid(jnp.asarray(content, bool), True)
-    d = debias(on_grid(s, 0.0), curve=curve, pad_mask=pad, valid=on_grid(jnp.ones(s.shape, bool), False))
+    ok = on_grid(jnp.ones(s.shape, bool), False)
+    if views is None:
+        d = debias(on_grid(s, 0.0), curve=curve, pad_mask=pad, valid=ok)
+    else:
+        d = debias_views(on_grid(s, 0.0), *views, view_sizes, curve=curve, pad_mask=pad, valid=ok)
     mine = jnp.take_along_axis(d, jnp.clip(raster_idx, 0), axis=1)
     return jnp.where(own, jnp.where(valid, mine, 0.0), s)
+
+
+def debias_views(scores, view, local, view_sizes, *, curve=None, pad_mask=None, valid=None):
+    """``debias`` on each view of an anyres image separately (LLaVA-NeXT: the base view, then the tile grid).
+
+    Each view's tokens are laid out on their own raster (``local``) and debiased there: the curve's index restarts
+    at 0 in every view, and ``curve="online"`` fits each view of each sample on its own - the first view (the
+    G x G base view) on its row medians as ``fit_online`` does for LLaVA-1.5's grid, later views (the tile grid,
+    whose row length depends on the image) with the log-linear fit over their tokens (``fit_exp_curve``).
+
+    Args:
+      scores: float[B, N] over the image's token span; view: int[B, N] view of each token (0 .. len(view_sizes)
+        - 1; -1 for tokens of no view, e.g. newlines and empty slots, which score 0); local: int[B, N] index in
+        its view's raster; view_sizes: static raster length of each view.
+      curve, pad_mask (bool[B, N], True = content), valid (bool[B, N]): as ``debias``.
+
+    Returns:
+      float32[B, N].
+    """
+    _checks.check_rank("scores", scores, 2, "float[B, N]")
+    s = jnp.asarray(scores, jnp.float32)
+    B = s.shape[0]
+    valid = jnp.ones(s.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    out = jnp.zeros_like(s)
+    for v, size in enumerate(view_sizes):
+        mine = view == v
+        at = jnp.where(mine, local, size)  # other tokens go to a spare column, dropped
+
+        def put(x, fill, size=size, at=at):
+            return jnp.full((B, size + 1), fill, x.dtype).at[jnp.arange(B)[:, None], at].set(x)[:, :size]
+
+        pad = None if pad_mask is None else put(jnp.asarray(pad_mask, bool), True)
+        here, ok = put(s, 0.0), put(valid & mine, False)
+        c = curve
+        if isinstance(curve, str) and curve == "online":
+            fit_ok = ok if pad is None else ok & pad
+            c = fit_online(here, fit_ok) if v == 0 else fit_exp_curve(here, fit_ok)
+        d = debias(here, curve=c, pad_mask=pad)
+        out = jnp.where(mine, jnp.take_along_axis(d, jnp.clip(local, 0, size - 1), axis=1), out)
+    return out

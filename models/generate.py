@@ -122,10 +122,10 @@ def prompt_arrays(model: Llava, batch: Batch, prompt_buckets=PROMPT_BUCKETS):
             np.pad(real, ((0, 0), (0, extra))))
 
 
-def check_one_image(model: Llava, input_ids):
+def check_one_image(model: Llava, input_ids, pixel_values):
     """Pruning needs exactly one contiguous image span of N placeholders per sample."""
-    n = model.cfg.vision.num_features
-    is_image = input_ids == model.cfg.image_token_id
+    n = model.num_visual(pixel_values)
+    is_image = input_ids == model.visual_token_id(pixel_values)
     if not (is_image.sum(1) == n).all():
         raise ValueError(f"Pruning needs exactly one image ({n} placeholder tokens) per sample; got "
                          f"{is_image.sum(1).tolist()} image tokens.")
@@ -151,20 +151,23 @@ def prepare(model: Llava, batch: Batch, prune: jd.PruneSpec | None = None, *, tr
     places it on ``mesh``."""
     input_ids, real = prompt_arrays(model, batch, prompt_buckets)
     B = input_ids.shape[0]
-    n, num_layers = model.cfg.vision.num_features, model.cfg.text.num_layers
+    n, num_layers = model.num_visual(batch.pixel_values), model.cfg.text.num_layers
     if prune is None:
         shape, limits = jd.PruneSpec("fastv", keep=n, stages=()), ()
     else:
         if triangle is not None:
             raise ValueError("TriangleMix runs on dense prefills only; drop prune=... or triangle=....")
-        check_one_image(model, input_ids)
+        check_one_image(model, input_ids, batch.pixel_values)
         shape, limits = prune.split(n, num_layers)  # validates layers and keeps, with the method's message
         if prune.debias.pad_tau is not None and batch.image_sizes is None:
             raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original "
                              "(width, height) of each image.")
+        tau = prune.debias.tau_for(prune.method)
+        if tau is not None:  # LLaVA-NeXT's images carry their padding mask: at the spec's threshold
+            batch = dataclasses.replace(batch, pixel_values=model.at_tau(batch.pixel_values, tau))
     sizes = np.ones((B, 2), np.int32) if batch.image_sizes is None else np.asarray(batch.image_sizes,
                                                                                    np.int32).reshape(B, 2)
-    arrays = [jnp.asarray(input_ids), None if batch.pixel_values is None else jnp.asarray(batch.pixel_values),
+    arrays = [jnp.asarray(input_ids), jax.tree.map(jnp.asarray, batch.pixel_values),  # pixels or AnyresImages
               jnp.asarray(real), jnp.asarray(sizes),
               None if batch.instruction_pos is None else jnp.asarray(batch.instruction_pos, jnp.int32)]
     if mesh is not None:
@@ -207,7 +210,7 @@ def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, v
                                       extra=extra, temperature=float(temperature), var=var, triangle=triangle)
     tokens = decode_loop(graphdef, state, first, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
                          temperature=temperature, var=var, reselect=info["reselect"])
-    segs, _ = sequence.segments(prep.arrays[0].shape[1], prep.shape, model.cfg.vision.num_features,
+    segs, _ = sequence.segments(prep.arrays[0].shape[1], prep.shape, model.num_visual(batch.pixel_values),
                                model.cfg.text.num_layers)
     return Result(tokens, [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
                   [np.asarray(local) for _, _, local in info["kept"]],
@@ -255,7 +258,7 @@ def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: 
         rows = np.arange(len(input_ids))
         input_ids[rows, n_real], real[rows, n_real] = tok, True
         n_real = n_real + 1
-    segs, _ = sequence.segments(room, prep.shape, model.cfg.vision.num_features, model.cfg.text.num_layers)
+    segs, _ = sequence.segments(room, prep.shape, model.num_visual(batch.pixel_values), model.cfg.text.num_layers)
     return Result(np.stack(tokens, 1), [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
                   [np.asarray(local) for _, _, local in info["kept"]],
                   np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],

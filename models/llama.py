@@ -46,6 +46,7 @@ class LlamaConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: attention window; this port checks prompts stay within it
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -65,11 +66,13 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, hf, **kw) -> LlamaConfig:
-        """From a transformers LlamaConfig / Qwen2Config (object or dict, transformers 4 or 5 style)."""
+        """From a transformers LlamaConfig / Qwen2Config / MistralConfig (object or dict, transformers 4 or 5
+        style). Mistral is Llama-shaped; its sliding window is recorded and never reached (checked on input)."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
         model_type = d.get("model_type", "llama")
-        if model_type not in ("llama", "qwen2"):
-            raise ValueError(f"Unsupported text model_type {model_type!r}: this port runs 'llama' and 'qwen2'.")
+        if model_type not in ("llama", "qwen2", "mistral"):
+            raise ValueError(f"Unsupported text model_type {model_type!r}: this port runs 'llama', 'qwen2' and "
+                             "'mistral'.")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"Unsupported hidden_act {act!r} in the text config: the Llama MLP here is SwiGLU (silu).")
@@ -94,7 +97,8 @@ class LlamaConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=True if qwen else bool(d.get("attention_bias", False)),
             o_bias=False if qwen else bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)), **kw)
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None, **kw)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxdebias as jd
 from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
 from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
@@ -136,6 +137,36 @@ class Llava(nnx.Module):
             raise ValueError(f"input_ids hold {n_tok} image tokens (id {self.cfg.image_token_id}) but "
                              f"{n_img} image(s) give {n_img * per} features ({per} each). Expand each <image> "
                              "placeholder to one token per feature (the HF processor does this).")
+
+    def num_visual(self, pixel_values) -> int:
+        """N, the static visual tokens of one image (``LlavaNext`` derives it from its images' tile bucket)."""
+        return self.cfg.vision.num_features
+
+    def visual_capacity(self) -> int:
+        """The most visual tokens a pruning stage can keep from one image (576 for LLaVA-1.5)."""
+        return self.cfg.vision.num_features
+
+    def padding_content(self, pixel_values, image_sizes, tau: float, geometry: str):
+        """bool[B, N], True = content: the expand2square letterbox of ``image_sizes`` int[B, 2] (width, height)."""
+        grid = self.cfg.vision.grid
+        if self.cfg.vision.num_features != grid * grid:
+            raise ValueError("Padding suppression needs one token per patch (vision_feature_select_strategy "
+                             "'default').")
+        return jd.pad_mask_expand2square(image_sizes[:, 0], image_sizes[:, 1], grid=grid,
+                                         canvas=self.cfg.vision.image_size, tau=tau, geometry=geometry)
+
+    def at_tau(self, pixel_values, tau: float):
+        """The images with their padding mask at ``tau`` (LLaVA-1.5's is computed in the prefill: unchanged)."""
+        return pixel_values
+
+    def image_views(self, pixel_values):
+        """((view int[B, N], local int[B, N]), static view sizes) of a multi-view image (``jd.debias_views``), and
+        bool[B, N] the tokens a pruning stage may keep; (None, (), None) here: one view, the raster grid."""
+        return None, (), None
+
+    def visual_token_id(self, pixel_values=None) -> int:
+        """The placeholder id of the visual span that pruning works on (Video-LLaVA: its video's)."""
+        return self.cfg.image_token_id
 
     def check_interventions(self, pixel_values, var: VarSpec | None, triangle: TriangleMix | None):
         """Raises on a VAR spec for a prompt without an image, or a TriangleMix beyond this decoder's layers."""

@@ -48,23 +48,19 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
     tokens, the edited rows the text after them. ``triangle`` (TriangleMix) needs a spec without stages."""
     cfg = model.cfg
     lm = model.language_model
-    L, n = cfg.text.num_layers, cfg.vision.num_features
+    L, n = cfg.text.num_layers, model.num_visual(pixel_values)
     B, T = input_ids.shape
     real = real.astype(bool)
-    is_img = input_ids == cfg.image_token_id
+    is_img = input_ids == model.visual_token_id(pixel_values)
     vslots, _ = jd.visual_positions(is_img, n)
     segs, stages = segments(T, spec, n, L)
     cache = KVCache.empty(cfg.text, B, [S + extra for a, b, S in segs for _ in range(a, b)])
     content = None  # bool[B, N] over the raster grid: not letterbox padding
     tau = spec.debias.tau_for(spec.method)
-    grid = cfg.vision.grid
+    views, view_sizes, selectable = model.image_views(pixel_values)  # LLaVA-NeXT: base view + tile grid
+    grid = None if views is not None else cfg.vision.grid
     if tau is not None:
-        if n != grid * grid:
-            raise ValueError("Padding suppression needs one token per patch (vision_feature_select_strategy "
-                             "'default').")
-        content = jd.pad_mask_expand2square(image_sizes[:, 0], image_sizes[:, 1], grid=grid,
-                                            canvas=cfg.vision.image_size, tau=tau,
-                                            geometry=spec.debias.geometry_for(spec.method))
+        content = model.padding_content(pixel_values, image_sizes, tau, spec.debias.geometry_for(spec.method))
     curve = spec.debias.curve_for(spec.method) if spec.debias.curve is not None else None
     info = {"kept": [], "scores": jnp.zeros((B, n)), "debiased": jnp.zeros((B, n)), "reselect": None,
             "recycled": []}
@@ -93,7 +89,7 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         """The debias step alone (for policies that select their own way: VisionZip, TokenCarve)."""
         stage_curve, pad = debiasing(i)
         content_here = None if pad is None else candidates(i, seq_raster, valid)
-        debiased = jd.debias_scores(raw, seq_raster, valid, content_here, stage_curve, n)
+        debiased = jd.debias_scores(raw, seq_raster, valid, content_here, stage_curve, n, views, view_sizes)
         record(i, raw, debiased, seq_raster, valid)
         return debiased
 
@@ -102,12 +98,17 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
         stage_curve, pad = debiasing(i)
         idx, slot, debiased = jd.debias_and_select(raw, keep, curve=stage_curve, pad_mask=pad, valid=valid,
                                                    raster=seq_raster, limit=limit, grid=grid,
-                                                   pad_candidates=spec.pad_candidates)
+                                                   pad_candidates=spec.pad_candidates, views=views,
+                                                   view_sizes=view_sizes)
         record(i, raw, debiased, seq_raster, valid)
         return idx, slot, debiased
 
     # The encoder stage (layer 0): VisionZip and iLLaVA hand the decoder a shorter image block
     encoder = spec.encoder_tokens(n) != n or spec.method == "visionzip"
+    if encoder and views is not None:
+        raise ValueError(f"{spec.method}'s encoder stage runs on one CLIP view (LLaVA-1.5); on a multi-view "
+                         "LLaVA-NeXT image or a Video-LLaVA video use a decoder-side method (fastv, pdrop, "
+                         "sparsevlm, himap, tokencarve).")
     h, _ = model.embed(input_ids, None if encoder else pixel_values)
     seq = Seq(h, layers.default_positions(real), real, is_img, raster, orig, vslots[:, 0], n)
     if spec.method == "visionzip":
@@ -167,8 +168,10 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
             probs = tapped["attentions"][stage.boundary - 1]
         kslots = seq.first[:, None] + jnp.arange(seq.nv)
         kvalid = jnp.take_along_axis(seq.valid, kslots, axis=1)
-        raw = stage_scores(probs, row_valid, kslots, kvalid)
         seq_raster = jnp.take_along_axis(seq.raster, kslots, axis=1)
+        if selectable is not None:  # LLaVA-NeXT's newlines are never kept as content
+            kvalid &= jnp.take_along_axis(selectable, jnp.clip(seq_raster, 0), axis=1) | (seq_raster < 0)
+        raw = stage_scores(probs, row_valid, kslots, kvalid)
         take = lambda x, idx: jd.gather_tokens(x, seq.first[:, None] + idx)  # noqa: E731
         if stage.info_weight:  # TokenCarve: (debiased) attention and SV ranks fused; padding may still win by SV
             av = debiased_scores(i, raw, seq_raster, kvalid)
@@ -193,6 +196,9 @@ def prefill(model: Llava, input_ids, pixel_values, real, image_sizes, instructio
                 jd.kept_mask(idx, slot, seq.nv))
             key_keep = ~seq.vis | kept_slots
             if spec.reselect == "every_token":
+                if views is not None:
+                    raise ValueError("FastV's per-token re-selection (reselect='every_token') is not available on "
+                                     "LLaVA-NeXT; use reselect='prefill' or mode='remove'.")
                 online = isinstance(curve, str)
                 info["reselect"] = MaskReselect(kslots, candidates(i, seq_raster, kvalid), limits[i, 0],
                                                 None if online or not debias_on else curve,
