@@ -1,0 +1,119 @@
+"""Pruned + debiased generation on Video-LLaVA (8 frames x (4 patches + CLS) = 40 visual tokens, taken from the
+model): kept sets against NumPy re-derivations on transformers' attention, the per-frame and across-video trends,
+and the visual count the methods see."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import jaxdebias as jd
+from jaxdebias.methods import Stage
+from jaxdebias.models import generate as gen
+
+torch = pytest.importorskip("torch")
+
+from .hf_tiny_video import FRAMES, FRAME_TOKENS, VIDEO_TOKEN, make_hf_video_llava, video_prompts  # noqa: E402
+
+N = FRAMES * FRAME_TOKENS
+BUCKETS = (4, 8, 12, 16, 24, 32, 40)
+CURVE = {"form": "exp", "b": 0.3}  # strong enough to reorder tokens within a frame of 5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from jaxdebias.convert import from_hf
+
+    hf = make_hf_video_llava(seed=4, text_layers=4)
+    path = tmp_path_factory.mktemp("video_prune")
+    hf.save_pretrained(path)
+    ids, am, videos, _ = video_prompts(padding="right")
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values_videos=torch.tensor(videos),
+                 attention_mask=torch.tensor(am), position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)),
+                 output_attentions=True)
+    return {"hf": hf, "model": from_hf(path), "ids": ids, "am": am, "videos": videos,
+            "attn": [a.numpy() for a in ref.attentions]}
+
+
+def np_select(scores, k):
+    return sorted(np.lexsort((np.arange(len(scores)), -scores))[:k].tolist())
+
+
+def np_weights(trend, b=CURVE["b"]):
+    """The trend's weights over the video span: restarting at each frame, or one index over all frames."""
+    i = np.arange(N)
+    return np.exp(-b * (i % FRAME_TOKENS if trend == "frame" else i))
+
+
+def kept_sets(result, stage=0):
+    idx, slot = result.kept[stage]
+    return [sorted(idx[b][slot[b]].tolist()) for b in range(idx.shape[0])]
+
+
+def run(t, spec, trend="frame", instruction=None):
+    model = t["model"].with_frame_trend(trend)
+    return gen.generate(model, gen.Batch(t["ids"], t["videos"], t["am"], instruction_pos=instruction), prune=spec,
+                        max_new_tokens=2)
+
+
+@pytest.mark.parametrize("debias", ["off", "frame", "video"])
+def test_fastv_on_video_equals_numpy(tiny, debias):
+    spec = jd.PruneSpec("fastv", keep=12, layer=2, buckets=BUCKETS,
+                        debias=jd.Debias() if debias == "off" else jd.Debias(curve=CURVE))
+    r = run(tiny, spec, "frame" if debias == "off" else debias)
+    for b in range(2):
+        vid = np.nonzero(tiny["ids"][b] == VIDEO_TOKEN)[0]
+        assert len(vid) == N
+        last = np.nonzero(tiny["am"][b])[0].max()
+        scores = tiny["attn"][1][b][:, last, vid].mean(0)  # layer K-1 = 1, the last token, heads averaged
+        if debias != "off":
+            scores = scores * np_weights(debias)
+        assert kept_sets(r)[b] == np_select(scores, 12)
+        np.testing.assert_allclose(r.scores[b], tiny["attn"][1][b][:, last, vid].mean(0), rtol=1e-4, atol=1e-7)
+    assert r.stage_lengths[-1][2] == r.stage_lengths[0][2] - N + 12
+
+
+def test_the_two_trends_differ_and_online_runs_per_frame(tiny):
+    spec = jd.PruneSpec("fastv", keep=12, layer=2, buckets=BUCKETS, debias=jd.Debias(curve=CURVE))
+    frame, video = run(tiny, spec, "frame"), run(tiny, spec, "video")
+    assert kept_sets(frame) != kept_sets(video)
+    online = run(tiny, dataclasses.replace(spec, debias=jd.Debias(curve="online")), "frame")
+    # the online per-frame fit is the core's jd.debias_views on the same scores, one view per frame
+    i = np.broadcast_to(np.arange(N), (2, N))
+    expect = jd.debias_views(online.scores, i // FRAME_TOKENS, i % FRAME_TOKENS, (FRAME_TOKENS,) * FRAMES,
+                             curve="online")
+    np.testing.assert_allclose(online.debiased, np.asarray(expect), rtol=1e-5, atol=1e-8)
+    assert all(len(k) == 12 for k in kept_sets(online))
+
+
+def test_pdrop_first_stage_on_video_equals_numpy(tiny):
+    instr = np.array([np.nonzero(tiny["am"][b])[0].max() - 1 for b in range(2)])
+    spec = jd.PruneSpec("pdrop", stages=(Stage(2, 16, "instruction", "probe"), Stage(3, 8, "instruction", "probe")),
+                        buckets=BUCKETS, debias=jd.Debias(curve=CURVE))
+    r = run(tiny, spec, "frame", instr)
+    for b in range(2):
+        vid = np.nonzero(tiny["ids"][b] == VIDEO_TOKEN)[0]
+        scores = tiny["attn"][2][b][:, instr[b], vid].mean(0) * np_weights("frame")
+        assert kept_sets(r)[b] == np_select(scores, 16)
+        assert set(kept_sets(r, 1)[b]) <= set(kept_sets(r)[b]) and len(kept_sets(r, 1)[b]) == 8
+
+
+def test_keep_all_equals_dense_and_counts_come_from_the_model(tiny):
+    batch = gen.Batch(tiny["ids"], tiny["videos"], tiny["am"])
+    dense = gen.generate(tiny["model"], batch, max_new_tokens=4, stop_at_eos=False)
+    full = gen.generate(tiny["model"], batch, prune=jd.PruneSpec("fastv", keep=N, layer=2, buckets=BUCKETS),
+                        max_new_tokens=4, stop_at_eos=False)
+    np.testing.assert_array_equal(full.tokens, dense.tokens)
+    np.testing.assert_allclose(full.logits, dense.logits, atol=1e-5)
+    assert tiny["model"].num_visual(tiny["videos"]) == N
+    with pytest.raises(ValueError, match=str(N)):
+        gen.generate(tiny["model"], batch, prune=jd.PruneSpec("fastv", keep=N + 1, buckets=BUCKETS + (48,)),
+                     max_new_tokens=1)
+    with pytest.raises(ValueError, match="no letterbox"):
+        gen.generate(tiny["model"], dataclasses.replace(batch, image_sizes=[[28, 28]] * 2),
+                     prune=jd.PruneSpec("fastv", keep=8, buckets=BUCKETS, debias=jd.Debias(pad_tau=0.5)),
+                     max_new_tokens=1)
+    with pytest.raises(ValueError, match="Video-LLaVA video"):
+        gen.generate(tiny["model"], batch, prune=jd.PruneSpec("visionzip", keep=16, buckets=BUCKETS),
+                     max_new_tokens=1)
