@@ -204,6 +204,10 @@ class VideoLlava(nnx.Module):
             return 1, self.cfg.vision.num_features
         return self.cfg.frames, self.cfg.frame_tokens
 
+    def visual_capacity(self) -> int:
+        """The most visual tokens one prompt's pruned span has: a video's, frames x (P + 1)."""
+        return self.cfg.video_tokens
+
     def num_visual(self, pixels=None) -> int:
         """The pruning interface's name for ``n_visual``."""
         return self.n_visual(pixels)

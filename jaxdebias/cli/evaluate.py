@@ -16,8 +16,9 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 import jaxdebias as jd
-from jaxdebias.cli.inputs import LoadedModel, check_rows, check_spec, resolve_model
+from jaxdebias.cli.inputs import LoadedModel
 from jaxdebias.cli.runner import Runner
+from jaxdebias.cli.video import check_rows, check_spec, resolve_model
 from jaxdebias.eval import benchmarks
 from jaxdebias.eval.files import atomic_open, read_answers, write_json
 from jaxdebias.models.interventions import VarSpec
@@ -88,7 +89,7 @@ def evaluate(bench: str, data_dir: str, out_dir: str, *, spec: jd.PruneSpec | No
         check_rows(todo, image_dir)  # every image decodes before the first answer is written
         loaded = resolve_model(model)
         if spec is not None:
-            check_spec(spec, loaded.model)
+            check_spec(spec, loaded)
         os.makedirs(out_dir, exist_ok=True)
         _answer(todo, image_dir, part(process), done, loaded=loaded, spec=spec, var=var, batch_size=batch_size,
                 max_new_tokens=max_new_tokens, devices=devices, progress=progress,

@@ -207,6 +207,10 @@ class LoadedModel:
         ids, instruction = build_prompt(self.tokenizer, question, self.n_visual)
         return Request(ids, pixels, size, instruction, square)
 
+    def request_row(self, row, image_dir) -> Request:
+        """The request of a benchmark row (its image from ``image_dir`` or its encoded bytes)."""
+        return self.request(load_image(*row_image(row, image_dir)), row["text"])
+
     def batch(self, requests: list[Request]) -> Batch:
         return make_batch(requests, self.tokenizer.pad)
 
@@ -286,12 +290,13 @@ def prune_spec(method: str, keep: int, debias: jd.Debias = jd.Debias()) -> jd.Pr
         raise UserError(str(e)) from None
 
 
-def check_spec(spec: jd.PruneSpec, model: Llava) -> jd.PruneSpec:
-    """``spec`` checked against the model once, before anything runs: keep within the model's visual tokens,
-    the method's layers within its decoder."""
-    n = model.cfg.vision.num_features
+def check_spec(spec: jd.PruneSpec, model: Llava, n: int | None = None) -> jd.PruneSpec:
+    """``spec`` checked against the model once, before anything runs: keep within the model's visual tokens
+    (``n``; default: one image's), the method's layers within its decoder."""
+    n = model.cfg.vision.num_features if n is None else n
     if not 0 < spec.keep <= n:
-        raise UserError(f"--keep must be in 1..{n} (the visual tokens of one image), got {spec.keep}.")
+        what = "one image" if n == model.cfg.vision.num_features else "one video (frames x (patches + CLS))"
+        raise UserError(f"--keep must be in 1..{n} (the visual tokens of {what}), got {spec.keep}.")
     try:
         spec.split(n, model.cfg.text.num_layers)
         spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task

@@ -18,7 +18,7 @@ import sys
 import jax
 
 import jaxdebias as jd
-from jaxdebias.cli import demo, grid
+from jaxdebias.cli import demo, grid, video
 from jaxdebias.cli.bias import bias_report
 from jaxdebias.cli.calibrate import FORMS, calibrate
 from jaxdebias.cli.evaluate import evaluate
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="answer a prompt about an image, pruned and debiased, with figures")
     _add_model(p)
     p.add_argument("--image", help="image file (default: an image shipped with the package)")
+    p.add_argument("--video", help="a video as a folder of frames or an .npy [F, H, W, 3] (Video-LLaVA checkpoints)")
     p.add_argument("--prompt", default="What is in the picture?")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--out", default="jaxdebias-out", help="directory for kept.png, curve.png, run.json")
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--gpt-judge", action="store_true", help="video benchmarks: also score merge.jsonl with the "
+                   "official GPT judge (your key in OPENAI_API_KEY; an OpenAI-compatible endpoint)")
+    p.add_argument("--judge-model", default="gpt-3.5-turbo")
+    p.add_argument("--judge-url", default="https://api.openai.com/v1", help="OpenAI-compatible base URL")
     _add_prune(p)
     p = sub.add_parser("eval-grid", help="eval over pruning methods x {plain, debiased}: a summary table "
                                          "(CSV, Markdown) and plot")
@@ -163,6 +168,11 @@ def _command(args) -> None:
             jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         evaluate(args.bench, args.data, args.out, spec=spec, model=args.checkpoint, limit=args.limit,
                  batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var)
+        if args.gpt_judge:
+            video.judge(args.bench, args.out, model=args.judge_model, base_url=args.judge_url)
+    elif args.video is not None:
+        video.run_video(prune_spec(args.method, args.keep, _debias(args)), model=args.checkpoint, video=args.video,
+                        prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
     else:
         run(prune_spec(args.method, args.keep, _debias(args)), model=args.checkpoint, image=args.image,
             prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 
 import jaxdebias as jd
-from jaxdebias.cli.inputs import LoadedModel, Request, load_image, row_image
+from jaxdebias.cli.inputs import LoadedModel, Request
 from jaxdebias.models.generate import generate
 from jaxdebias.models.interventions import VarSpec
 from jaxdebias.models.llava import shard_model
@@ -31,7 +31,7 @@ class Runner:
         self.batch_size = batch_size
 
     def requests(self, rows, image_dir) -> list[Request]:
-        return [self.loaded.request(load_image(*row_image(r, image_dir)), r["text"]) for r in rows]
+        return [self.loaded.request_row(r, image_dir) for r in rows]
 
     def __call__(self, rows, image_dir, max_new_tokens: int):
         """Yields (row, its Request, the Result of its batch, its index in the batch), in row order."""

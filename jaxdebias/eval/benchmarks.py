@@ -16,6 +16,9 @@ folder) or ``image_b64`` (encoded bytes), and the benchmark's ground-truth field
   vqav2      llava_vqav2_mscoco_test-dev2015.jsonl  v2_mscoco_val2014_annotations.json (val) VQA accuracy
   vizwiz     llava_test.jsonl                       val.json (val)                           VQA accuracy
 
+The video benchmarks (msvd, msrvtt, tgif, activitynet: Video-LLaVA's layout, exact match, ``merge.jsonl``) are
+in ``jaxdebias.eval.video``; their rows carry ``video`` instead of ``image``.
+
 Every reader except ScienceQA's and MMBench's also takes ``questions.jsonl``. Test splits without local answers
 produce the submission files and no metric.
 """
@@ -29,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from jaxdebias import UserError
-from jaxdebias.eval import metrics
+from jaxdebias.eval import metrics, video
 from jaxdebias.eval.files import atomic_open, write_json, write_text
 from jaxdebias.eval.readers import (
     QUESTION_FIELDS,
@@ -191,6 +194,14 @@ BENCHES = {b.name: b for b in (
     Bench("vizwiz", read_vizwiz, _vqa, "answers",
           _submission("vizwiz_submission.json", {"image": lambda r: os.path.basename(r["image"])})),
 )}
+
+
+def _video_bench(name: str) -> Bench:
+    return Bench(name, lambda data_dir: video.read_video_qa(name, data_dir), video.exact_match, "answer",
+                 video.export_predictions)
+
+
+BENCHES.update({name: _video_bench(name) for name in video.LAYOUT})  # Video-LLaVA's layout: jaxdebias.eval.video
 
 
 def get(name: str) -> Bench:

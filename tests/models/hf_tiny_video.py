@@ -58,3 +58,22 @@ def video_prompts(seed: int = 1, padding: str = "left", image: bool = False):
     videos[1] = np.abs(videos[1]) * 2
     pixels = rng.normal(size=(1, 3, 28, 28)).astype(np.float32) if image else None
     return ids, am, videos, pixels
+
+
+def save_char_tokenizer(path):
+    """A character-level tokenizer whose ids fit the tiny vocabulary (0 unk, 1 bos, 2 eos, printable ASCII from
+    3), saved as a transformers fast tokenizer beside a checkpoint."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in string.printable[:95]:
+        vocab.setdefault(c, len(vocab))
+    assert len(vocab) < IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(path)

@@ -1,0 +1,232 @@
+"""Video-LLaVA on the command line: videos (frames folders or .npy, see ``jaxdebias.eval.video``) into requests,
+``jaxdebias run --checkpoint DIR --video V``, and the video rows of ``jaxdebias eval``.
+
+Axes: F frames (8), P patches per frame (16 x 16 at 224 / 14), N = F (P + 1) visual tokens of a video, each frame
+its CLS token then its patches in raster order.
+
+Frames are processed as Video-LLaVA's processor does: the shortest edge resized to the tower's side (bicubic),
+a centre crop to a square, the CLIP normalisation; no letterbox, so there is no padding to suppress. The prompt is
+the llava-hf template ``USER: <video>\\n{question} ASSISTANT:`` with the placeholder expanded to N tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from matplotlib.figure import Figure
+
+import jaxdebias as jd
+from jaxdebias.cli import inputs
+from jaxdebias.cli.figures import _save
+from jaxdebias.cli.inputs import HFTokenizer, LoadedModel, Request, build_prompt
+from jaxdebias.eval import video as video_eval
+from jaxdebias.eval.files import write_json
+from jaxdebias.models.generate import generate
+from jaxdebias.models.interventions import VarSpec
+from jaxdebias.models.video_llava import VideoLlava
+
+UserError = jd.UserError
+
+
+def preprocess_frames(frames, mean=inputs.CLIP_MEAN, std=inputs.CLIP_STD, side: int = 224):
+    """Frames (PIL) -> (float32[F, 3, side, side], the cropped frames): shortest edge to ``side``, centre crop."""
+    pixels, crops = [], []
+    for frame in frames:
+        w, h = frame.size
+        scale = side / min(w, h)
+        resized = frame.resize((max(side, int(w * scale)), max(side, int(h * scale))), resample=3)  # bicubic
+        left, top = (resized.width - side) // 2, (resized.height - side) // 2
+        crop = resized.crop((left, top, left + side, top + side))
+        crops.append(crop)
+        x = (np.asarray(crop, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        pixels.append(x.transpose(2, 0, 1))
+    return np.stack(pixels), crops
+
+
+@dataclasses.dataclass
+class VideoLoadedModel(LoadedModel):
+    """A Video-LLaVA checkpoint with its tokenizer (whose placeholder is the video token) and normalisation."""
+
+    @property
+    def n_visual(self) -> int:
+        """N = frames x (patches + CLS), the visual tokens of one video (2056 for Video-LLaVA-7B)."""
+        return self.model.cfg.video_tokens
+
+    @property
+    def grid(self) -> int:
+        return self.model.cfg.vision.grid
+
+    def pad_mask(self, size=None, tau: float = 0.5) -> np.ndarray:
+        """Every token is content: frames are centre-cropped, never letterboxed."""
+        return np.ones(self.n_visual, bool)
+
+    def request(self, frames, question: str) -> Request:
+        cfg = self.model.cfg
+        if len(frames) != cfg.frames:
+            raise UserError(f"Video-LLaVA takes {cfg.frames} frames per video, got {len(frames)}.")
+        pixels, crops = preprocess_frames(frames, self.image_mean, self.image_std, cfg.vision.image_size)
+        ids, instruction = build_prompt(self.tokenizer, question, self.n_visual)
+        side = cfg.vision.image_size
+        return Request(ids, pixels, (side, side), instruction, crops)
+
+    def request_row(self, row, media_dir) -> Request:
+        if "video" not in row:
+            raise UserError(f"Question {row.get('question_id')} has no video; Video-LLaVA's evaluation answers "
+                            "questions about videos (--bench msvd, msrvtt, tgif or activitynet).")
+        source = video_eval.video_source(media_dir, row["video"])
+        return self.request(video_eval.read_frames(source, self.model.cfg.frames), row["text"])
+
+
+def load_model(checkpoint: str | None) -> LoadedModel:
+    """``inputs.load_model``, with a Video-LLaVA checkpoint wrapped as a ``VideoLoadedModel``."""
+    loaded = inputs.load_model(checkpoint)
+    if not isinstance(loaded.model, VideoLlava):
+        return loaded
+    return VideoLoadedModel(loaded.model, HFTokenizer(checkpoint, loaded.model.cfg.video_token_id),
+                            loaded.image_mean, loaded.image_std)
+
+
+def resolve_model(model: LoadedModel | str | None) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def check_rows(rows, media_dir) -> None:
+    """Every video's frames (and every image) decode before the first answer is written."""
+    images = [r for r in rows if "video" not in r]
+    inputs.check_rows(images, media_dir)
+    seen = set()
+    for row in rows:
+        if "video" in row and row["video"] not in seen:
+            seen.add(row["video"])
+            video_eval.read_frames(video_eval.video_source(media_dir, row["video"]), video_eval.FRAMES)
+
+
+def check_spec(spec: jd.PruneSpec, loaded: LoadedModel) -> jd.PruneSpec:
+    """``inputs.check_spec`` against the loaded model's visual tokens (a video's for Video-LLaVA), which has no
+    letterbox padding to suppress."""
+    if isinstance(loaded, VideoLoadedModel) and spec.debias.pad_tau is not None:
+        raise UserError("Video-LLaVA's frames are centre-cropped: there is no letterbox padding to suppress. Use "
+                        "--debias curve (with --curve online or a calibrated curve.json) or --debias off.")
+    return inputs.check_spec(spec, loaded.model, loaded.n_visual)
+
+
+def figure_frames(crops, kept_by_name: dict, per_frame: int, path: str) -> str:
+    """Each frame with its kept patches clear and the rest shaded, one row per entry (name -> bool[F (P + 1)]);
+    a frame's CLS token (first of its P + 1) kept is noted in its title. Returns ``path``."""
+    F = len(crops)
+    fig = Figure(figsize=(1.7 * F, 1.9 * len(kept_by_name)))
+    axes = np.asarray(fig.subplots(len(kept_by_name), F)).reshape(len(kept_by_name), F)
+    grid = int(round((per_frame - 1) ** 0.5))
+    side = crops[0].size[0]
+    for r, (name, kept) in enumerate(kept_by_name.items()):
+        kept = np.asarray(kept, bool).reshape(F, per_frame)
+        for f in range(F):
+            ax = axes[r, f]
+            ax.imshow(crops[f])
+            shade = np.ones((grid, grid, 4)) * np.array([0, 0, 0, 0.6])
+            shade[kept[f, 1:].reshape(grid, grid)] = (0, 0, 0, 0)
+            ax.imshow(shade, extent=(0, side, side, 0), interpolation="nearest")
+            ax.set_title(f"{name if f == 0 else ''} f{f}: {int(kept[f].sum())}{' +CLS' if kept[f, 0] else ''}",
+                         fontsize=7, loc="left")
+            ax.axis("off")
+    _save(fig, path)
+    return path
+
+
+def run_video(spec: jd.PruneSpec, *, model: LoadedModel | str, video: str, prompt: str = "What happens in the video?",
+              out_dir: str = "jaxdebias-out", max_new_tokens: int = 24, var: VarSpec | None = None,
+              log=print) -> dict:
+    """``jaxdebias run`` for a video (a frames folder or an .npy array): answered unpruned, pruned by ``spec``
+    without its debiasing, and with it; writes ``kept.png`` (each frame's kept patches), ``curve.png`` (scores
+    by frame, CLS tokens excluded) and ``run.json`` in ``out_dir``. Returns the summary written to run.json."""
+    if not os.path.exists(video):
+        raise UserError(f"--video {video} does not exist.")
+    if not (os.path.isdir(video) or video.endswith(".npy")):
+        raise UserError(f"--video {video}: expected a folder of frame images or an .npy array [F, H, W, 3] (extract "
+                        f"frames with: ffmpeg -i {video} frames/%05d.png).")
+    loaded = resolve_model(model)
+    if not isinstance(loaded, VideoLoadedModel):
+        raise UserError("--video needs a Video-LLaVA checkpoint (model_type 'video_llava'); this one is "
+                        f"{type(loaded.model).__name__}. Use --image for image models.")
+    if spec.debias.pad_tau is not None:
+        spec = dataclasses.replace(spec, debias=dataclasses.replace(spec.debias, pad_tau=None))
+        log("video frames are centre-cropped: no letterbox padding to suppress (the curve part of --debias runs)")
+    check_spec(spec, loaded)
+    frames = video_eval.read_frames(video, loaded.model.cfg.frames)
+    request = loaded.request(frames, prompt)
+    batch = loaded.batch([request])
+    specs = {"unpruned": None, "pruned": dataclasses.replace(spec, debias=jd.Debias()), "pruned + debiased": spec}
+    results, seconds = {}, {}
+    for name, s in specs.items():
+        def once(s=s):
+            return generate(loaded.model, batch, prune=s, var=var, max_new_tokens=max_new_tokens)
+        once()  # compile
+        start = time.perf_counter()
+        results[name] = once()
+        seconds[name] = time.perf_counter() - start
+    n, (F, per) = loaded.n_visual, loaded.model.frame_layout(batch.pixel_values)
+    kept = {k: np.asarray(jd.kept_mask(*results[k].kept[0], n))[0] for k in ("pruned", "pruned + debiased")}
+    os.makedirs(out_dir, exist_ok=True)
+    label = f"{spec.method} {spec.keep}"
+    figures = [figure_frames(request.letterboxed, {label: kept["pruned"], f"{label} debiased":
+                                                   kept["pruned + debiased"]}, per, os.path.join(out_dir, "kept.png"))]
+    patches = lambda x: np.asarray(x).reshape(F, per)[:, 1:].reshape(F, -1)  # noqa: E731  frames as grid rows
+    r = results["pruned + debiased"]
+    after = np.where(r.debiased[0] > 0, r.debiased[0], np.nan)
+    figures.append(_frame_curve({"scores": patches(r.scores[0]), "debiased": patches(after)},
+                                os.path.join(out_dir, "curve.png"), f"{spec.method}: mean patch score by frame"))
+    summary = {"answers": {k: loaded.decode(v.tokens[0]) for k, v in results.items()},
+               "kept": {k: int(v.sum()) for k, v in kept.items()},
+               "kept_per_frame": {k: v.reshape(F, per).sum(1).tolist() for k, v in kept.items()},
+               "frame_trend": loaded.model.cfg.frame_trend, "visual_tokens": n, "seconds": seconds,
+               "stage_lengths": {k: v.stage_lengths for k, v in results.items()}, "figures": figures}
+    write_json(os.path.join(out_dir, "run.json"), summary)
+    log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
+    log(f"kept {spec.keep} of {n} visual tokens ({F} frames x {per}) with {spec.method}; per frame: "
+        f"{summary['kept_per_frame']['pruned']} without debias, {summary['kept_per_frame']['pruned + debiased']} with")
+    base = seconds["unpruned"]
+    log(f"time for prefill + {max_new_tokens} tokens: " + ", ".join(
+        f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in seconds.items()))
+    return summary
+
+
+def _frame_curve(series: dict, path: str, title: str) -> str:
+    """Mean patch score per frame (float[F, P] per entry), normalised by its overall mean, log scale."""
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    for name, scores in series.items():
+        means = np.nanmean(np.asarray(scores, np.float64), axis=1)
+        ax.plot(np.arange(len(means)), means / max(np.nanmean(means), 1e-12), marker="o", ms=3, label=name)
+    ax.set_xlabel("frame (later in the sequence ->)")
+    ax.set_ylabel("mean score / overall mean")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def judge(bench: str, out_dir: str, *, complete=None, model: str = video_eval.JUDGE_MODEL, api_key: str | None = None,
+          base_url: str = "https://api.openai.com/v1", log=print) -> dict:
+    """The optional GPT-judge step over ``out_dir/merge.jsonl`` (written by ``jaxdebias eval`` on a video
+    benchmark): ``complete`` (messages, model) -> reply, by default an OpenAI-compatible endpoint called with the
+    user's own key. Writes ``<bench>_gpt_judge.json`` (the scores and every verdict) and returns the scores."""
+    path = os.path.join(out_dir, "merge.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"No {path}: run jaxdebias eval on a video benchmark (msvd, msrvtt, tgif, activitynet) "
+                        "into this folder first.")
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if complete is None:
+        complete = video_eval.http_client(api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", ""),
+                                          base_url)
+    result = video_eval.gpt_judge(lines, complete, model, log=log)
+    write_json(os.path.join(out_dir, f"{bench}_gpt_judge.json"), result)
+    scores = {k: v for k, v in result.items() if k != "lines"}
+    log(f"{bench} GPT judge ({model}): accuracy {scores['gpt_accuracy']}, score {scores['gpt_score']} over "
+        f"{scores['judged']} pairs")
+    return scores

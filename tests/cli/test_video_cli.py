@@ -1,0 +1,84 @@
+"""`jaxdebias run --video` and `jaxdebias eval` on a converted tiny Video-LLaVA checkpoint (8 frames x (4 patches +
+CLS) = 40 visual tokens, a character tokenizer), and the GPT-judge step with a fake client."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxdebias.cli import video as cli_video
+from jaxdebias.cli.main import main
+
+torch = pytest.importorskip("torch")
+
+from ..eval.test_video_benchmarks import write_video_bench  # noqa: E402
+from ..models.hf_tiny_video import make_hf_video_llava, save_char_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from jaxdebias.convert import convert
+
+    path = tmp_path_factory.mktemp("video_cli")
+    make_hf_video_llava(seed=2, text_layers=3).save_pretrained(path / "hf")
+    save_char_tokenizer(path / "hf")
+    convert(path / "hf", path / "ckpt", dtype="float32", progress=False)
+    return str(path / "ckpt")
+
+
+def test_run_on_a_video(checkpoint, tmp_path, capsys):
+    root = write_video_bench(tmp_path / "data")
+    frames = str(root / "MSVD_Zero_Shot_QA" / "videos" / "clip_a")
+    out = tmp_path / "out"
+    code = main(["run", "--checkpoint", checkpoint, "--video", frames, "--prompt", "what?", "--method", "fastv",
+                 "--keep", "16", "--debias", "curve", "--curve", "online", "--max-new-tokens", "3",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.load(open(out / "run.json"))
+    assert summary["visual_tokens"] == 40 and summary["kept"] == {"pruned": 16, "pruned + debiased": 16}
+    assert sum(summary["kept_per_frame"]["pruned + debiased"]) == 16 and summary["frame_trend"] == "frame"
+    assert summary["stage_lengths"]["pruned"][1][2] == summary["stage_lengths"]["unpruned"][0][2] - 40 + 16
+    for f in summary["figures"]:
+        assert os.path.getsize(f) > 3000
+    assert "no letterbox padding" not in capsys.readouterr().out  # --debias curve has no padding part
+
+
+def test_eval_on_a_video_benchmark_and_judge(checkpoint, tmp_path, capsys):
+    root = write_video_bench(tmp_path / "data")
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--method", "fastv",
+            "--keep", "12", "--debias", "curve", "--curve", "online", "--max-new-tokens", "3", "--batch", "2",
+            "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    lines = [json.loads(x) for x in open(out / "merge.jsonl")]
+    assert [(x["id"], x["question"], x["answer"]) for x in lines] == [("q0", "what is in clip_a?", "dog"),
+                                                                      ("q1", "what is in clip_b?", "running")]
+    answers = [json.loads(x)["text"] for x in open(out / "msvd_answers.jsonl")]
+    assert [x["pred"] for x in lines] == answers
+    metrics = json.load(open(out / "msvd_metrics.json"))
+    assert metrics == {"exact_match": sum(a.strip().lower().rstrip(".") == g for a, g in
+                                          zip(answers, ["dog", "running"])) / 2, "n": 2}
+    scores = cli_video.judge("msvd", str(out), complete=lambda messages, model: "{'pred': 'no', 'score': 2}",
+                             log=lambda *_: None)
+    assert scores["gpt_accuracy"] == 0.0 and scores["gpt_score"] == 2.0 and scores["judged"] == 2
+    assert json.load(open(out / "msvd_gpt_judge.json"))["lines"][0]["judge"] == {"pred": "no", "score": 2}
+
+
+def test_video_inputs_that_do_not_fit_exit_2(checkpoint, tmp_path, capsys):
+    root = write_video_bench(tmp_path / "data")
+    base = ["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--out", str(tmp_path / "o")]
+    assert main(base + ["--keep", "41", "--debias", "off"]) == 2
+    assert "--keep must be in 1..40 (the visual tokens of one video" in capsys.readouterr().err
+    assert main(base + ["--keep", "8"]) == 2  # the default pad+curve: no letterbox on video frames
+    assert "no letterbox padding" in capsys.readouterr().err
+    os.remove(root / "MSVD_Zero_Shot_QA" / "videos" / "clip_b.npy")
+    (root / "MSVD_Zero_Shot_QA" / "videos" / "clip_b.avi").write_bytes(b"\x00")
+    assert main(base + ["--keep", "8", "--debias", "off"]) == 2
+    assert "ffmpeg -i" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert main(["run", "--video", str(tmp_path / "none"), "--checkpoint", checkpoint]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    np.save(tmp_path / "v.npy", np.zeros((8, 28, 28, 3), np.uint8))
+    assert main(["run", "--video", str(tmp_path / "v.npy")]) == 2  # the embedded default is an image model
+    assert "needs a Video-LLaVA checkpoint" in capsys.readouterr().err
