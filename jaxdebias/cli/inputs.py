@@ -25,6 +25,7 @@ from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
 import jaxdebias as jd
+from jaxdebias.cli import anyres
 from jaxdebias.convert.load import load
 from jaxdebias.convert.source import ConversionError
 from jaxdebias.models.clip import ClipVisionConfig
@@ -32,6 +33,7 @@ from jaxdebias.models.generate import Batch
 from jaxdebias.models.interventions import VarSpec
 from jaxdebias.models.llama import LlamaConfig
 from jaxdebias.models.llava import Llava, LlavaConfig
+from jaxdebias.models.llava_next import LlavaNext
 
 UserError = jd.UserError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -184,8 +186,8 @@ class LoadedModel:
 
     @property
     def n_visual(self) -> int:
-        """N, the visual tokens of one image."""
-        return self.model.cfg.vision.num_features
+        """N, the most visual tokens of one image (576 for LLaVA-1.5; base view + largest tile grid for NeXT)."""
+        return self.model.visual_capacity()
 
     @property
     def grid(self) -> int:
@@ -198,11 +200,17 @@ class LoadedModel:
 
     def pad_mask(self, size, tau: float = 0.5) -> np.ndarray:
         """bool[N], True = content: the patches of the letterboxed image that are not padding (size: the
-        original (width, height))."""
+        original (width, height)); LLaVA-NeXT: over the image's span (``anyres.content_mask``)."""
+        if isinstance(self.model, LlavaNext):
+            return anyres.content_mask(self.model, size, tau)
         return np.asarray(jd.pad_mask_expand2square(*size, grid=self.grid, canvas=self.model.cfg.vision.image_size,
                                                     tau=tau))
 
     def request(self, image, question: str) -> Request:
+        if isinstance(self.model, LlavaNext):  # base view + tiles; letterboxed: the base view, for figures
+            pixels, base, size, count = anyres.preprocess(image, self.model.cfg, self.image_mean, self.image_std)
+            ids, instruction = build_prompt(self.tokenizer, question, count)
+            return Request(ids, pixels, size, instruction, base)
         pixels, square, size = preprocess(image, self.image_mean, self.image_std, self.model.cfg.vision.image_size)
         ids, instruction = build_prompt(self.tokenizer, question, self.n_visual)
         return Request(ids, pixels, size, instruction, square)
@@ -212,6 +220,8 @@ class LoadedModel:
         return self.request(load_image(*row_image(row, image_dir)), row["text"])
 
     def batch(self, requests: list[Request]) -> Batch:
+        if isinstance(self.model, LlavaNext):
+            return anyres.make_batch(self.model, requests, self.tokenizer.pad)
         return make_batch(requests, self.tokenizer.pad)
 
     def decode(self, tokens) -> str:
@@ -293,9 +303,11 @@ def prune_spec(method: str, keep: int, debias: jd.Debias = jd.Debias()) -> jd.Pr
 def check_spec(spec: jd.PruneSpec, model: Llava, n: int | None = None) -> jd.PruneSpec:
     """``spec`` checked against the model once, before anything runs: keep within the model's visual tokens
     (``n``; default: one image's), the method's layers within its decoder."""
-    n = model.cfg.vision.num_features if n is None else n
+    n = model.visual_capacity() if n is None else n
     if not 0 < spec.keep <= n:
         what = "one image" if n == model.cfg.vision.num_features else "one video (frames x (patches + CLS))"
+        if isinstance(model, LlavaNext):
+            what = "one LLaVA-NeXT image: base view + its largest tile grid, newlines excluded"
         raise UserError(f"--keep must be in 1..{n} (the visual tokens of {what}), got {spec.keep}.")
     try:
         spec.split(n, model.cfg.text.num_layers)

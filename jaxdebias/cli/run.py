@@ -48,15 +48,16 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
         results[name], seconds[name] = _timed(once)
     if loaded.embedded:
         log(UNTRAINED_NOTE)
-    n = loaded.n_visual
+    n = results["pruned"].scores.shape[1]  # the image's visual span (LLaVA-NeXT: its tile bucket's slots)
     pad = loaded.pad_mask(request.size, spec.debias.tau_for(spec.method) or 0.5)
     kept = {name: np.asarray(jd.kept_mask(*results[name].kept[0], n))[0] for name in ("pruned", "pruned + debiased")}
+    g = loaded.model.cfg.vision.grid ** 2  # the figures draw the square grid of the (base) view: the first g tokens
     os.makedirs(out_dir, exist_ok=True)
     label = f"{spec.method} keep {spec.keep}"
-    panels = {label: kept["pruned"], f"{label}, debiased": kept["pruned + debiased"]}
-    figures = [figure_kept(request.letterboxed, panels, os.path.join(out_dir, "kept.png"), pad)]
+    panels = {label: kept["pruned"][:g], f"{label}, debiased": kept["pruned + debiased"][:g]}
+    figures = [figure_kept(request.letterboxed, panels, os.path.join(out_dir, "kept.png"), pad[:g])]
     before, after = results["pruned + debiased"].scores[0], results["pruned + debiased"].debiased[0]
-    figures.append(figure_curve({"scores": before, "debiased": np.where(after > 0, after, np.nan)},
+    figures.append(figure_curve({"scores": before[:g], "debiased": np.where(after > 0, after, np.nan)[:g]},
                                 os.path.join(out_dir, "curve.png"), f"{spec.method} first-stage scores by position"))
     bias_before = {k: float(v) for k, v in jd.bias_strength(before, pad_mask=pad).items()}
     bias_after = {k: float(v) for k, v in jd.bias_strength(np.where(pad, after, 0.0), pad_mask=pad).items()}
