@@ -20,7 +20,7 @@ release's video processor does). An .mp4/.avi file alone is reported with that f
 Outputs, as the official scripts read them: ``merge.jsonl``, one {"id": question_id, "question", "answer",
 "pred"} per line (what Video-LLaVA's inference writes and its ``eval_gpt_*`` / Video-ChatGPT's
 ``evaluate_activitynet_qa.py`` read); locally the exact-match accuracy (answer and prediction lower-cased,
-stripped, a trailing period removed: a strict lower bound of the GPT-judged accuracy). The GPT-judge score
+stripped, a trailing period removed: stricter than the GPT judge, which accepts paraphrases). The GPT-judge score
 (``gpt_judge``) is optional: it needs the user's own key and an OpenAI-compatible endpoint and runs only when asked.
 """
 
