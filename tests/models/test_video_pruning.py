@@ -117,3 +117,37 @@ def test_keep_all_equals_dense_and_counts_come_from_the_model(tiny):
     with pytest.raises(ValueError, match="Video-LLaVA video"):
         gen.generate(tiny["model"], batch, prune=jd.PruneSpec("visionzip", keep=16, buckets=BUCKETS),
                      max_new_tokens=1)
+
+
+def test_var_on_the_video_span_matches_the_torch_reference(tiny):
+    """VAR with the video as the visual span (visual sinks among the 40 video tokens, the text after them edited)
+    against test_var's PyTorch re-implementation of the released rule on transformers' attention."""
+    import jax.numpy as jnp
+
+    from jaxdebias.models.interventions import VarSpec
+    from jaxdebias.models.llama import Taps
+
+    from .hf_tiny import IMAGE_TOKEN
+    from .test_var import TAU, torch_var_reference
+
+    hf, ours, ids, am, videos = tiny["hf"], tiny["model"], tiny["ids"], tiny["am"], tiny["videos"]
+    h2 = ours(ids, videos, am, taps=Taps(hidden_layers=(2,))).hidden_states[2]
+    dims = tuple(int(d) for d in jd.discover_sink_dims(h2, top=2, valid=jnp.asarray(am, bool))[0])
+    spec = VarSpec(sink_dims=dims, tau=TAU)
+    sinks = np.asarray(jd.sink_tokens(h2, dims, TAU)) & am.astype(bool)
+    assert (sinks & (ids == VIDEO_TOKEN)).any(), "the test needs visual sinks among the video tokens"
+    plain = np.asarray(ours(ids, videos, am).logits)
+    got = np.asarray(ours(ids, videos, am, var=spec).logits)
+    # the reference marks visual keys by IMAGE_TOKEN: hand it the video positions under that id
+    remove, real_holder = torch_var_reference(hf, np.where(ids == VIDEO_TOKEN, IMAGE_TOKEN, ids), spec, list(dims), 4)
+    real_holder.append(am.astype(bool))
+    try:
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor(ids), pixel_values_videos=torch.tensor(videos),
+                     attention_mask=torch.tensor(am),
+                     position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0))).logits.numpy()
+    finally:
+        remove()
+    real = am.astype(bool)
+    assert np.abs(got - plain)[real].max() > 1e-3  # VAR changed something
+    assert np.abs(got - ref)[real].max() <= 1e-4
