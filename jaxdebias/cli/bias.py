@@ -35,6 +35,9 @@ def bias_report(data_dir: str, out_dir: str, *, method: str = "fastv", model: Lo
     ``bias.json`` and ``bias.png`` in ``out_dir``; returns the report."""
     rows, image_dir = read_any(data_dir, bench)
     rows = rows[:limit]
+    if any("video" in r for r in rows):
+        raise jd.UserError("jaxdebias bias reports on one image's square patch grid; for Video-LLaVA's frames use "
+                           "jaxdebias calibrate --frame-trend frame|video (the trend and its fit) or run --video.")
     check_rows(rows, image_dir)
     loaded = resolve_model(model)
     spec = check_spec(prune_spec(method, loaded.n_visual), loaded.model)

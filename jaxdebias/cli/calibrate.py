@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -9,8 +10,9 @@ from tqdm.auto import tqdm
 
 import jaxdebias as jd
 from jaxdebias.cli.figures import figure_curve
-from jaxdebias.cli.inputs import LoadedModel, check_rows, check_spec, prune_spec, resolve_model
+from jaxdebias.cli.inputs import LoadedModel, prune_spec
 from jaxdebias.cli.runner import Runner
+from jaxdebias.cli.video import VideoLoadedModel, check_rows, check_spec, figure_by_index, resolve_model
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.eval.files import write_json
 
@@ -31,22 +33,28 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
     check_rows(rows, image_dir)
     loaded = resolve_model(model)
     n = loaded.n_visual
-    spec = check_spec(prune_spec(method, n), loaded.model)  # keep everything: only the scores are wanted
+    spec = check_spec(prune_spec(method, n), loaded)  # keep everything: only the scores are wanted
     runner = Runner(loaded, spec, batch_size, devices=devices)
+    if isinstance(loaded, VideoLoadedModel) and loaded.model.cfg.frame_trend == "frame":
+        n = loaded.model.cfg.frame_tokens  # Video-LLaVA, trend per frame: each frame is a sample of the trend
     calibration = jd.Calibration.init(n)
     for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating",
                                       disable=not progress):
-        calibration = calibration.update(result.scores[i], loaded.pad_mask(request.size, pad_tau))
+        calibration = calibration.update(result.scores[i].reshape(-1, n),
+                                         loaded.pad_mask(request.size, pad_tau).reshape(-1, n))
     curve = calibration.fit(form)
     mean = np.asarray(calibration.mean())
     stats = {k: float(v) for k, v in jd.bias_strength(mean, np.asarray(calibration.count) > 0).items()
              if k != "pad_ratio"}
     record = {"curve": jd.curve_to_dict(curve), "method": spec.method, "form": form,
               "samples": int(calibration.n_samples), "fit_of_mean": stats}
+    if isinstance(loaded, VideoLoadedModel):  # "frame": over one frame's CLS + patches, each frame a sample
+        record |= {"frame_trend": loaded.model.cfg.frame_trend, "positions": n}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, record)
     trend = np.asarray(1.0 / curve.weights(n)) * mean[mean > 0].mean()  # the fit, on the mean's scale
-    plot = figure_curve({"mean score": mean, "fitted trend": trend}, os.path.splitext(out)[0] + ".png",
-                        f"{spec.method}: calibrated over {int(calibration.n_samples)} samples ({form})")
+    draw = figure_curve if math.isqrt(n) ** 2 == n else figure_by_index  # a video's frames are not square grids
+    plot = draw({"mean score": mean, "fitted trend": trend}, os.path.splitext(out)[0] + ".png",
+                f"{spec.method}: calibrated over {int(calibration.n_samples)} samples ({form})")
     log(f"wrote {out} ({form}, {int(calibration.n_samples)} samples, slope {stats['slope']:.5f}) and {plot}")
     return record

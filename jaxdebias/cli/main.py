@@ -30,6 +30,13 @@ from jaxdebias.eval.benchmarks import BENCHES
 def _add_model(p):
     p.add_argument("--checkpoint", help="a converted checkpoint (jaxdebias-convert); default: the embedded "
                                         "untrained tiny model")
+    p.add_argument("--frame-trend", choices=("frame", "video"), help="Video-LLaVA: fit the positional trend within "
+                   "each frame (default) or across all frames")
+
+
+def _model(args):
+    """--checkpoint, or with --frame-trend the Video-LLaVA checkpoint loaded with that trend."""
+    return args.checkpoint if args.frame_trend is None else video.with_frame_trend(args.checkpoint, args.frame_trend)
 
 
 def _pad_tau(text: str):
@@ -151,30 +158,30 @@ def _debias(args) -> jd.Debias:
 
 def _command(args) -> None:
     if args.command == "calibrate":
-        calibrate(args.data, args.out, method=args.method, form=args.form, model=args.checkpoint, bench=args.bench,
+        calibrate(args.data, args.out, method=args.method, form=args.form, model=_model(args), bench=args.bench,
                   limit=args.limit, batch_size=args.batch, pad_tau=args.pad_tau)
     elif args.command == "bias":
-        bias_report(args.data, args.out, method=args.method, model=args.checkpoint, bench=args.bench,
+        bias_report(args.data, args.out, method=args.method, model=_model(args), bench=args.bench,
                     limit=args.limit, batch_size=args.batch, pad_tau=args.pad_tau)
     elif args.command == "eval-grid":
         grid.evaluate_grid(args.bench, args.data, args.out, methods=grid.parse_methods(args.methods),
                            keep=args.keep, debias=_debias(args), unpruned=not args.no_unpruned,
-                           model=args.checkpoint, limit=args.limit, batch_size=args.batch,
+                           model=_model(args), limit=args.limit, batch_size=args.batch,
                            max_new_tokens=args.max_new_tokens)
     elif args.command == "eval":
         spec, var = prune_spec(args.method, args.keep, _debias(args)), _var(args)
         if args.distributed:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; others ignore it
             jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        evaluate(args.bench, args.data, args.out, spec=spec, model=args.checkpoint, limit=args.limit,
+        evaluate(args.bench, args.data, args.out, spec=spec, model=_model(args), limit=args.limit,
                  batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var)
         if args.gpt_judge:
             video.judge(args.bench, args.out, model=args.judge_model, base_url=args.judge_url)
     elif args.video is not None:
-        video.run_video(prune_spec(args.method, args.keep, _debias(args)), model=args.checkpoint, video=args.video,
+        video.run_video(prune_spec(args.method, args.keep, _debias(args)), model=_model(args), video=args.video,
                         prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
     else:
-        run(prune_spec(args.method, args.keep, _debias(args)), model=args.checkpoint, image=args.image,
+        run(prune_spec(args.method, args.keep, _debias(args)), model=_model(args), image=args.image,
             prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
 
 

@@ -90,6 +90,19 @@ def load_model(checkpoint: str | None) -> LoadedModel:
                             loaded.image_mean, loaded.image_std)
 
 
+def with_frame_trend(checkpoint: str | None, trend: str) -> VideoLoadedModel:
+    """A Video-LLaVA checkpoint loaded with its positional trend fitted per ``trend`` ("frame" or "video")."""
+    loaded = load_model(checkpoint)
+    if not isinstance(loaded, VideoLoadedModel):
+        raise UserError("--frame-trend applies to Video-LLaVA checkpoints (model_type 'video_llava'); this model is "
+                        f"{type(loaded.model).__name__}.")
+    try:
+        loaded.model.with_frame_trend(trend)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return loaded
+
+
 def resolve_model(model: LoadedModel | str | None) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
@@ -230,3 +243,20 @@ def judge(bench: str, out_dir: str, *, complete=None, model: str = video_eval.JU
     log(f"{bench} GPT judge ({model}): accuracy {scores['gpt_accuracy']}, score {scores['gpt_score']} over "
         f"{scores['judged']} pairs")
     return scores
+
+
+def figure_by_index(series: dict, path: str, title: str) -> str:
+    """Scores by token index (name -> float[N]), normalised by their mean, log scale: the calibration plot of a
+    token layout that is not one square grid (a frame's CLS + patches, or a whole video)."""
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    for name, scores in series.items():
+        scores = np.asarray(scores, np.float64)
+        ax.plot(np.arange(scores.size), scores / max(np.nanmean(scores), 1e-12), lw=1, label=name)
+    ax.set_xlabel("token index (CLS first in a frame; later in the sequence ->)")
+    ax.set_ylabel("score / mean")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path

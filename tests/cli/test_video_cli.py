@@ -82,3 +82,28 @@ def test_video_inputs_that_do_not_fit_exit_2(checkpoint, tmp_path, capsys):
     np.save(tmp_path / "v.npy", np.zeros((8, 28, 28, 3), np.uint8))
     assert main(["run", "--video", str(tmp_path / "v.npy")]) == 2  # the embedded default is an image model
     assert "needs a Video-LLaVA checkpoint" in capsys.readouterr().err
+
+
+def test_calibrate_per_frame_and_across_frames_then_eval_with_the_curve(checkpoint, tmp_path, capsys):
+    root = write_video_bench(tmp_path / "data")
+    for trend, positions in (("frame", 5), ("video", 40)):
+        curve = tmp_path / f"{trend}.json"
+        assert main(["calibrate", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root),
+                     "--frame-trend", trend, "--out", str(curve)]) == 0, capsys.readouterr().err
+        record = json.load(open(curve))
+        assert record["frame_trend"] == trend and record["positions"] == positions
+        assert record["samples"] == (2 * 8 if trend == "frame" else 2)  # each frame is a sample of its trend
+        assert os.path.getsize(tmp_path / f"{trend}.png") > 3000
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--keep", "8",
+                 "--debias", "curve", "--curve", str(tmp_path / "frame.json"), "--frame-trend", "frame",
+                 "--max-new-tokens", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert len(open(out / "merge.jsonl").readlines()) == 2
+    assert main(["run", "--frame-trend", "video"]) == 2  # the embedded default is an image model
+    assert "--frame-trend applies to Video-LLaVA checkpoints" in capsys.readouterr().err
+
+
+def test_bias_report_refuses_video_rows(tmp_path, capsys):
+    root = write_video_bench(tmp_path / "data")
+    assert main(["bias", "--bench", "msvd", "--data", str(root), "--out", str(tmp_path / "b")]) == 2
+    assert "calibrate --frame-trend" in capsys.readouterr().err and not (tmp_path / "b").exists()
