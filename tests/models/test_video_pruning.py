@@ -151,3 +151,39 @@ def test_var_on_the_video_span_matches_the_torch_reference(tiny):
     real = am.astype(bool)
     assert np.abs(got - plain)[real].max() > 1e-3  # VAR changed something
     assert np.abs(got - ref)[real].max() <= 1e-4
+
+
+def test_himap_and_sparsevlm_first_stages_on_video_equal_numpy(tiny):
+    """HiMAP: the text rows' layer-1 attention (heads and rows averaged) keeps 16; SparseVLM: the raters (from the
+    decoder inputs) in layer 2's own attention keep 12 and 4 recycled tokens merge into 1; both debiased per
+    frame (kept sets against NumPy on transformers' tensors). TokenCarve runs on video with the same count."""
+    from .test_pruning import np_raters
+
+    hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), pixel_values_videos=torch.tensor(tiny["videos"]),
+                 attention_mask=torch.tensor(am), position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)),
+                 output_hidden_states=True)
+    w = np_weights("frame")
+    himap = run(tiny, jd.PruneSpec("himap", stages=(Stage(2, 16, "text", "tap"), Stage(3, 8, "image", "tap")),
+                                   buckets=BUCKETS, debias=jd.Debias(curve=CURVE)))
+    sparse = run(tiny, jd.PruneSpec("sparsevlm", stages=(Stage(2, 12, "raters", "self", recycle=4, clusters=1),),
+                                    buckets=BUCKETS, debias=jd.Debias(curve=CURVE)))
+    for b in range(2):
+        vid = np.nonzero(ids[b] == VIDEO_TOKEN)[0]
+        n_valid = am[b].sum()
+        text = np.arange(vid.max() + 1, n_valid)
+        scores = tiny["attn"][1][b][:, text][:, :, vid].mean((0, 1)) * w
+        assert kept_sets(himap)[b] == np_select(scores, 16)
+        assert len(kept_sets(himap, 1)[b]) == 8 and set(kept_sets(himap, 1)[b]) <= set(kept_sets(himap)[b])
+        h0 = out.hidden_states[0][b].numpy()
+        is_text = np.zeros(len(h0), bool)
+        is_text[vid[-1] + 1:n_valid] = True
+        rows = np.nonzero(np_raters(h0[vid], h0, is_text))[0]
+        raw = tiny["attn"][2][b][:, rows][:, :, vid].mean(0).mean(0)
+        kept = np_select(raw * w, 12)
+        assert kept_sets(sparse)[b] == kept
+    assert sparse.stage_lengths[-1][2] == sparse.stage_lengths[0][2] - N + 12 + 1
+    carve = run(tiny, jd.PruneSpec("tokencarve", stages=(Stage(2, 12, "last", "tap", merge=6, info_weight=0.5),),
+                                   buckets=BUCKETS, debias=jd.Debias(curve=CURVE)))
+    assert carve.scores.shape == (2, N) and carve.stage_lengths[-1][2] == carve.stage_lengths[0][2] - N + 12
