@@ -29,6 +29,7 @@ from jaxdebias.prune import (
     kept_mask,
     debias_scores,
     debias_views,
+    view_rasters,
     select_topk,
 )
 from jaxdebias.scores import query_mask, visual_positions, visual_scores
@@ -45,7 +46,7 @@ from jaxdebias.sinks import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "METHOD_ALIASES", "UserError", "canonical_method", "debias_scores", "debias_views", "AnyresMask", "Calibration", "Debias", "PruneSpec", "Stage", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
+    "METHODS", "METHOD_ALIASES", "UserError", "canonical_method", "debias_scores", "debias_views", "view_rasters", "AnyresMask", "Calibration", "Debias", "PruneSpec", "Stage", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
     "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
     "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
     "fit_online", "gather_tokens", "image_centric_heads", "kept_mask", "known_sink_dims", "pad_mask_anyres",

@@ -41,7 +41,8 @@ class Debias:
     """How a method's first-stage scores are corrected (hashable, so it can be a static jit argument).
 
     curve: None / "off" (no positional weights), "released" (the published curve of the method and ``task``),
-      "online" (per-sample fit), or a curve object / ``curve_to_dict`` dict (e.g. from ``Calibration.fit``).
+      "online" (per-sample fit), or a curve object / ``curve_to_dict`` dict (e.g. from ``Calibration.fit``), or a
+      list of those, one per view of a multi-view image (LLaVA-NeXT: base view, tile grid; ``jd.debias_views``).
     pad_tau: letterbox-padding threshold (a patch is padding when more than ``pad_tau`` of it is padding),
       "released" (each method's released threshold: 0.5; PyramidDrop 0.01), or None for no padding suppression.
     task: benchmark whose released curve is used with curve="released".
@@ -55,6 +56,8 @@ class Debias:
 
     def __post_init__(self):
         c = self.curve
+        if isinstance(c, list) or (isinstance(c, tuple) and c and c[0] != "views" and not isinstance(c[0], tuple)):
+            c = ("views", tuple(Debias(curve=v).curve for v in c))  # one curve per view (LLaVA-NeXT)
         if c == "off":
             c = None
         elif isinstance(c, dict):
@@ -100,6 +103,8 @@ class Debias:
             return self.curve
         if self.curve == "released":
             return released_curve(method, self.task)
+        if self.curve[0] == "views":
+            return tuple(Debias(curve=dict(v)).curve_for(method) for v in self.curve[1])
         return curve_from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in self.curve})
 
 

@@ -243,29 +243,47 @@ def debias_views(scores, view, local, view_sizes, *, curve=None, pad_mask=None, 
       scores: float[B, N] over the image's token span; view: int[B, N] view of each token (0 .. len(view_sizes)
         - 1; -1 for tokens of no view, e.g. newlines and empty slots, which score 0); local: int[B, N] index in
         its view's raster; view_sizes: static raster length of each view.
-      curve, pad_mask (bool[B, N], True = content), valid (bool[B, N]): as ``debias``.
+      curve: as ``debias``, or a tuple of curves, one per view (e.g. each fitted by a ``Calibration`` fed by
+        ``view_rasters``); pad_mask (bool[B, N], True = content), valid (bool[B, N]): as ``debias``.
 
     Returns:
       float32[B, N].
     """
     _checks.check_rank("scores", scores, 2, "float[B, N]")
     s = jnp.asarray(scores, jnp.float32)
-    B = s.shape[0]
     valid = jnp.ones(s.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    if isinstance(curve, (tuple, list)) and len(curve) != len(view_sizes):
+        raise ValueError(f"{len(curve)} curves for {len(view_sizes)} views: give one curve, or one per view.")
+    pads = (None,) * len(view_sizes) if pad_mask is None else view_rasters(
+        jnp.asarray(pad_mask, bool), view, local, view_sizes, fill=True)
     out = jnp.zeros_like(s)
-    for v, size in enumerate(view_sizes):
+    for v, (size, (here, ok), pad) in enumerate(zip(view_sizes, view_rasters(s, view, local, view_sizes, valid),
+                                                   pads)):
         mine = view == v
-        at = jnp.where(mine, local, size)  # other tokens go to a spare column, dropped
-
-        def put(x, fill, size=size, at=at):
-            return jnp.full((B, size + 1), fill, x.dtype).at[jnp.arange(B)[:, None], at].set(x)[:, :size]
-
-        pad = None if pad_mask is None else put(jnp.asarray(pad_mask, bool), True)
-        here, ok = put(s, 0.0), put(valid & mine, False)
-        c = curve
+        pad = None if pad is None else pad[0]
+        c = curve[v] if isinstance(curve, (tuple, list)) else curve
         if isinstance(curve, str) and curve == "online":
             fit_ok = ok if pad is None else ok & pad
             c = fit_online(here, fit_ok) if v == 0 else fit_exp_curve(here, fit_ok)
         d = debias(here, curve=c, pad_mask=pad)
         out = jnp.where(mine, jnp.take_along_axis(d, jnp.clip(local, 0, size - 1), axis=1), out)
     return out
+
+
+def view_rasters(x, view, local, view_sizes, valid=None, *, fill=0):
+    """Each view's tokens on its own raster: a tuple with, per view v, (x_v [B, view_sizes[v]], valid_v
+    bool[B, view_sizes[v]]), positions the view does not fill holding ``fill`` (and False). What a ``Calibration``
+    per view takes (``jd.Calibration.init(view_sizes[v]).update(*view_rasters(...)[v])``).
+
+    x: [B, N]; view, local: int[B, N] as ``debias_views``; valid: bool[B, N] (default all)."""
+    x = jnp.asarray(x)
+    B = x.shape[0]
+    valid = jnp.ones(x.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    out = []
+    for v, size in enumerate(view_sizes):
+        mine = view == v
+        at = jnp.where(mine, local, size)  # other tokens go to a spare column, dropped
+        rows = jnp.arange(B)[:, None]
+        out.append((jnp.full((B, size + 1), fill, x.dtype).at[rows, at].set(x)[:, :size],
+                    jnp.zeros((B, size + 1), bool).at[rows, at].set(valid & mine)[:, :size]))
+    return tuple(out)

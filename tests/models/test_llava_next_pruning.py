@@ -19,7 +19,8 @@ SIZES = [(100, 60), (50, 130)]  # (width, height): 4 and 3 tiles, padding rows /
 BUCKETS = tuple(range(1, 60))
 CURVE = {"form": "exp", "b": 0.15}
 DEBIAS = {"off": jd.Debias(), "pad": jd.Debias(pad_tau=0.5), "pad+curve": jd.Debias(curve=CURVE, pad_tau=0.5),
-          "online": jd.Debias(curve="online", pad_tau=0.5)}
+          "online": jd.Debias(curve="online", pad_tau=0.5),
+          "per-view": jd.Debias(curve=[CURVE, {"form": "exp", "b": -0.1}], pad_tau=0.5)}  # base view, tile grid
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,8 @@ def np_debias(scores, b, debias):
     s = scores.copy()
     if debias == "pad+curve":
         s = s * np.exp(-CURVE["b"] * local)
+    if debias == "per-view":
+        s = s * np.exp(-np.where(view == 0, CURVE["b"], -0.1) * local)
     if debias == "online":
         s = s * np_online(s, cand & content, local, view)
     if debias != "off":
@@ -95,7 +98,7 @@ def kept_sets(result, stage=0):
     return [sorted(idx[b][slot[b]].tolist()) for b in range(idx.shape[0])]
 
 
-@pytest.mark.parametrize("debias", ["off", "pad", "pad+curve", "online"])
+@pytest.mark.parametrize("debias", ["off", "pad", "pad+curve", "online", "per-view"])
 def test_fastv_selection_equals_numpy(tiny, debias):
     spec = jd.PruneSpec("fastv", keep=6, layer=2, buckets=BUCKETS, debias=DEBIAS[debias])
     r = gen.generate(tiny["model"], tiny["batch"], prune=spec, max_new_tokens=1)
@@ -106,6 +109,10 @@ def test_fastv_selection_equals_numpy(tiny, debias):
         s, cand = np_debias(scores, b, debias)
         assert kept_sets(r)[b] == np_select(s, 6, cand), debias
         np.testing.assert_allclose(r.debiased[b][:len(img)][cand], s[cand], rtol=1e-4, atol=1e-7)
+    if "curve" in debias or debias in ("online", "per-view"):  # the curve changes what is kept (as checked)
+        plain = gen.generate(tiny["model"], tiny["batch"], prune=jd.PruneSpec(
+            "fastv", keep=6, layer=2, buckets=BUCKETS), max_new_tokens=1)
+        assert kept_sets(plain) != kept_sets(r)
 
 
 def hf_masked_logits(tiny, b, pruned, layer=2):
