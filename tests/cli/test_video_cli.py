@@ -107,3 +107,19 @@ def test_bias_report_refuses_video_rows(tmp_path, capsys):
     root = write_video_bench(tmp_path / "data")
     assert main(["bias", "--bench", "msvd", "--data", str(root), "--out", str(tmp_path / "b")]) == 2
     assert "calibrate --frame-trend" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("size", [(500, 300), (301, 457), (224, 224), (97, 61)])
+def test_frames_are_processed_as_transformers_processes_them(size):
+    """Shortest edge to 224 (bicubic), centre crop, CLIP normalisation: transformers' VideoLlavaImageProcessor
+    applies the same transforms to every frame (its video processor needs torchvision, which is not installed)."""
+    from PIL import Image
+    from transformers import VideoLlavaImageProcessor
+
+    rng = np.random.default_rng(sum(size))
+    frames = [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(3)]
+    ref = VideoLlavaImageProcessor()(images=frames, return_tensors="np")
+    ref = np.asarray(ref[list(ref.keys())[0]]).reshape(3, 3, 224, 224)
+    ours, crops = cli_video.preprocess_frames(frames)
+    assert ours.shape == (3, 3, 224, 224) and crops[0].size == (224, 224)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
