@@ -188,3 +188,24 @@ def test_compiles_once_per_tile_bucket(tiny):
     assert len(buckets) < len(sizes) // 2 + 1
     assert gen.prefill_step._cache_size() - p0 == len(buckets)
     assert jax.tree.leaves(images)  # the images are a pytree the jitted prefill takes
+
+
+def test_var_works_on_the_anyres_span(tiny):
+    """VAR on NeXT: sinks only among the real tokens (never the masked empty slots), p = 1 leaves the logits as
+    they are, p = 0.6 moves them; with pruning it runs on the kept tokens."""
+    from jaxdebias.models.interventions import VarSpec
+
+    model, b = tiny["model"], tiny["batch"]
+    real = np.asarray(b.attention_mask, bool)
+    base = np.asarray(model(b.input_ids, b.pixel_values, b.attention_mask).logits)[real]
+    keep = VarSpec(sink_dims="discover", p=1.0, tau=1.5, min_visual=0.0, rho=1.0)
+    out = model(b.input_ids, b.pixel_values, b.attention_mask, var=keep)
+    np.testing.assert_allclose(np.asarray(out.logits)[real], base, atol=1e-5)
+    assert out.sinks and all(not (np.asarray(s) & ~real).any() for s in out.sinks.values())
+    assert any(np.asarray(s).any() for s in out.sinks.values())
+    moved = VarSpec(sink_dims="discover", p=0.6, tau=1.5, min_visual=0.0, rho=1.0)
+    assert np.abs(np.asarray(model(b.input_ids, b.pixel_values, b.attention_mask, var=moved).logits)[real]
+                  - base).max() > 1e-4
+    r = gen.generate(model, b, prune=jd.PruneSpec("fastv", keep=6, layer=2, buckets=BUCKETS), var=moved,
+                     max_new_tokens=2, stop_at_eos=False)
+    assert r.tokens.shape == (2, 2)
