@@ -54,7 +54,7 @@ def kept_sets(result, stage=0):
 def run(t, spec, trend="frame", instruction=None):
     model = t["model"].with_frame_trend(trend)
     return gen.generate(model, gen.Batch(t["ids"], t["videos"], t["am"], instruction_pos=instruction), prune=spec,
-                        max_new_tokens=2)
+                        max_new_tokens=1)
 
 
 @pytest.mark.parametrize("debias", ["off", "frame", "video"])
