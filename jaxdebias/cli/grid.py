@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 
 import jaxdebias as jd
 from jaxdebias.cli.evaluate import evaluate
-from jaxdebias.cli.inputs import LoadedModel, check_rows, check_spec, prune_spec, resolve_model
+from jaxdebias.cli.inputs import LoadedModel, prune_spec
+from jaxdebias.cli.video import check_rows, check_spec, resolve_model
 from jaxdebias.eval import benchmarks
 from jaxdebias.eval.files import atomic_open, write_text
 
@@ -147,9 +148,8 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
     loaded = resolve_model(model)
     plan = [("unpruned", "unpruned", None)] if unpruned else []
     for method in methods:
-        plan.append((method, "plain", check_spec(prune_spec(method, keep), loaded.model)))
-        plan.append((method, "debiased", check_spec(prune_spec(method, keep, debias_for(method, debias)),
-                                                    loaded.model)))
+        plan.append((method, "plain", check_spec(prune_spec(method, keep), loaded)))
+        plan.append((method, "debiased", check_spec(prune_spec(method, keep, debias_for(method, debias)), loaded)))
     cells = []
     for method, variant, spec in plan:
         folder = os.path.join(out_dir, method if spec is None else f"{method}-{variant}")

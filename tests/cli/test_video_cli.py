@@ -123,3 +123,15 @@ def test_frames_are_processed_as_transformers_processes_them(size):
     ours, crops = cli_video.preprocess_frames(frames)
     assert ours.shape == (3, 3, 224, 224) and crops[0].size == (224, 224)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_eval_grid_on_a_video_benchmark(checkpoint, tmp_path, capsys):
+    root = write_video_bench(tmp_path / "data")
+    out = tmp_path / "grid"
+    assert main(["eval-grid", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--methods",
+                 "fastv", "--keep", "8", "--debias", "curve", "--curve", "online", "--max-new-tokens", "2",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "summary.csv").exists() and (out / "fastv-debiased" / "merge.jsonl").exists()
+    assert main(["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--method",
+                 "visionzip", "--keep", "8", "--debias", "off", "--out", str(tmp_path / "vz")]) == 2
+    assert "decoder-side method" in capsys.readouterr().err and not (tmp_path / "vz").exists()
