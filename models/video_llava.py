@@ -85,8 +85,10 @@ class VideoLlavaConfig:
 
     @classmethod
     def video_llava_7b(cls, dtype=jnp.bfloat16) -> VideoLlavaConfig:
-        """LanguageBind/Video-LLaVA-7B-hf: LanguageBind image/video towers (CLIP ViT-L/14 at 224) + Vicuna-7B-v1.5
-        (the conversion adds <image> and <video> and pads the vocabulary to a multiple of 64: 32064)."""
+        """LanguageBind/Video-LLaVA-7B-hf's shapes: LanguageBind image/video towers (CLIP ViT-L/14 at 224) +
+        Vicuna-7B-v1.5. The vocabulary (32000 + <image>, <video>, padded to a multiple of 64 = 32064) is our reading
+        of transformers' conversion script, not checked against the Hub file; loading a checkpoint reads the real
+        value from its config.json (``from_hf_config``)."""
         return cls(ClipVisionConfig(image_size=224, dtype=dtype, param_dtype=dtype),
                    LlamaConfig.llama2_7b(vocab_size=32064, dtype=dtype, param_dtype=dtype))
 
