@@ -292,10 +292,16 @@ def read_curve(path: str):
             raise UserError(f"{path} is not a curve file written by jaxdebias calibrate ({e}).") from None
 
 
+# keep buckets past LLaVA-1.5's 576 (a video's 2056, LLaVA-NeXT's 2880 tokens): a large budget is rounded up to the
+# next of these, not to the whole span (a bucket only shapes the program; the kept count is the one asked for)
+LARGE_BUCKETS = (640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072)
+
+
 def prune_spec(method: str, keep: int, debias: jd.Debias = jd.Debias()) -> jd.PruneSpec:
-    """A ``jd.PruneSpec`` from command-line values (a bad method name or keep becomes a UserError)."""
+    """A ``jd.PruneSpec`` from command-line values (a bad method name or keep becomes a UserError), with keep
+    buckets up to 3072."""
     try:
-        return jd.PruneSpec(method, keep=keep, debias=debias)
+        return jd.PruneSpec(method, keep=keep, debias=debias, buckets=jd.DEFAULT_BUCKETS + LARGE_BUCKETS)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
 
