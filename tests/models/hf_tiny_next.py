@@ -38,7 +38,7 @@ def hf_token_count(hf, width: int, height: int) -> int:
     import torch
 
     feats = [torch.zeros(1 + tiles(hf, width, height), 9, 1)]
-    packed, lens = hf.model.pack_image_features(feats, torch.tensor([[height, width]]), "default",
+    _, lens = hf.model.pack_image_features(feats, torch.tensor([[height, width]]), "default",
                                                 image_newline=torch.zeros(1))
     return int(lens[0])
 
