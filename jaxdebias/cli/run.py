@@ -14,6 +14,7 @@ from jaxdebias.cli.inputs import LoadedModel, check_spec, default_image_path, lo
 from jaxdebias.eval.files import write_json
 from jaxdebias.models.generate import generate
 from jaxdebias.models.interventions import VarSpec
+from jaxdebias.models.video_llava import VideoLlava
 
 UNTRAINED_NOTE = ("NOTE: no --checkpoint: this is the embedded default, an untrained tiny model. Its answer is "
                   "meaningless; the token selection, the bias numbers, the figures and the timings are real.")
@@ -36,6 +37,9 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
     Returns the summary written to run.json."""
     picture = load_image(image or default_image_path())  # cheap checks first: nothing is built for a bad request
     loaded = resolve_model(model)
+    if isinstance(loaded.model, VideoLlava):
+        raise jd.UserError("This is a Video-LLaVA checkpoint: ask about a video with --video FRAMES_DIR (or an .npy "
+                           "[F, H, W, 3]); image questions on Video-LLaVA are not wired to `jaxdebias run`.")
     check_spec(spec, loaded.model)
     request = loaded.request(picture, prompt)
     batch = loaded.batch([request])

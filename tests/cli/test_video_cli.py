@@ -147,3 +147,8 @@ def test_large_budgets_get_their_own_buckets():
     assert shape.stages[0].keep == 2048
     shape, _ = prune_spec("fastv", 500).split(576, 32)
     assert shape.stages[0].keep == 576  # LLaVA-1.5 unchanged
+
+
+def test_run_without_video_on_a_video_checkpoint_says_to_pass_one(checkpoint, capsys):
+    assert main(["run", "--checkpoint", checkpoint]) == 2
+    assert "--video FRAMES_DIR" in capsys.readouterr().err
