@@ -187,3 +187,23 @@ def test_himap_and_sparsevlm_first_stages_on_video_equal_numpy(tiny):
     carve = run(tiny, jd.PruneSpec("tokencarve", stages=(Stage(2, 12, "last", "tap", merge=6, info_weight=0.5),),
                                    buckets=BUCKETS, debias=jd.Debias(curve=CURVE)))
     assert carve.scores.shape == (2, N) and carve.stage_lengths[-1][2] == carve.stage_lengths[0][2] - N + 12
+
+
+def test_a_prompt_with_an_image_and_a_video_prunes_the_video(tiny):
+    """Sample 0 holds an image (4 tokens, CLS dropped) before its video: pixels go in as (images, videos), the
+    image tokens stay, FastV selects among the 40 video tokens (NumPy on transformers' attention)."""
+    hf = tiny["hf"]
+    ids, am, videos, images = video_prompts(padding="right", image=True)
+    with torch.no_grad():
+        attn = hf(input_ids=torch.tensor(ids), pixel_values_videos=torch.tensor(videos),
+                  pixel_values=torch.tensor(images), attention_mask=torch.tensor(am),
+                  position_ids=torch.tensor(np.where(am == 1, am.cumsum(-1) - 1, 0)),
+                  output_attentions=True).attentions[1].numpy()
+    spec = jd.PruneSpec("fastv", keep=12, layer=2, buckets=BUCKETS, debias=jd.Debias(curve=CURVE))
+    r = gen.generate(tiny["model"].with_frame_trend("frame"), gen.Batch(ids, (images, videos), am), prune=spec,
+                     max_new_tokens=1)
+    for b in range(2):
+        vid = np.nonzero(ids[b] == VIDEO_TOKEN)[0]
+        last = np.nonzero(am[b])[0].max()
+        assert kept_sets(r)[b] == np_select(attn[b][:, last, vid].mean(0) * np_weights("frame"), 12)
+    assert r.stage_lengths[-1][2] == r.stage_lengths[0][2] - N + 12  # the 4 image tokens are still there
