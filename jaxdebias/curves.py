@@ -136,6 +136,8 @@ def curve_to_dict(curve: Curve) -> dict:
         return {"form": "poly3_inverse", "coeffs": [float(c) for c in jnp.asarray(curve.coeffs)]}
     if isinstance(curve, ExpConstCurve):
         return {"form": "exp+c", "a": float(curve.a), "b": float(curve.b), "c": float(curve.c)}
+    if isinstance(curve, (tuple, list)):  # one curve per view of a multi-view image (LLaVA-NeXT)
+        return {"form": "views", "views": [curve_to_dict(c) for c in curve]}
     raise TypeError(f"Not a curve: {type(curve).__name__}.")
 
 
@@ -149,6 +151,8 @@ def curve_from_dict(d: dict) -> Curve:
             return PolyInverseCurve(jnp.asarray(d["coeffs"], jnp.float32))
         if form == "exp+c":
             return ExpConstCurve(jnp.float32(d["a"]), jnp.float32(d["b"]), jnp.float32(d["c"]))
+        if form == "views":  # a tuple of curves, one per view (``jaxdebias.debias_views``)
+            return tuple(curve_from_dict(c) for c in d["views"])
     except KeyError as e:
         raise ValueError(f"Curve of form {form!r} is missing field {e.args[0]!r}: {d}") from None
-    raise ValueError(f"Unknown curve form {form!r}; expected 'exp', 'exp+c' or 'poly3_inverse'.")
+    raise ValueError(f"Unknown curve form {form!r}; expected 'exp', 'exp+c', 'poly3_inverse' or 'views'.")

@@ -232,7 +232,17 @@ class LlavaNext(Llava):
         return images.num_slots
 
     def visual_capacity(self) -> int:
-        """The most content tokens one image can have: base view + the largest tile grid (newlines excluded)."""
+        """The most visual tokens a pruning stage can keep from every image (what ``--keep`` is checked against):
+        base view + the largest grid of the smallest tile bucket (1728 for llava-v1.6). A larger static budget
+        would not fit the span of an image in that bucket; the largest image has ``max_content_tokens()``."""
+        t, g = self.cfg.vision.image_size, self.cfg.vision.grid
+        least = min(self.cfg.tile_buckets)
+        return g * g + max((h // t * g) * (w // t * g) for h, w in self.cfg.grid_pinpoints
+                           if (h // t) * (w // t) <= least)
+
+    def max_content_tokens(self) -> int:
+        """The most content tokens one image can have: base view + the largest tile grid, newlines excluded
+        (2880 for llava-v1.6)."""
         t, g = self.cfg.vision.image_size, self.cfg.vision.grid
         return g * g + max((h // t * g) * (w // t * g) for h, w in self.cfg.grid_pinpoints)
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 import jaxdebias as jd
 from jaxdebias.models.generate import Batch
-from jaxdebias.models.llava_next import LlavaNext, LlavaNextConfig, expand_prompt
+from jaxdebias.models.llava_next import LlavaNext, LlavaNextConfig, expand_prompt, image_layout
 
 
 def pinpoint_tiles(cfg: LlavaNextConfig, width: int, height: int):
@@ -78,3 +78,16 @@ def content_mask(model: LlavaNext, size, tau: float = 0.5) -> np.ndarray:
     out = np.zeros(slots, bool)
     out[:mask.content.size] = mask.content & ~mask.newline
     return out
+
+
+def view_sizes(model: LlavaNext) -> tuple[int, int]:
+    """The static raster lengths a per-view calibration uses: the base view (G * G) and the largest tile grid."""
+    g2 = model.cfg.vision.grid ** 2
+    return g2, model.max_content_tokens() - g2
+
+
+def image_views(model: LlavaNext, size, slots: int, tau: float = 0.5):
+    """(view int[N], local int[N], content bool[N]) of one image laid out over ``slots`` span slots (the batch's
+    N, at least its own bucket's), as ``AnyresImages`` holds them."""
+    _, view, local, content = image_layout(model.cfg, int(size[0]), int(size[1]), slots, tau)
+    return view, local, content

@@ -9,12 +9,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxdebias as jd
+from jaxdebias.cli import anyres
 from jaxdebias.cli.figures import figure_curve
 from jaxdebias.cli.inputs import LoadedModel, prune_spec
 from jaxdebias.cli.runner import Runner
 from jaxdebias.cli.video import VideoLoadedModel, check_rows, check_spec, figure_by_index, resolve_model
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.eval.files import write_json
+from jaxdebias.models.llava_next import LlavaNext
 
 FORMS = ("exp", "exp+c", "poly3_inverse")
 
@@ -33,8 +35,11 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
     check_rows(rows, image_dir)
     loaded = resolve_model(model)
     n = loaded.n_visual
-    spec = check_spec(prune_spec(method, n), loaded)  # keep everything: only the scores are wanted
+    keep = loaded.model.cfg.vision.grid ** 2 if isinstance(loaded.model, LlavaNext) else n  # NeXT: any budget
+    spec = check_spec(prune_spec(method, keep), loaded)  # keep everything (or any): only the scores are wanted
     runner = Runner(loaded, spec, batch_size, devices=devices)
+    if isinstance(loaded.model, LlavaNext):
+        return _calibrate_views(loaded, runner, rows, image_dir, out, spec, form, pad_tau, log, progress)
     if isinstance(loaded, VideoLoadedModel) and loaded.model.cfg.frame_trend == "frame":
         n = loaded.model.cfg.frame_tokens  # Video-LLaVA, trend per frame: each frame is a sample of the trend
     calibration = jd.Calibration.init(n)
@@ -57,4 +62,28 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
     plot = draw({"mean score": mean, "fitted trend": trend}, os.path.splitext(out)[0] + ".png",
                 f"{spec.method}: calibrated over {int(calibration.n_samples)} samples ({form})")
     log(f"wrote {out} ({form}, {int(calibration.n_samples)} samples, slope {stats['slope']:.5f}) and {plot}")
+    return record
+
+
+def _calibrate_views(loaded, runner, rows, image_dir, out, spec, form, pad_tau, log, progress) -> dict:
+    """LLaVA-NeXT: one ``jd.Calibration`` per view (the base view, the tile grid), each over its own raster
+    (``jd.view_rasters``: the index restarts in each view), padding and newlines excluded. The file's "curve" is
+    of form "views" (both curves; ``--curve FILE`` applies each to its view)."""
+    sizes = anyres.view_sizes(loaded.model)
+    cals = [jd.Calibration.init(n) for n in sizes]
+    for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating",
+                                      disable=not progress):
+        view, local, content = anyres.image_views(loaded.model, request.size, result.scores.shape[1], pad_tau)
+        parts = jd.view_rasters(result.scores[i][None], view[None], local[None], sizes, valid=content[None])
+        cals = [c.update(x, ok) for c, (x, ok) in zip(cals, parts)]
+    curves = [c.fit(form) for c in cals]
+    record = {"curve": jd.curve_to_dict(tuple(curves)), "view_names": ["base", "tiles"], "method": spec.method,
+              "form": form, "samples": int(cals[0].n_samples)}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_json(out, record)
+    mean = np.asarray(cals[0].mean())
+    trend = np.asarray(1.0 / curves[0].weights(sizes[0])) * mean[mean > 0].mean()
+    plot = figure_curve({"base view: mean score": mean, "fitted trend": trend}, os.path.splitext(out)[0] + ".png",
+                        f"{spec.method}: base view calibrated over {record['samples']} samples ({form})")
+    log(f"wrote {out} ({form}, {record['samples']} samples; one curve per view: base, tiles) and {plot}")
     return record

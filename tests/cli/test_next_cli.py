@@ -78,10 +78,26 @@ def test_eval_and_keep_checked_against_the_model(checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["eval", "--checkpoint", checkpoint, "--bench", "pope", "--data", str(root), "--method", "fastv",
             "--debias", "pad+curve", "--curve", "online", "--max-new-tokens", "2", "--batch", "2", "--out", str(out)]
-    assert main(args + ["--keep", "46"]) == 2  # 9 base + 6 x 6 tile patches = 45 at most
-    assert "--keep must be in 1..45" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--keep", "28"]) == 2  # 9 base + the 2-tile bucket's 3 x 6 grid = 27 in every span
+    assert "--keep must be in 1..27" in capsys.readouterr().err and not out.exists()
     assert main(args + ["--keep", "300"]) == 2
     assert main(args + ["--keep", "10"]) == 0, capsys.readouterr().err
     answers = [json.loads(x) for x in open(out / "pope_answers.jsonl")]
     assert [a["question_id"] for a in answers] == [0, 1, 2, 3, 4]
     assert "f1" in json.dumps(json.load(open(out / "pope_metrics.json")))
+
+
+def test_calibrate_per_view_and_eval_with_the_curves(checkpoint, tmp_path, capsys):
+    root = write_pope(tmp_path / "pope")
+    curve = tmp_path / "curve.json"
+    assert main(["calibrate", "--checkpoint", checkpoint, "--data", str(root), "--bench", "pope", "--method",
+                 "fastv", "--form", "exp", "--out", str(curve)]) == 0, capsys.readouterr().err
+    record = json.load(open(curve))
+    views = record["curve"]["views"]
+    assert record["view_names"] == ["base", "tiles"] and len(views) == 2 and record["samples"] == 5
+    assert views[0] != views[1]  # each view has its own fit
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", checkpoint, "--bench", "pope", "--data", str(root), "--method", "fastv",
+                 "--keep", "10", "--debias", "pad+curve", "--curve", str(curve), "--max-new-tokens", "2",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert len(open(out / "pope_answers.jsonl").readlines()) == 5

@@ -76,6 +76,7 @@ def test_calibration_per_view_recovers_each_trend():
     np.testing.assert_allclose([float(c.b) for c in curves], [0.05, 0.02], rtol=1e-4)
     spec = jd.Debias(curve=curves)  # one curve per view, hashable as a static argument
     assert hash(spec) == hash(jd.Debias(curve=list(curves)))
+    assert jd.curve_from_dict(jd.curve_to_dict(tuple(curves)))[1].b == pytest.approx(0.02, rel=1e-4)
     back = spec.curve_for("fastv")
     assert isinstance(back, tuple) and [float(c.b) for c in back] == pytest.approx([0.05, 0.02], rel=1e-4)
     with pytest.raises(ValueError, match="one curve, or one per view"):
