@@ -2,11 +2,14 @@
 unpadded tile rows with newlines), selections against NumPy re-derivations on transformers' attention, pruned
 logits against transformers with the pruned keys masked, compile counts bounded by tile-count buckets."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 import jaxdebias as jd
+from jaxdebias.methods import Stage
 from jaxdebias.models import generate as gen
 from jaxdebias.models.llava_next import expand_prompt
 
@@ -113,6 +116,26 @@ def test_fastv_selection_equals_numpy(tiny, debias):
         plain = gen.generate(tiny["model"], tiny["batch"], prune=jd.PruneSpec(
             "fastv", keep=6, layer=2, buckets=BUCKETS), max_new_tokens=1)
         assert kept_sets(plain) != kept_sets(r)
+
+
+@pytest.mark.parametrize("debias", ["pad", "pad+curve"])
+def test_pdrop_stage_equals_numpy(tiny, debias):
+    """PyramidDrop's first stage on NeXT: the instruction row of layer 2's own attention, debiased; as released its
+    padding is only zeroed and stays a candidate (newlines never are)."""
+    instr_hf = np.array([np.nonzero(tiny["am"][b])[0].max() - 1 for b in range(2)])  # a text token before the last
+    n_img = (tiny["ids"] == IMAGE_TOKEN).sum(1)
+    shift = tiny["batch"].pixel_values.num_slots - n_img  # our prompt holds the span's empty slots before it
+    spec = jd.PruneSpec("pdrop", stages=(Stage(2, 6, "instruction", "probe"),), buckets=BUCKETS,
+                        debias=DEBIAS[debias])
+    assert spec.pad_candidates
+    r = gen.generate(tiny["model"], dataclasses.replace(tiny["batch"], instruction_pos=instr_hf + shift), prune=spec,
+                     max_new_tokens=1)
+    for b in range(2):
+        img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
+        scores = tiny["attn"][2][b][:, instr_hf[b], img].mean(0)  # the stage layer's own attention
+        s, _ = np_debias(scores, b, debias)
+        _, newline, _, _ = layout(b)
+        assert kept_sets(r)[b] == np_select(s, 6, ~newline), debias
 
 
 def hf_masked_logits(tiny, b, pruned, layer=2):
