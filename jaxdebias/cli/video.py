@@ -90,9 +90,10 @@ def load_model(checkpoint: str | None) -> LoadedModel:
                             loaded.image_mean, loaded.image_std)
 
 
-def with_frame_trend(checkpoint: str | None, trend: str) -> VideoLoadedModel:
-    """A Video-LLaVA checkpoint loaded with its positional trend fitted per ``trend`` ("frame" or "video")."""
-    loaded = load_model(checkpoint)
+def with_frame_trend(model: LoadedModel | str | None, trend: str) -> VideoLoadedModel:
+    """A Video-LLaVA model (loaded, or a checkpoint's path) with its positional trend fitted per ``trend``
+    ("frame" or "video")."""
+    loaded = resolve_model(model)
     if not isinstance(loaded, VideoLoadedModel):
         raise UserError("--frame-trend applies to Video-LLaVA checkpoints (model_type 'video_llava'); this model is "
                         f"{type(loaded.model).__name__}.")

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 
+import jaxdebias as jd
+from jaxdebias import UserError
 from jaxdebias.cli import video as cli_video
 from jaxdebias.cli.main import main
 
@@ -14,6 +16,21 @@ torch = pytest.importorskip("torch")
 
 from ..eval.test_video_benchmarks import write_video_bench  # noqa: E402
 from ..models.hf_tiny_video import make_hf_video_llava, save_char_tokenizer  # noqa: E402
+
+
+def image_model():
+    """A tiny LLaVA-1.5 (an image model) with the byte tokenizer, built in memory."""
+    from flax import nnx
+
+    from jaxdebias.cli.inputs import ByteTokenizer, LoadedModel
+    from jaxdebias.models.clip import ClipVisionConfig
+    from jaxdebias.models.llama import LlamaConfig
+    from jaxdebias.models.llava import Llava, LlavaConfig
+
+    cfg = LlavaConfig(ClipVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28),
+                      LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2,
+                                  num_kv_heads=2), image_token_id=259)
+    return LoadedModel(Llava(cfg, rngs=nnx.Rngs(0)), ByteTokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +97,8 @@ def test_video_inputs_that_do_not_fit_exit_2(checkpoint, tmp_path, capsys):
     assert main(["run", "--video", str(tmp_path / "none"), "--checkpoint", checkpoint]) == 2
     assert "does not exist" in capsys.readouterr().err
     np.save(tmp_path / "v.npy", np.zeros((8, 28, 28, 3), np.uint8))
-    assert main(["run", "--video", str(tmp_path / "v.npy")]) == 2  # the embedded default is an image model
-    assert "needs a Video-LLaVA checkpoint" in capsys.readouterr().err
+    with pytest.raises(UserError, match="needs a Video-LLaVA checkpoint"):
+        cli_video.run_video(jd.PruneSpec("fastv", keep=4), model=image_model(), video=str(tmp_path / "v.npy"))
 
 
 def test_calibrate_per_frame_and_across_frames_then_eval_with_the_curve(checkpoint, tmp_path, capsys):
@@ -99,8 +116,8 @@ def test_calibrate_per_frame_and_across_frames_then_eval_with_the_curve(checkpoi
                  "--debias", "curve", "--curve", str(tmp_path / "frame.json"), "--frame-trend", "frame",
                  "--max-new-tokens", "2", "--out", str(out)]) == 0, capsys.readouterr().err
     assert len(open(out / "merge.jsonl").readlines()) == 2
-    assert main(["run", "--frame-trend", "video"]) == 2  # the embedded default is an image model
-    assert "--frame-trend applies to Video-LLaVA checkpoints" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--frame-trend applies to Video-LLaVA checkpoints"):
+        cli_video.with_frame_trend(image_model(), "video")
 
 
 def test_bias_report_refuses_video_rows(tmp_path, capsys):
