@@ -32,7 +32,8 @@ def bias_report(data_dir: str, out_dir: str, *, method: str = "fastv", model: Lo
     """Mean score by grid row and column, fitted slope and padding-to-content ratio of ``method``'s first-stage
     scores, before and after debiasing (padding + the method's released GQA curve where there is one), and the
     visual sink tokens VAR would find (on layer 2's input; ``sink_dims`` or discovered per image). Writes
-    ``bias.json`` and ``bias.png`` in ``out_dir``; returns the report."""
+    ``bias.json`` and ``bias.png`` in ``out_dir``; returns the report. On LLaVA-NeXT the numbers are its base
+    view's (the square G x G grid; "positions" says which)."""
     rows, image_dir = read_any(data_dir, bench)
     rows = rows[:limit]
     if any("video" in r for r in rows):
@@ -40,26 +41,28 @@ def bias_report(data_dir: str, out_dir: str, *, method: str = "fastv", model: Lo
                            "jaxdebias calibrate --frame-trend frame|video (the trend and its fit) or run --video.")
     check_rows(rows, image_dir)
     loaded = resolve_model(model)
-    spec = check_spec(prune_spec(method, loaded.n_visual), loaded.model)
+    g = loaded.model.cfg.vision.grid  # the square grid reported: LLaVA-1.5's image, LLaVA-NeXT's base view
+    spec = check_spec(prune_spec(method, g * g), loaded.model)
     runner = Runner(loaded, spec, batch_size, devices=devices)
     released = {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE}
     curve = jd.released_curve(spec.method, "gqa") if spec.method in released else None
     before, after, pads, sinks = [], [], [], []
     for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="bias", disable=not progress):
-        pad = loaded.pad_mask(request.size, pad_tau)
-        scores = result.scores[i]
+        pad = loaded.pad_mask(request.size, pad_tau)[:g * g]
+        scores = result.scores[i][:g * g]
         before.append(scores)
         after.append(np.asarray(jd.debias(scores, curve=curve, pad_mask=pad)))
         pads.append(pad)
-        input_ids = jnp.asarray(request.input_ids)[None]
-        hidden = layer_input(loaded.model, input_ids, jnp.asarray(request.pixel_values)[None],
-                             jnp.ones(input_ids.shape, bool), 2)
+        one = loaded.batch([request])  # the request alone (LLaVA-NeXT: its span padded to its tile bucket)
+        real = np.asarray(one.attention_mask, bool)
+        hidden = layer_input(loaded.model, jnp.asarray(one.input_ids), one.pixel_values, jnp.asarray(real), 2)
         dims = sink_dims if sink_dims is not None else jd.discover_sink_dims(hidden, top=2)[0]
         is_sink = np.asarray(jd.sink_tokens(hidden, dims))[0]
-        sinks.append(int((is_sink & (request.input_ids == loaded.tokenizer.image)).sum()))
+        sinks.append(int((is_sink & real[0] & (np.asarray(one.input_ids)[0] == loaded.tokenizer.image)).sum()))
     before, after, pads = np.stack(before), np.stack(after), np.stack(pads)
-    report = {"method": spec.method, "samples": len(rows), "before": _numbers(before, pads, loaded.grid),
-              "after": _numbers(np.where(pads, after, 0.0), pads, loaded.grid),
+    report = {"method": spec.method, "samples": len(rows), "before": _numbers(before, pads, g),
+              "after": _numbers(np.where(pads, after, 0.0), pads, g),
+              "positions": "base view" if g * g != loaded.n_visual else "image",
               "visual_sinks_per_image": float(np.mean(sinks))}
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "bias.json"), report)

@@ -101,3 +101,13 @@ def test_calibrate_per_view_and_eval_with_the_curves(checkpoint, tmp_path, capsy
                  "--keep", "10", "--debias", "pad+curve", "--curve", str(curve), "--max-new-tokens", "2",
                  "--out", str(out)]) == 0, capsys.readouterr().err
     assert len(open(out / "pope_answers.jsonl").readlines()) == 5
+
+
+def test_bias_report_on_the_base_view(checkpoint, tmp_path, capsys):
+    root = write_pope(tmp_path / "pope")
+    out = tmp_path / "bias"
+    assert main(["bias", "--checkpoint", checkpoint, "--data", str(root), "--bench", "pope", "--method", "fastv",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.load(open(out / "bias.json"))
+    assert report["positions"] == "base view" and report["samples"] == 5
+    assert len(report["before"]["row_means"]) == 3  # the 3 x 3 base view of the tiny model
