@@ -1,18 +1,23 @@
-"""Pruned prefill against unpruned, side by side in one run, next to the analytic FLOP ratio.
+"""Pruned prefill against unpruned, side by side in one run, next to the whole-model and decoder FLOP ratios.
 
-    python benchmarks/bench_prune.py [--layers 8] [--hidden 1024] [--text 64] [--repeats 5] [--method fastv]
+    python benchmarks/bench_prune.py [--layers 8] [--hidden 1024] [--text 64] [--repeats 5] [--method fastv[,pdrop..]]
 
 A random mid-sized LLaVA (CLIP-style 336/14 tower -> 576 visual tokens, Llama decoder ``--layers`` x
 ``--hidden``) runs the same prompt (576 visual + ``--text`` text tokens, batch 1) unpruned and pruned to
-64/128/192 visual tokens with padding + released-curve debiasing. Reported per budget: median prefill time, its
-ratio to unpruned, the decoder's analytic FLOP ratio (the physical limit of the speed-up), and the cost of the
-debias + select step alone as a share of the pruned prefill (for TokenCarve also its SVD information scores and
-merge, which are inside the pruned prefill's time).
+64/128/192 visual tokens with padding + released-curve debiasing, one method after another (each timed
+round-robin with its own unpruned runs). A decoder shallower than a method's released stage layers runs them
+scaled by depth / 32 (``accelerator.prune_spec``). Reported per budget: median prefill time, its ratio to
+unpruned, the whole-model FLOP ratio (XLA's ``cost_analysis`` of the two compiled prefill programs: vision tower,
+projector, probes, raters, merges, decoder and LM head), the decoder's analytic FLOP ratio, the time ratio over
+the whole-model FLOP ratio (1.00 = the time falls exactly with the work), and the cost of the debias + select step
+alone as a share of the pruned prefill (for TokenCarve also its SVD information scores and merge, which are inside
+the pruned prefill's time).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +31,8 @@ from jaxdebias.models import llava, sequence
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
 from _timing import interleaved_times, median_time
+from accelerator import prune_spec
+from bench_video import xla_flops
 
 
 def main():
@@ -34,7 +41,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--text", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--method", default="fastv")
+    ap.add_argument("--method", default="fastv", help="one method or a comma-separated list")
     args = ap.parse_args()
     D, L = args.hidden, args.layers
     F = int(D * 2.6875)
@@ -54,8 +61,9 @@ def main():
 
     def runner(spec):
         prep = gen.prepare(model, batch, spec)
-        return lambda: gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0),
-                                        spec=prep.shape, extra=64, temperature=0.0)[0], prep.shape
+        args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
+        kw = dict(spec=prep.shape, extra=64, temperature=0.0)
+        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.shape, xla_flops(gen.prefill_step, *args_, **kw)
 
     def decoder_flops(segs):
         total = 0
@@ -63,38 +71,47 @@ def main():
             total += (stop - start) * (2 * S * (4 * D * D + 3 * D * F) + 4 * S * (S + 64) * D)
         return total
 
-    dense_fn, dense_shape = runner(jd.PruneSpec("fastv", keep=576, stages=()))
+    dense_fn, dense_shape, x_dense = runner(jd.PruneSpec("fastv", keep=576, stages=()))
     Tb = jd.bucket(T, gen.PROMPT_BUCKETS)
     f_dense = decoder_flops(sequence.segments(Tb, dense_shape, 576, L)[0])
-    released = jd.canonical_method(args.method) in {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE}
-    debias = jd.Debias(curve="released" if released else None, pad_tau="released", task="gqa")
-    specs = {keep: jd.PruneSpec(args.method, keep=keep, debias=debias) for keep in (64, 128, 192)}
-    runs = {keep: runner(spec) for keep, spec in specs.items()}
-    times = interleaved_times({"dense": dense_fn, **{keep: fn for keep, (fn, _) in runs.items()}}, args.repeats)
-    t_dense = times["dense"]
     scores = jnp.asarray(rng.random((1, 576)), jnp.float32)
     pad = jd.pad_mask_expand2square(640, 480)[None]
     print(f"device: {jax.devices()[0].platform}; decoder {L} x {D}, prompt {T} tokens (bucket {Tb}), "
-          f"{jnp.dtype(dtype).name}, method {args.method}, debias: released padding"
-          f"{' + released curve' if released else ' (no released curve)'}; "
-          f"{args.repeats} interleaved rounds")
-    print(f"unpruned prefill: {t_dense * 1e3:.1f} ms")
-    print(f"{'keep':>5s} {'prefill ms':>11s} {'time ratio':>11s} {'FLOP ratio':>11s} {'debias+select share':>20s}")
-    for keep, spec in specs.items():
-        shape, t = runs[keep][1], times[keep]
-        f = decoder_flops(sequence.segments(Tb, shape, 576, L)[0])
-        curve = spec.debias.curve_for(spec.method)
-        k = shape.stages[0].keep if shape.stages else shape.keep
-        sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
-        print(f"{keep:5d} {t * 1e3:11.1f} {t / t_dense:11.3f} {f / f_dense:11.3f} {100 * sel / t:19.3f}%")
-        if args.method == "tokencarve":  # its own selection work: the SVD, the rank fusion, the A/B merge
-            h = jnp.asarray(rng.normal(size=(1, 576, D)), dtype)
-            ok = jnp.ones((1, 576), bool)
-            carve = jax.jit(lambda h, s: policies.tokencarve_select(
-                policies.rank_fusion(s, policies.sv_scores(h, ok), ok), h, ok, k)[2].sum())
-            c = median_time(lambda: carve(h, scores), args.repeats)
-            print(f"      SV scores (SVD of 576 x {D}) + rank fusion + A/B merge: {c * 1e3:.1f} ms = "
-                  f"{100 * c / t:.1f}% of this prefill")
+          f"{jnp.dtype(dtype).name}; debias: released padding + the released curve where the method has one; "
+          f"{args.repeats} interleaved rounds per method; unpruned prefill {x_dense / 1e9:.1f} GFLOP (XLA)")
+    for method in args.method.split(","):
+        released = jd.canonical_method(method) in {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE}
+        debias = jd.Debias(curve="released" if released else None, pad_tau="released", task="gqa")
+        specs, settings = {}, {}
+        for keep in (64, 128, 192):
+            spec, settings[keep] = prune_spec(method, keep, L)
+            specs[keep] = dataclasses.replace(spec, debias=debias)
+        runs = {keep: runner(spec) for keep, spec in specs.items()}
+        times = interleaved_times({"dense": dense_fn, **{keep: fn for keep, (fn, _, _) in runs.items()}},
+                                  args.repeats)
+        t_dense = times["dense"]
+        print(f"\n{method} ({settings[64].split(', ', 1)[1] if ', ' in settings[64] else 'released layers'}; "
+              f"{'released curve' if released else 'no released curve'}); unpruned prefill {t_dense * 1e3:.1f} ms")
+        print("| keep | prefill ms | time ratio | FLOP ratio (XLA, whole model) | FLOP ratio (decoder) "
+              "| time / whole FLOP ratio | debias+select share |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for keep, spec in specs.items():
+            shape, t, x = runs[keep][1], times[keep], runs[keep][2]
+            f = decoder_flops(sequence.segments(Tb, shape, 576, L)[0])
+            curve = spec.debias.curve_for(spec.method)
+            k = shape.stages[0].keep if shape.stages else shape.keep
+            sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
+            xr = x / x_dense if x and x_dense else float("nan")
+            print(f"| {keep} | {t * 1e3:.1f} | {t / t_dense:.3f} | {xr:.3f} | {f / f_dense:.3f} | "
+                  f"{t / t_dense / xr:.2f} | {100 * sel / t:.3f}% |")
+            if method == "tokencarve":  # its own selection work: the SVD, the rank fusion, the A/B merge
+                h = jnp.asarray(rng.normal(size=(1, 576, D)), dtype)
+                ok = jnp.ones((1, 576), bool)
+                carve = jax.jit(lambda h, s: policies.tokencarve_select(
+                    policies.rank_fusion(s, policies.sv_scores(h, ok), ok), h, ok, k)[2].sum())
+                c = median_time(lambda: carve(h, scores), args.repeats)
+                print(f"      SV scores (SVD of 576 x {D}) + rank fusion + A/B merge: {c * 1e3:.1f} ms = "
+                      f"{100 * c / t:.1f}% of this prefill")
 
 
 if __name__ == "__main__":

@@ -128,13 +128,33 @@ def rope(x, positions, inv_freq):
     return x * cos + rotated * sin
 
 
+def cached_attention(q, k, v, mask):
+    """Softmax attention of q [B, T, H, E] over a cache k, v [B * G, S, E] (grouped-query heads) under mask
+    bool[B, T, S], as ``jax.nn.dot_product_attention``'s XLA path computes it (fp32 logits and softmax, probs in
+    the cache's dtype). The decode step's attention: the cache's one leading batch axis and the operand order (q
+    first, then v first) are forms XLA:CPU's dots take as they are, so the cache is neither transposed nor copied
+    (a [B, G, S, E] cache is reshaped for the dot, and XLA then duplicates the in-place update). A prompt keeps
+    ``jax.nn.dot_product_attention``: its rounding is what the parity bounds were set on. Returns [B, T, H, E]."""
+    B, T, H, E = q.shape
+    G = k.shape[0] // B
+    R = H // G
+    qn = q.reshape(B, T, G, R, E).transpose(0, 2, 1, 3, 4).reshape(B * G, T * R, E)
+    logits = jnp.einsum("nqe,nse->nqs", qn, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    allowed = jnp.broadcast_to(mask[:, None, :, None, :], (B, G, T, R, mask.shape[-1])).reshape(logits.shape)
+    logits = jnp.where(allowed, logits * np.float32(1 / math.sqrt(E)), -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("nse,nqs->nqe", v, probs)
+    return out.reshape(B, G, T, R, E).transpose(0, 2, 1, 3, 4).reshape(B, T, H, E).astype(q.dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
     """Fixed-size cache with one entry per layer, so that a donated cache is updated in place and layers after a
     pruning stage can hold shorter sequences than the layers before it.
 
-    k, v: L-tuples of [B, S_l, G, E]; valid: L-tuple of bool[B, S_l] (slot holds a real token);
+    k, v: L-tuples of [B * G, S_l, E] (batch and key/value heads as one leading axis: ``cached_attention`` reads
+    it in place); valid: L-tuple of bool[B, S_l] (slot holds a real token);
     length: L-tuple of int32[] (next free slot); next_pos: L-tuple of int32[B] (position id of the next token);
     sink, visual: L-tuples of bool[B, S_l] (VAR's prefill sink set and image span, all False without VAR).
     """
@@ -154,7 +174,7 @@ class KVCache:
         if len(sizes) != cfg.num_layers:
             raise ValueError(f"KVCache needs {cfg.num_layers} layer sizes, got {len(sizes)}.")
         dtype = dtype or cfg.dtype
-        kv = lambda S: jnp.zeros((batch, S, cfg.num_kv_heads, cfg.hd), dtype)  # noqa: E731
+        kv = lambda S: jnp.zeros((batch * cfg.num_kv_heads, S, cfg.hd), dtype)  # noqa: E731
         flags = lambda: tuple(jnp.zeros((batch, S), bool) for S in sizes)  # noqa: E731
         return cls(tuple(kv(S) for S in sizes), tuple(kv(S) for S in sizes), flags(),
                    (jnp.zeros((), jnp.int32),) * len(sizes), (jnp.zeros((batch,), jnp.int32),) * len(sizes),
@@ -193,29 +213,35 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, mask, *, kv=None, slot=None, tap_rows=None,
                  attend: TriangleAttention | None = None, var: VarRows | None = None):
-        """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B, S, G, E] cache of this layer,
+        """x: [B, T, D]; positions: int[B, T]; mask: bool[B, T, S]; kv: (k, v) [B * G, S, E] cache of this layer,
         written at ``slot``; tap_rows: int[B, Q] rows whose probabilities are returned; attend: TriangleMix in
         place of the fused attention; var: VAR's rows to recompute with its edit.
 
-        Returns (out [B, T, D], (k, v) written cache or this step's keys, probs float32[B, H, Q, S] or None).
+        Returns (out [B, T, D], (k, v) written cache [B * G, S, E] or this step's keys [B, T, G, E], probs
+        float32[B, H, Q, S] or None).
         """
         B, T, _ = x.shape
         H, G, E = self.heads
         q, k = self.queries(x, positions, inv_freq), self.keys(x, positions, inv_freq)
         v = self.v_proj(x).reshape(B, T, G, E)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), slot, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), slot, axis=1)
+        written = None
+        if kv is not None:  # write in the cache's head-major layout; [B, S, G, E] views for the other paths
+            written = tuple(jax.lax.dynamic_update_slice_in_dim(
+                c, new.astype(c.dtype).transpose(0, 2, 1, 3).reshape(B * G, T, E), slot, axis=1)
+                for c, new in zip(kv, (k, v)))
+            k, v = (c.reshape(B, G, -1, E).transpose(0, 2, 1, 3) for c in written)  # dropped by XLA where unused
         k_q, v_q = k.astype(q.dtype), v.astype(q.dtype)
-        if attend is None:
-            out = jax.nn.dot_product_attention(q, k_q, v_q, mask=mask[:, None])
-        else:
+        if attend is not None:
             out = attend(q, k_q, v_q, mask)
+        elif written is not None and T == 1:  # decode: over the cache in place
+            out = cached_attention(q, *written, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, k_q, v_q, mask=mask[:, None])
         if var is not None:
             edited, _ = var_rows(q, k, v, mask, var)
             out = put_rows(out, var.rows, var.row_valid, edited)
         probs = None if tap_rows is None else attention_rows(q, k, mask, tap_rows)
-        return self.o_proj(out.reshape(B, T, H * E)), (k, v), probs
+        return self.o_proj(out.reshape(B, T, H * E)), (k, v) if written is None else written, probs
 
 
 class MLP(nnx.Module):

@@ -1,9 +1,13 @@
 """Model properties that need no reference run: parameter count, compile counts, sharding, input errors."""
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxdebias.models import llava
 from jaxdebias.models import generate as gen
@@ -103,3 +107,45 @@ def test_bad_inputs_are_named(tmp_path):
         LlavaConfig.from_hf_config({"model_type": "llava_next"})
     with pytest.raises(ValueError, match="projector_hidden_act 'relu'"):
         LlavaConfig.from_hf_config({"model_type": "llava", "projector_hidden_act": "relu"})
+
+
+def test_stop_at_eos_pipelined_loop(tmp_path):
+    """decode_loop keeps one step in flight: with stop_at_eos every token after a sample's first EOS is EOS, and
+    the tokens before it are those of the run that ignores EOS."""
+    model = _tiny(tmp_path)
+    ids, am, px = prompts()
+    free = gen.generate(model, gen.Batch(ids, px, am), max_new_tokens=8, stop_at_eos=False).tokens
+    eos = int(free[0, 2])
+    model.cfg = dataclasses.replace(model.cfg, eos_token_id=eos)
+    stopped = gen.generate(model, gen.Batch(ids, px, am), max_new_tokens=8).tokens
+    after = np.maximum.accumulate(free == eos, axis=1)
+    np.testing.assert_array_equal(stopped, np.where(after, eos, free))
+    assert (stopped[0, 2:] == eos).all()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_decode_attention_over_cache_layout(heads, kv_heads):
+    """The decode step's attention over the [B * G, S, E] cache equals jax.nn.dot_product_attention on the same
+    keys, and XLA updates the donated cache in place: no full-cache copy or transpose in the compiled step."""
+    from jaxdebias.models.clip import ClipVisionConfig
+    from jaxdebias.models.llama import KVCache, LlamaConfig, cached_attention
+
+    rng = np.random.default_rng(0)
+    B, S, E = 2, 24, 8
+    q = jnp.asarray(rng.normal(size=(B, 1, heads, E)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, S, kv_heads, E)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.random((B, 1, S)) < 0.6).at[:, :, -1].set(True)
+    flat = lambda x: x.transpose(0, 2, 1, 3).reshape(B * kv_heads, S, E)  # noqa: E731
+    np.testing.assert_allclose(cached_attention(q, flat(k), flat(v), mask),
+                               jax.nn.dot_product_attention(q, k, v, mask=mask[:, None]), atol=1e-6)
+    cfg = LlavaConfig(ClipVisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                       image_size=28, patch_size=14),
+                      LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=heads,
+                                  num_kv_heads=kv_heads))
+    model = llava.Llava(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    cache = KVCache.empty(cfg.text, B, 128).with_prompt(0, 2, jnp.ones((B, 16), bool), jnp.full((B,), 16))
+    text = gen.decode_step.lower(gen.StaticDef(graphdef), state, jnp.zeros((B,), jnp.int32), cache,
+                                 jax.random.key(0), temperature=0.0).compile().as_text()
+    whole = re.compile(rf"= f32\[{B * kv_heads},128,{E}\]\S* (copy|transpose)\(")
+    assert not [line for line in text.splitlines() if whole.search(line)]
