@@ -436,6 +436,7 @@ def decode_row(table, name, cfg, graphdef, state, prefill, args, bw):
         tok, cache, _ = prefill()
         key = jax.random.key(0)
         kv = sum(x.nbytes for x in cache.k + cache.v)
+        graphdef = gen.StaticDef(graphdef)  # hashed once, as decode_loop does (jit hashes static args per call)
         tok, cache = gen.decode_step(graphdef, state, tok, cache, key, None, temperature=0.0)  # compile, warm up
         jax.block_until_ready(tok)
         ts = []
