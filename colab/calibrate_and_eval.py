@@ -22,7 +22,8 @@
 #
 # On Colab point `DATA` at a POPE folder in the LLaVA layout (`llava_pope_test.jsonl` with labels + `images/`)
 # and `CHECKPOINT` at a converted model (see the quickstart). With the defaults (CI) a tiny sample data set is
-# written here and the embedded untrained model runs: the numbers are then meaningless, the pipeline is real.
+# written here and the embedded toy model runs (it knows only generated shapes: its numbers on these images mean
+# little; the toy experiment, `python -m jaxdebias.toy.experiment`, is the meaningful small-scale run).
 
 # %% tags=["parameters"]
 CHECKPOINT = None
@@ -65,7 +66,7 @@ from jaxdebias.cli import figures
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.models.generate import generate
 
-loaded = inputs.load_model(CHECKPOINT)  # None: the embedded untrained tiny model
+loaded = inputs.load_model(CHECKPOINT)  # None: the embedded toy model (jaxdebias.toy)
 rows, image_dir = read_any(DATA, "pope")
 keep_all = jd.PruneSpec("fastv", keep=loaded.n_visual)
 calibration = jd.Calibration.init(loaded.n_visual)

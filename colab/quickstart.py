@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 HF_REPO = "llava-hf/llava-1.5-7b-hf"  # converted once in the `colab` cells below
-CHECKPOINT = None  # None: the embedded untrained tiny model (CI); the Colab cells set the converted path
+CHECKPOINT = None  # None: the embedded toy model (CI); the Colab cells set the converted path
 IMAGE = None  # None: the image shipped with jaxdebias
 PROMPT = "What is in the picture? Answer briefly."
 METHOD, KEEP = "fastv", 128  # fastv, pdrop, sparsevlm, himap, tokencarve or visionzip
@@ -60,7 +60,7 @@ from jaxdebias.cli import figures, inputs
 from jaxdebias.models.generate import generate
 
 print("devices:", jax.devices())
-loaded = inputs.load_model(CHECKPOINT)  # onto the device in bf16; None: the embedded untrained tiny model
+loaded = inputs.load_model(CHECKPOINT)  # onto the device in bf16; None: the embedded toy model
 request = loaded.request(inputs.load_image(IMAGE or inputs.default_image_path()), PROMPT)
 batch = loaded.batch([request])
 debias = jd.Debias(curve="released", pad_tau=0.5, task="gqa")
@@ -70,7 +70,7 @@ results = {name: generate(loaded.model, batch, prune=spec, max_new_tokens=16) fo
 for name, result in results.items():
     print(f"{name:18s} {loaded.decode(result.tokens[0])!r}  decoder lengths {result.stage_lengths}")
 if loaded.embedded:
-    print("(the embedded model is untrained: its answers are meaningless, the selections below are real)")
+    print("(the embedded toy model was trained on generated shapes only: its answers about other images mean little)")
 
 # %% [markdown]
 # Which visual tokens were kept (letterbox padding outlined in red where a selection kept it), and the

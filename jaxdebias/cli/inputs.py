@@ -21,19 +21,17 @@ import os
 from importlib import resources
 
 import numpy as np
-from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
 import jaxdebias as jd
 from jaxdebias.cli import anyres
 from jaxdebias.convert.load import load
 from jaxdebias.convert.source import ConversionError
-from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.generate import Batch
 from jaxdebias.models.interventions import VarSpec
-from jaxdebias.models.llama import LlamaConfig
-from jaxdebias.models.llava import Llava, LlavaConfig
+from jaxdebias.models.llava import Llava
 from jaxdebias.models.llava_next import LlavaNext
+from jaxdebias.toy import model as toy
 
 UserError = jd.UserError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,7 +41,8 @@ DEBIAS_MODES = ("off", "pad", "curve", "pad+curve")
 
 
 def default_image_path() -> str:
-    """An image shipped with the package (640 x 427: letterboxed, so padding suppression has work to do)."""
+    """An image shipped with the package: a toy-world scene (``jaxdebias.toy.scenes``, split "test", index 2) of
+    618 x 348, letterboxed, so padding suppression has work to do."""
     return str(resources.files("jaxdebias") / "assets" / "default.png")
 
 
@@ -109,7 +108,7 @@ def preprocess(image, mean=CLIP_MEAN, std=CLIP_STD, side: int = 336):
 
 
 class ByteTokenizer:
-    """The embedded default model's tokenizer: 0 pad, 1 bos, 2 eos, bytes at 3..258, 259 the image token."""
+    """A byte-level tokenizer for in-memory test models: 0 pad, 1 bos, 2 eos, bytes at 3..258, 259 the image token."""
 
     pad, bos, eos, image = 0, 1, 2, 259
     vocab = 260
@@ -175,8 +174,8 @@ def make_batch(requests: list[Request], pad_id: int) -> Batch:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model with what it needs around it: its tokenizer and image normalisation. ``embedded``: the untrained
-    default (its answers are meaningless; selections, figures and timings are real)."""
+    """A model with what it needs around it: its tokenizer and image normalisation. ``embedded``: the toy default
+    (``jaxdebias.toy``), which knows only its generated world of shapes."""
 
     model: Llava
     tokenizer: ByteTokenizer | HFTokenizer
@@ -230,14 +229,10 @@ class LoadedModel:
 
 
 def default_model() -> LoadedModel:
-    """The embedded default: an untrained, deterministically initialised LLaVA-1.5-shaped model (CLIP 336/14 ->
-    576 visual tokens, 32 decoder layers so every method's published layer indices apply), tiny in width."""
-    tokenizer = ByteTokenizer()
-    cfg = LlavaConfig(ClipVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
-                      LlamaConfig(vocab_size=tokenizer.vocab, hidden_size=64, intermediate_size=128, num_layers=32,
-                                  num_heads=2, num_kv_heads=2),
-                      image_token_id=tokenizer.image, pad_token_id=tokenizer.pad, eos_token_id=tokenizer.eos)
-    return LoadedModel(Llava(cfg, rngs=nnx.Rngs(0)), tokenizer, embedded=True)
+    """The embedded default: the toy LLaVA-1.5 shipped inside the package (``jaxdebias.toy``; CLIP 336/14 -> 576
+    visual tokens, a 24-layer decoder so every method's published layer indices apply), trained on generated
+    scenes of shapes: it answers yes/no, colour, count and position questions about such images."""
+    return dataclasses.replace(load_model(toy.default_path()), embedded=True)
 
 
 def load_model(checkpoint: str | None) -> LoadedModel:
@@ -313,7 +308,8 @@ def check_spec(spec: jd.PruneSpec, model: Llava, n: int | None = None) -> jd.Pru
     if not 0 < spec.keep <= n:
         what = "one image" if n == model.cfg.vision.num_features else "one video (frames x (patches + CLS))"
         if isinstance(model, LlavaNext):
-            what = "one LLaVA-NeXT image: base view + its largest tile grid, newlines excluded"
+            what = ("every LLaVA-NeXT image: its base view + the tile grid of the smallest tile bucket, newlines "
+                    "excluded, so that each image's span holds the budget")
         raise UserError(f"--keep must be in 1..{n} (the visual tokens of {what}), got {spec.keep}.")
     try:
         spec.split(n, model.cfg.text.num_layers)

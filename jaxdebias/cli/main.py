@@ -8,6 +8,7 @@ those objects, calls it, and turns a ``jd.UserError`` into a message and exit co
   calibrate  fit a positional-debiasing curve over a data set                    (jaxdebias.cli.calibrate)
   bias       the bias report of a method's scores over a data set                (jaxdebias.cli.bias)
   demo       the core alone on synthetic attention                               (jaxdebias.cli.demo)
+  toy-bench  generated POPE / GQA benchmark folders of the toy world              (jaxdebias.toy.scenes)
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.inputs import DEBIAS_MODES, parse_debias, prune_spec, var_spec
 from jaxdebias.cli.run import run
 from jaxdebias.eval.benchmarks import BENCHES
+from jaxdebias.toy import bench
 
 
 def _add_model(p):
     p.add_argument("--checkpoint", help="a converted checkpoint (jaxdebias-convert); default: the embedded "
-                                        "untrained tiny model")
+                                        "toy model (jaxdebias.toy)")
     p.add_argument("--frame-trend", choices=("frame", "video"), help="Video-LLaVA: fit the positional trend within "
                    "each frame (default) or across all frames")
 
@@ -91,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--image", help="image file (default: an image shipped with the package)")
     p.add_argument("--video", help="a video as a folder of frames or an .npy [F, H, W, 3] (Video-LLaVA checkpoints)")
-    p.add_argument("--prompt", default="What is in the picture?")
+    p.add_argument("--prompt", default=None, help="default: a question the embedded toy model answers, "
+                                                  "'What is in the picture?' with --checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--out", default="jaxdebias-out", help="directory for kept.png, curve.png, run.json")
     _add_prune(p)
@@ -140,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="debias + prune synthetic LLaVA-1.5 attention (the core alone, no model)")
     p.add_argument("--keep", type=int, default=64, help="visual tokens to keep (rounded up to a bucket)")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("toy-bench", help="write generated toy-world benchmarks (POPE, GQA) in the LLaVA layout")
+    p.add_argument("--out", required=True, help="output folder: one subfolder per benchmark")
+    p.add_argument("--n", type=int, default=200, help="questions per benchmark")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bench", nargs="+", default=["pope", "gqa"], choices=["pope", "gqa"])
     return parser
 
 
@@ -193,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--keep must be in 1..{demo.N} (the synthetic LLaVA-1.5 image has {demo.N} visual "
                          f"tokens), got {args.keep}")
         demo.run(k=args.keep, seed=args.seed)
+        return 0
+    if args.command == "toy-bench":
+        if args.n <= 0:
+            parser.error(f"--n must be a positive number of questions, got {args.n}")
+        for kind in args.bench:
+            path = bench.write_bench(f"{args.out}/{kind}", kind, args.n, args.seed)
+            print(f"wrote {args.n} {kind} questions to {path}  (jaxdebias eval --bench {kind} --data {path})")
         return 0
     try:
         _command(args)

@@ -16,8 +16,10 @@ from jaxdebias.models.generate import generate
 from jaxdebias.models.interventions import VarSpec
 from jaxdebias.models.video_llava import VideoLlava
 
-UNTRAINED_NOTE = ("NOTE: no --checkpoint: this is the embedded default, an untrained tiny model. Its answer is "
-                  "meaningless; the token selection, the bias numbers, the figures and the timings are real.")
+EMBEDDED_NOTE = ("no --checkpoint: the embedded default, a toy LLaVA-1.5 trained on generated scenes of shapes "
+                 "(jaxdebias.toy); it answers yes/no, colour, count and position questions about such images.")
+TOY_PROMPT = "Is there a star in the image?\nAnswer the question using a single word or phrase."
+PROMPT = "What is in the picture?"
 
 
 def _timed(fn):
@@ -27,13 +29,14 @@ def _timed(fn):
 
 
 def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: str | None = None,
-        prompt: str = "What is in the picture?", out_dir: str = "jaxdebias-out", max_new_tokens: int = 24,
+        prompt: str | None = None, out_dir: str = "jaxdebias-out", max_new_tokens: int = 24,
         var: VarSpec | None = None, log=print) -> dict:
     """Answers ``prompt`` about ``image`` (default: the image shipped with the package) unpruned, pruned by
     ``spec`` without its debiasing, and with it; writes ``kept.png`` (the kept patches of both), ``curve.png``
     (first-stage scores by position before and after debiasing) and ``run.json`` in ``out_dir``.
 
     ``model``: a ``LoadedModel``, a converted checkpoint's directory, or None for the embedded default.
+    ``prompt``: default a question the toy default answers (with it), else "What is in the picture?".
     Returns the summary written to run.json."""
     picture = load_image(image or default_image_path())  # cheap checks first: nothing is built for a bad request
     loaded = resolve_model(model)
@@ -41,7 +44,7 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
         raise jd.UserError("This is a Video-LLaVA checkpoint: ask about a video with --video FRAMES_DIR (or an .npy "
                            "[F, H, W, 3]); image questions on Video-LLaVA are not wired to `jaxdebias run`.")
     check_spec(spec, loaded.model)
-    request = loaded.request(picture, prompt)
+    request = loaded.request(picture, prompt or (TOY_PROMPT if loaded.embedded else PROMPT))
     batch = loaded.batch([request])
     specs = {"unpruned": None, "pruned": dataclasses.replace(spec, debias=jd.Debias()), "pruned + debiased": spec}
     results, seconds = {}, {}
@@ -51,7 +54,7 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
         once()  # compile
         results[name], seconds[name] = _timed(once)
     if loaded.embedded:
-        log(UNTRAINED_NOTE)
+        log(EMBEDDED_NOTE)
     n = results["pruned"].scores.shape[1]  # the image's visual span (LLaVA-NeXT: its tile bucket's slots)
     pad = loaded.pad_mask(request.size, spec.debias.tau_for(spec.method) or 0.5)
     kept = {name: np.asarray(jd.kept_mask(*results[name].kept[0], n))[0] for name in ("pruned", "pruned + debiased")}

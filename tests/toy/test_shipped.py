@@ -1,0 +1,38 @@
+"""The shipped toy model: a LLaVA-1.5-shaped jaxdebias checkpoint with a transformers tokenizer, answers with
+words, and answers generated yes/no questions it never saw correctly."""
+
+import json
+import os
+
+import numpy as np
+
+from jaxdebias.models import generate, llava
+from jaxdebias.toy import data, evaluate, load_default, model as toy_model, scenes
+
+
+def test_shipped_checkpoint_is_a_llava_1_5_shaped_jaxdebias_checkpoint():
+    path = toy_model.default_path()
+    with open(os.path.join(path, "jaxdebias.json")) as f:
+        assert json.load(f)["format_version"] == 1
+    cfg = llava.LlavaConfig.from_hf_config(path)
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.num_features) == (336, 14, 576)
+    assert cfg.text.num_layers > 20  # FastV (2), SparseVLM (2, 6, 15) and PyramidDrop (2, 10, 20) layers exist
+    assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) < 12e6
+
+
+def test_shipped_model_answers_held_out_yes_no_questions():
+    model, tok = load_default()
+    qs = evaluate.yes_no_set(60, seed=0, split="test")  # a split no training step ever drew from
+    got = evaluate.answer(model, tok, [(im, t) for im, t, _ in qs], batch_size=20)
+    assert set(got) <= {"yes", "no"}, got
+    accuracy = np.mean([g == label for g, (_, _, label) in zip(got, qs)])
+    assert accuracy >= 0.9, (accuracy, got)
+
+
+def test_shipped_model_generates_a_word_then_stops():
+    model, tok = load_default()
+    im = scenes.render(scenes.scene(scenes.stream(0, "test", 999)))
+    ids, _ = data.prompt_ids(tok, "How many shapes are there?\n" + scenes.SHORT, 576, model.cfg.image_token_id)
+    out = generate.generate(model, generate.Batch(ids[None], data.pixel_values(im, 336)[None]), max_new_tokens=3)
+    assert out.tokens[0, 1] == tok.eos_token_id
+    assert tok.decode(out.tokens[0], skip_special_tokens=True) in scenes.NUMBERS
