@@ -175,7 +175,7 @@ def make_batch(requests: list[Request], pad_id: int) -> Batch:
 @dataclasses.dataclass
 class LoadedModel:
     """A model with what it needs around it: its tokenizer and image normalisation. ``embedded``: the toy default
-    (``jaxdebias.toy``), which knows only its generated world of shapes."""
+    (``jaxdebias.toy``)."""
 
     model: Llava
     tokenizer: ByteTokenizer | HFTokenizer
@@ -231,7 +231,8 @@ class LoadedModel:
 def default_model() -> LoadedModel:
     """The embedded default: the toy LLaVA-1.5 shipped inside the package (``jaxdebias.toy``; CLIP 336/14 -> 576
     visual tokens, a 24-layer decoder so every method's published layer indices apply), trained on generated
-    scenes of shapes: it answers yes/no, colour, count and position questions about such images."""
+    scenes of shapes. It has learned the language of their questions but not yet to read the image (README, "The
+    toy world")."""
     return dataclasses.replace(load_model(toy.default_path()), embedded=True)
 
 

@@ -17,7 +17,8 @@ from jaxdebias.models.interventions import VarSpec
 from jaxdebias.models.video_llava import VideoLlava
 
 EMBEDDED_NOTE = ("no --checkpoint: the embedded default, a toy LLaVA-1.5 trained on generated scenes of shapes "
-                 "(jaxdebias.toy); it answers yes/no, colour, count and position questions about such images.")
+                 "(jaxdebias.toy). It has learned the questions' language, not yet the image: its answer comes "
+                 "from the question alone. The selection, the bias numbers, the figures and the timings are real.")
 TOY_PROMPT = "Is there a star in the image?\nAnswer the question using a single word or phrase."
 PROMPT = "What is in the picture?"
 
