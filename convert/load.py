@@ -176,7 +176,7 @@ def nest(flat: dict[tuple, object]) -> dict:
 def _placement(mesh):
     """path, spec -> a sharding for restoring one parameter (replicated on one device without a mesh)."""
     if mesh is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's (multi-host safe)
         return lambda shape, spec: one
 
     def on_mesh(shape, spec):

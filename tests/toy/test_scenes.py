@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from jaxdebias.cli.main import main as cli_main
 from jaxdebias.toy import bench, data, scenes, tokenizer
 
 
@@ -82,7 +83,10 @@ def test_write_bench_is_deterministic_and_in_llava_layout(tmp_path):
     truth = json.load(open(os.path.join(g, "testdev_balanced_questions.json")))
     assert len(rows) == 5 and all(truth[str(r["question_id"])]["answer"] for r in rows)
     assert all(os.path.isfile(os.path.join(g, "images", r["image"])) for r in rows)
-    assert scenes.main(["--out", str(tmp_path / "cli"), "--n", "2", "--bench", "gqa"]) == 0
+    assert cli_main(["toy-bench", "--out", str(tmp_path / "cli"), "--n", "2", "--bench", "gqa"]) == 0
+    assert filecmp.cmp(os.path.join(tmp_path / "cli" / "gqa", "testdev_balanced_questions.json"),
+                       os.path.join(bench.write_bench(tmp_path / "g2", "gqa", 2, seed=0),
+                                    "testdev_balanced_questions.json"), False)
     with pytest.raises(ValueError, match="Unknown toy benchmark"):
         bench.write_bench(tmp_path / "x", "mme", 2)
 
