@@ -90,7 +90,7 @@ def main():
           f"{jnp.dtype(dtype).name}, batch 1; method {args.method}, online curve per {args.trend}; "
           f"{args.repeats} round-robin rounds")
     print(f"unpruned prefill: {t_dense * 1e3:.0f} ms")
-    print(f"| keep | prefill ms | time ratio | FLOP ratio (XLA, whole prefill) | FLOP ratio (decoder, analytic) |")
+    print("| keep | prefill ms | time ratio | FLOP ratio (XLA, whole prefill) | FLOP ratio (decoder, analytic) |")
     print("|---:|---:|---:|---:|---:|")
     for k in KEEPS:
         fn, shape, x = runs[k]
