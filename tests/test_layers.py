@@ -128,3 +128,13 @@ def test_files_stay_readable(module):
         n = sum(1 for _ in f)
     limit = LONG_OK.get(module, MAX_LINES)
     assert n <= limit, f"{module} has {n} lines (> {limit}); split it by concern"
+
+
+def test_every_package_is_installed():
+    """Each folder with an __init__.py is listed in pyproject's packages (else `pip install .` leaves it out)."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    packages = {m for m, path in MODULES.items() if path.endswith("__init__.py")}
+    assert packages <= listed, sorted(packages - listed)
