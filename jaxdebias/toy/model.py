@@ -2,9 +2,9 @@
 
 The shipped model keeps LLaVA-1.5's shapes where they matter to token pruning: a CLIP-shaped tower at 336 px,
 patch 14 (576 visual tokens; 4 encoder layers of which LLaVA's ``vision_feature_layer=-2`` runs 3; CLS dropped),
-the 2-layer GELU projector
-and a 24-layer Llama decoder, so FastV's layer 2, PyramidDrop's layers 2/10/20 and SparseVLM's 2/6/15 all apply.
-It is thin (tower width 64, decoder width 32) so that it trains in about an hour on two CPU cores.
+the 2-layer GELU projector and a 24-layer Llama decoder, so FastV's layer 2, PyramidDrop's layers 2/10/20 and
+SparseVLM's 2/6/15 all apply. It is thin (width 64 in the tower and the decoder), and its decoder is trained at 6
+layers ("shallow") and then stacked into the 24 (``stack``), so that it trains on two CPU cores.
 
 On disk (``save``; what ``jaxdebias.convert.load`` reads): ``params/`` (an Orbax pytree of the parameters
 under their module paths), ``config.json`` (a transformers ``LlavaConfig``), ``jaxdebias.json`` (the marker), the
