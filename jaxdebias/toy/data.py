@@ -152,11 +152,13 @@ def branch_mask(turns):
 
 def sample(tok, cfg: DataConfig, image_id: int, seed: int, split: str, index: int):
     """One training sample of ``split`` (a pure function of its arguments): (uint8[S, S, 3] letterboxed image,
-    ids, targets, weights, positions, turns) of its ``branched`` questions."""
+    ids, targets, weights, positions, turns) of its ``branched`` questions, then the word ids that name each patch
+    (``patch_words``) and the row positions of the N image tokens."""
     rng = scenes.stream(seed, split, index)
     s = scenes.scene(rng)
     qas = scenes.questions(s, rng, cfg.turns)
-    return (letterbox(scenes.render(s), cfg.side), *branched(tok, qas, cfg.n_image, image_id, cfg.max_len)[:5])
+    row = branched(tok, qas, cfg.n_image, image_id, cfg.max_len)[:5]
+    return (letterbox(scenes.render(s), cfg.side), *row, patch_words(tok, s, cfg), np.flatnonzero(row[0] == image_id))
 
 
 def batch(tok, cfg: DataConfig, image_id: int, seed: int, step: int, size: int) -> dict:
@@ -164,11 +166,12 @@ def batch(tok, cfg: DataConfig, image_id: int, seed: int, step: int, size: int) 
 
     Returns numpy arrays: input_ids int32[B, T], attention_mask bool[B, T], targets int32[B, T],
     weights float32[B, T], positions int32[B, T], turns int32[B, T] (``branched``), pixel_values
-    float32[B, 3, S, S]."""
+    float32[B, 3, S, S], patch_words int32[B, 2, N] (``patch_words``) and image_positions int32[B, N]."""
     items = [sample(tok, cfg, image_id, seed, "train", step * size + b) for b in range(size)]
     col = lambda k: np.stack([it[k] for it in items])  # noqa: E731
     return {"input_ids": col(1), "attention_mask": col(5) >= 0, "targets": col(2), "weights": col(3),
-            "positions": col(4), "turns": col(5), "pixel_values": normalize(col(0))}
+            "positions": col(4), "turns": col(5), "pixel_values": normalize(col(0)), "patch_words": col(6),
+            "image_positions": col(7).astype(np.int32)}
 
 
 def patch_labels(s: scenes.Scene, side: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +189,14 @@ def patch_labels(s: scenes.Scene, side: int, grid: int) -> tuple[np.ndarray, np.
     colors = np.asarray([0] + [1 + list(scenes.COLORS).index(o.color) for o in s.objects], np.int32)
     shapes = np.asarray([0] + [1 + scenes.SHAPES.index(o.shape) for o in s.objects], np.int32)
     return colors[idx], shapes[idx]
+
+
+def patch_words(tok, s: scenes.Scene, cfg: DataConfig) -> np.ndarray:
+    """int32[2, N]: the token ids of the colour word and the shape word of the object under each patch centre
+    (``patch_labels``), -1 on background and padding patches."""
+    colors, shapes = patch_labels(s, cfg.side, int(round(cfg.n_image**0.5)))
+    words = lambda names: np.asarray([-1] + [_ids(tok, w)[0] for w in names], np.int32)  # noqa: E731
+    return np.stack([words(list(scenes.COLORS))[colors], words(scenes.SHAPES)[shapes]])
 
 
 def presence(s: scenes.Scene) -> np.ndarray:
@@ -215,17 +226,34 @@ def vision_batch(cfg: DataConfig, seed: int, step: int, size: int) -> dict:
             "present": np.stack(present)}
 
 
-def text_batch(tok, cfg: DataConfig, seed: int, step: int, size: int) -> dict:
-    """Batch ``step`` of the decoder's language pretraining: the training conversations without their image
-    (input_ids, attention_mask, targets, weights on every token), ``cfg.max_len - cfg.n_image`` tokens long."""
-    rows = []
+def described(tok, s: scenes.Scene) -> list[int]:
+    """The scene in words, the text stage's stand-in for its image: every object left to right as "{colour}
+    {shape} {left|right} {top|bottom}" (the side of the image its centre is in), comma-separated."""
+    words = [f"{o.color} {o.shape} {'left' if o.cx < s.width / 2 else 'right'} "
+             f"{'top' if o.cy < s.height / 2 else 'bottom'}" for o in sorted(s.objects, key=lambda o: o.cx)]
+    return _ids(tok, " , ".join(words))
+
+
+def text_batch(tok, cfg: DataConfig, image_id: int, seed: int, step: int, size: int) -> dict:
+    """Batch ``step`` of the decoder's language stage: the same single-turn questions as the LLaVA stage
+    (``branched``, the loss on the answers), about a scene described in words (``described``) where the image
+    would be. A stand-in for the LLM's pretraining: the decoder learns to answer a question from a context before
+    it ever sees an image. Rows are ``max_len - n_image + 64`` tokens; the keys of ``batch`` minus the pixels and
+    the patches."""
+    rows, length = [], cfg.max_len - cfg.n_image + 64
     for b in range(size):
         rng = scenes.stream(seed, "text", step * size + b)
-        qas = scenes.questions(scenes.scene(rng), rng, cfg.turns)
-        rows.append(conversation(tok, qas, 0, -1, cfg.max_len - cfg.n_image, answers_only=False))
-    ids = np.stack([r[0] for r in rows])
-    return {"input_ids": ids, "attention_mask": ids != tok.pad_token_id, "targets": np.stack([r[1] for r in rows]),
-            "weights": np.stack([r[2] for r in rows])}
+        s = scenes.scene(rng)
+        context = described(tok, s)
+        ids, tg, w, pos, turns, _ = branched(tok, scenes.questions(s, rng, cfg.turns), len(context), image_id,
+                                             length)
+        at = np.flatnonzero(ids == image_id)
+        ids[at] = context
+        tg[at - 1] = context
+        rows.append((ids, tg, w, pos, turns))
+    col = lambda k: np.stack([r[k] for r in rows])  # noqa: E731
+    return {"input_ids": col(0), "attention_mask": col(4) >= 0, "targets": col(1), "weights": col(2),
+            "positions": col(3), "turns": col(4)}
 
 
 class Prefetch:

@@ -30,7 +30,6 @@ from jaxdebias.toy import evaluate, model as toy_model
 METHODS = ("fastv", "pdrop", "sparsevlm")
 KEEPS = (64, 128, 192)
 VARIANTS = ("plain", "pad", "curve", "pad+curve")
-GRID = 24
 
 
 def items(n: int, seed: int, split: str) -> list[dict]:
@@ -67,21 +66,24 @@ def accuracy(qs, answers) -> dict:
     return out
 
 
-def content_masks(sizes, tau: float = 0.5) -> np.ndarray:
-    """bool[Q, N]: True where a patch is content (not letterbox padding) for each (width, height)."""
-    return np.stack([np.asarray(jd.pad_mask_expand2square(int(w), int(h), grid=GRID, tau=tau)) for w, h in sizes])
+def content_masks(sizes, grid: int, tau: float = 0.5) -> np.ndarray:
+    """bool[Q, N]: True where a patch of the ``grid`` x ``grid`` image is content (not letterbox padding) for each
+    (width, height)."""
+    return np.stack([np.asarray(jd.pad_mask_expand2square(int(w), int(h), grid=grid, tau=tau)) for w, h in sizes])
 
 
-def calibrate(model, tok, qs, method: str, batch_size: int) -> dict:
-    """The calibrated curve of ``method`` and the bias numbers of its first-stage scores."""
-    spec = jd.PruneSpec(method, keep=max(KEEPS))  # first-stage scores do not depend on the budget
+def calibrate(model, tok, qs, method: str, batch_size: int, keep: int) -> dict:
+    """The calibrated curve of ``method`` and the bias numbers of its first-stage scores (run at budget ``keep``:
+    the first stage's scores do not depend on it)."""
+    spec = jd.PruneSpec(method, keep=keep)
     _, scores, sizes = run(model, tok, qs, spec, batch_size)
-    content = content_masks(sizes)
+    grid = model.cfg.vision.grid
+    content = content_masks(sizes, grid)
     cal = jd.Calibration.init(scores.shape[1]).update(scores, content)
     curve = cal.fit("exp")
     strength = jd.bias_strength(scores, pad_mask=content)
     mean = np.asarray(cal.mean())
-    rows = np.nanmean(np.where(content, scores / scores.mean(1, keepdims=True), np.nan).reshape(-1, GRID, GRID),
+    rows = np.nanmean(np.where(content, scores / scores.mean(1, keepdims=True), np.nan).reshape(-1, grid, grid),
                       axis=(0, 2))
     return {"curve": jd.curve_to_dict(curve), "curve_object": curve,
             "slope_of_mean": float(jd.bias_strength(mean, np.asarray(cal.count) > 0)["slope"]),
@@ -142,7 +144,7 @@ def plots(results: dict, out_dir: str):
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for method in methods:
         c = results["calibration"][method]
-        ax.plot(np.arange(GRID), c["row_means"], marker="o", ms=3,
+        ax.plot(np.arange(len(c["row_means"])), c["row_means"], marker="o", ms=3,
                 label=f"{method} (b = {c['slope_of_mean']:.4f})")
     ax.set_xlabel("grid row (later in the sequence ->)")
     ax.set_ylabel("mean first-stage score / sample mean")
@@ -165,7 +167,7 @@ def experiment(model, tok, out_dir, *, n_calib=200, n_eval=200, seed=0, methods=
     results["unpruned"] = accuracy(held, answers)
     log(f"unpruned: {results['unpruned']}")
     for method in methods:
-        cal = calibrate(model, tok, calib, method, batch_size)
+        cal = calibrate(model, tok, calib, method, batch_size, max(keeps))
         curve = cal.pop("curve_object")
         results["calibration"][method] = cal
         log(f"{method}: calibrated slope {cal['slope_of_mean']:.5f}, padding/content {cal['pad_ratio']:.3f}")

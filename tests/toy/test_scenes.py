@@ -111,7 +111,8 @@ def test_training_sample_is_each_question_alone_behind_one_image():
     tok = tokenizer.build()
     image_id = tokenizer.image_token_id(tok)
     cfg = data.DataConfig(side=28, n_image=4, max_len=200, turns=4)
-    img, ids, targets, weights, positions, turns = data.sample(tok, cfg, image_id, 0, "train", 0)
+    img, ids, targets, weights, positions, turns, words, at_image = data.sample(tok, cfg, image_id, 0, "train", 0)
+    assert words.shape == (2, 4) and ids[at_image].tolist() == [image_id] * 4
     assert img.shape == (28, 28, 3) and ids.shape == targets.shape == weights.shape == turns.shape == (200,)
     rng = scenes.stream(0, "train", 0)
     qas = scenes.questions(scenes.scene(rng), rng, 4)  # the sample's questions

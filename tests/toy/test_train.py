@@ -23,12 +23,41 @@ def test_batch_is_a_function_of_seed_and_step():
 
 def test_loss_falls(tmp_path):
     assert len(jax.local_devices()) == 4  # the batch is split over the conftest's 4 fake devices
-    cfg = train.TrainConfig(steps=16, vision_steps=0, text_steps=0, lr=1e-2, **TINY)  # the LLaVA stage only
+    # the LLaVA stage only, on its answer loss (the patch-naming term is checked in the next test)
+    cfg = train.TrainConfig(steps=16, vision_steps=0, text_steps=0, lr=1e-2, patch_loss=0.0, **TINY)
     out = train.train(tmp_path, cfg, progress=False, export=False, log=lambda *a: None)
     losses = [out["losses"][s] for s in sorted(out["losses"])]
     assert np.mean(losses[-4:]) < 0.75 * np.mean(losses[:2]), losses
     log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 17))
+
+
+def test_patch_naming_loss_is_the_cross_entropy_of_the_words_at_object_patches():
+    from flax import nnx
+
+    from jaxdebias.toy import model as toy_model
+
+    tok = tokenizer.build()
+    model = toy_model.init("tiny", tok, 0)
+    cfg = data.DataConfig(side=28, n_image=4, max_len=64, turns=2)
+    b = data.batch(tok, cfg, tokenizer.image_token_id(tok), 0, 0, 8)
+    assert (b["patch_words"] >= 0).any() and (b["patch_words"] < 0).any()  # object and background patches
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = {"model": params, "head": train.init_head(16, 0)}
+    with jax.default_matmul_precision("float32"):
+        both = train.loss_fn(state, graphdef, rest, b, "llava", 0.5)
+        answers = train.loss_fn(state, graphdef, rest, b, "llava", 0.0)
+        h, _ = model.embed(b["input_ids"], b["pixel_values"])
+        h, _, _ = model.language_model.run_layers(h, b["positions"], data.branch_mask(b["turns"]),
+                                                  real=b["attention_mask"])
+        logits = np.asarray(model.language_model.logits(h), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    at = np.take_along_axis(logp, b["image_positions"][..., None], axis=1)  # [B, N, V]
+    named = []
+    for j in (0, 1):  # colour word, shape word: mean over the object patches
+        w = b["patch_words"][:, j]
+        named.append(-np.take_along_axis(at, np.maximum(w, 0)[..., None], -1)[..., 0][w >= 0].mean())
+    np.testing.assert_allclose(float(both) - float(answers), 0.5 * np.mean(named), rtol=1e-4)
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -70,19 +99,78 @@ def test_stages_and_what_they_train():
         assert all(jax.tree.leaves(mask["head"])) == (stage == "vision")
 
 
-def test_stacking_copies_the_shallow_layers_in_order():
+@pytest.mark.parametrize("mode", ["identity", "split"])
+def test_stacking_copies_each_layer_into_its_group(mode):
     from jaxdebias.toy import model as toy_model
 
     tok = tokenizer.build()
     shallow = toy_model.init("tiny", tok, 0)
-    deep = toy_model.stack(shallow, "tiny-deep", tok, seed=1)
+    deep = toy_model.stack(shallow, "tiny-deep", tok, seed=1, mode=mode)
     assert deep.cfg.text.num_layers == 4
-    for i in range(4):
-        for name in ("q_proj", "o_proj"):
-            np.testing.assert_array_equal(getattr(deep.language_model.layers[i].self_attn, name).kernel[...],
-                                          getattr(shallow.language_model.layers[i % 2].self_attn, name).kernel[...])
+    for i in range(4):  # layers 0, 1 from shallow layer 0; 2, 3 from layer 1
+        src, dst = shallow.language_model.layers[i // 2], deep.language_model.layers[i]
+        np.testing.assert_array_equal(dst.self_attn.q_proj.kernel[...], src.self_attn.q_proj.kernel[...])
+        scale = 0.5 if mode == "split" else float(i % 2 == 0)
+        for got, want in ((dst.self_attn.o_proj, src.self_attn.o_proj), (dst.mlp.down_proj, src.mlp.down_proj)):
+            np.testing.assert_allclose(np.asarray(got.kernel[...]), scale * np.asarray(want.kernel[...]), rtol=1e-6)
     np.testing.assert_array_equal(deep.language_model.lm_head.kernel[...], shallow.language_model.lm_head.kernel[...])
-    np.testing.assert_array_equal(deep.multi_modal_projector.linear_1.kernel[...],
-                                  shallow.multi_modal_projector.linear_1.kernel[...])
+    cfg = data.DataConfig(side=28, n_image=4, max_len=64, turns=2)
+    b = data.batch(tok, cfg, tokenizer.image_token_id(tok), 0, 0, 2)
+    with jax.default_matmul_precision("float32"):
+        want = shallow(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits
+        got = deep(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits
+    if mode == "identity":  # exactly the shallow model's function
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="only in the decoder depth"):
         toy_model.stack(deep, "shipped", tok)
+    with pytest.raises(ValueError, match="stacking mode"):
+        toy_model.stack(shallow, "tiny-deep", tok, mode="copy")
+
+
+def test_init_scales_with_width():
+    from flax import nnx
+
+    from jaxdebias.toy import model as toy_model
+
+    m = toy_model.init("shallow", tokenizer.build(), 0)
+    flat = {tuple(str(k) for k in p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    q = flat[("language_model", "layers", "0", "self_attn", "q_proj", "kernel")]
+    o = flat[("language_model", "layers", "0", "self_attn", "o_proj", "kernel")]
+    np.testing.assert_allclose(q.std(), 1 / np.sqrt(64), rtol=0.1)  # lecun normal at width 64, not 0.02
+    np.testing.assert_allclose(o.std(), 1 / np.sqrt(64) / np.sqrt(2 * 6), rtol=0.1)  # GPT-2's residual scaling
+    np.testing.assert_allclose(flat[("language_model", "embed_tokens", "embedding")].std(), 1.0, rtol=0.1)
+    np.testing.assert_array_equal(flat[("vision_tower", "position_embedding")],
+                                  toy_model.sincos_2d(24, 64))
+
+
+def test_text_stage_describes_the_scene_where_the_image_goes():
+    from jaxdebias.toy import scenes
+
+    tok = tokenizer.build()
+    image_id = tokenizer.image_token_id(tok)
+    cfg = data.DataConfig(side=28, n_image=4, max_len=64, turns=2)
+    b = data.text_batch(tok, cfg, image_id, 0, 0, 2)
+    s = scenes.scene(scenes.stream(0, "text", 0))
+    context = data.described(tok, s)
+    row = b["input_ids"][0]
+    assert image_id not in row
+    start = 1 + len(tok("USER:", add_special_tokens=False).input_ids)
+    np.testing.assert_array_equal(row[start:start + len(context)], context)
+    assert (b["turns"][0, :start + len(context)] == 0).all()  # the description is the shared prefix
+    words = tok.decode(context).split()
+    assert set(words) >= {o.color for o in s.objects} | {o.shape for o in s.objects}
+    answers = tok.decode(b["targets"][0][b["weights"][0] > 0]).split()
+    assert "</s>" in answers and len(answers) >= 4
+
+
+def test_patch_words_name_the_object_under_each_patch():
+    from jaxdebias.toy import scenes
+
+    tok = tokenizer.build()
+    cfg = data.DataConfig(side=336, n_image=576, max_len=768, turns=2)
+    s = scenes.scene(scenes.stream(0, "train", 3))
+    words = data.patch_words(tok, s, cfg)
+    colors, shapes = data.patch_labels(s, 336, 24)
+    assert words.shape == (2, 576) and ((words[0] >= 0) == (colors > 0)).all()
+    named = {tok.decode([int(c)]) + " " + tok.decode([int(h)]) for c, h in words.T if c >= 0}
+    assert named == {f"{o.color} {o.shape}" for o in s.objects}
