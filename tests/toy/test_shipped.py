@@ -4,6 +4,8 @@ generated questions with words of their answer vocabulary."""
 import json
 import os
 
+import numpy as np
+
 from jaxdebias.models import generate, llava
 from jaxdebias.toy import data, evaluate, load_default, model as toy_model, scenes
 
@@ -18,13 +20,19 @@ def test_shipped_checkpoint_is_a_llava_1_5_shaped_jaxdebias_checkpoint():
     assert sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) < 12e6
 
 
-def test_shipped_model_answers_yes_no_questions_with_yes_or_no():
-    # Only the format: the shipped decoder has not learned to read the image (held-out yes/no accuracy is at
-    # chance; README "The toy world"), so no accuracy is asserted here.
+def test_shipped_model_reads_the_image_on_a_fixed_yes_no_set():
+    # 64 POPE-style questions of the test split, unpruned, half "yes". The plain form ("Is there a star?", negatives
+    # absent shapes) must be right >= 90% of the time (the shipped model: 100%); the colour form, whose negatives
+    # are present shapes in another colour, is where it still errs (about 70%), so all 64 together are held to
+    # >= 75% (the shipped model: 83%; issue 17 asks for 90%, README "The toy world").
     model, tok = load_default()
-    qs = evaluate.yes_no_set(20, seed=0, split="test")
-    got = evaluate.answer(model, tok, [(im, t) for im, t, _ in qs], batch_size=20)
+    qs = evaluate.yes_no_set(64, seed=0, split="test")
+    got = evaluate.answer(model, tok, [(im, t) for im, t, _ in qs], batch_size=16)
     assert set(got) <= {"yes", "no"}, got
+    right = np.asarray([g == a for g, (_, _, a) in zip(got, qs)])
+    plain = np.asarray([len(t.split("\n")[0].split()) == 6 for _, t, _ in qs])  # "Is there a star in the image?"
+    assert plain.sum() >= 16 and right[plain].mean() >= 0.9, right[plain].mean()
+    assert right.mean() >= 0.75, right.mean()
 
 
 def test_shipped_model_generates_a_word_then_stops():
