@@ -70,34 +70,6 @@ class DataConfig:
     turns: int = 8  # questions per image (at most)
 
 
-def conversation(tok, qas, n_image: int, image_id: int, max_len: int, answers_only: bool = True):
-    """(ids int32[T], targets int32[T], weights float32[T], turns used) for one multi-turn sample: ``targets[t]``
-    is the token after ``t``, weighted 1 where it is an answer word or the ``</s>`` closing an answer (every
-    real token with ``answers_only=False``: language-model pretraining)."""
-    ids, answer = [], []
-    for j, qa in enumerate(qas):
-        if j == 0:
-            prompt = list(prompt_ids(tok, qa.text, n_image, image_id)[0])
-        else:
-            prompt = _ids(tok, scenes.TURN.format(qa.text))
-        reply = _ids(tok, qa.answer) + [tok.eos_token_id]
-        if len(ids) + len(prompt) + len(reply) > max_len:
-            if j == 0:
-                raise ValueError(f"max_len {max_len} is shorter than one turn ({len(prompt) + len(reply)} tokens).")
-            break
-        ids += prompt + reply
-        answer += [False] * len(prompt) + [True] * len(reply)
-        used = j + 1
-    T = len(ids)
-    out_ids = np.full(max_len, tok.pad_token_id, np.int32)
-    out_ids[:T] = ids
-    targets = np.full(max_len, tok.pad_token_id, np.int32)
-    targets[:T - 1] = ids[1:]
-    weights = np.zeros(max_len, np.float32)
-    weights[:T - 1] = answer[1:] if answers_only else 1.0
-    return out_ids, targets, weights, used
-
-
 def branched(tok, qas, n_image: int, image_id: int, max_len: int):
     """One image's questions as independent single-turn prompts sharing the image prefix, packed in one row.
 

@@ -15,9 +15,9 @@ up to three stages, each with its own warmup/cosine schedule and fresh optimizer
    stand-in for CLIP's.
 
 The shipped model is trained in two steps (progressive stacking, ``model.stack``): this script on the "shallow"
-preset (6 decoder layers: four times cheaper per step), then ``stack`` into the 24 layers of "shipped" (function
-preserving) and optionally ``--preset shipped --init SHALLOW/model`` to train on. README.md gives the commands
-and their wall times.
+preset (6 decoder layers: four times cheaper per step), then ``stack`` into the 24 layers of "shipped" (each layer
+split into 4 quarter-size copies; no training after it), or ``--preset shipped --init SHALLOW/model`` to stack and
+train on. README.md gives the commands and their wall times.
 
 AdamW (weight decay on matrices only), global-norm gradient clipping. One jitted step per stage; the batch is split
 over this process's devices along a "data" mesh axis (parameters replicated), so the same code runs on 1 CPU, 8
@@ -145,12 +145,12 @@ def _ce(logits, labels, weights):
 
 def loss_fn(state, graphdef, rest, batch, stage: str, patch_loss: float = 0.0):
     """The stage's loss. vision: cross-entropy of each patch's colour and shape class (object and background
-    patches weighted equally in total); text: next-token loss on every token of text-only conversations; llava:
-    next-token loss on the answer tokens, plus ``patch_loss`` times the patch-naming loss: at each image token
-    on an object, the decoder's output (through its LM head) names the object's colour word and its shape word
-    (cross-entropy of each, averaged). Our addition, not LLaVA's: a decoder trained from nothing otherwise stays
-    on the answers' text prior (held-out yes/no at chance after 500 steps in our runs); naming the patches puts
-    what each image token shows into the words the answers use, which the questions' attention can then read."""
+    patches weighted equally in total); text: next-token loss on the answer tokens of questions about a scene
+    described in words; llava: next-token loss on the answer tokens, plus ``patch_loss`` times the patch-naming
+    loss: at each image token on an object, the decoder's output (through its LM head) names the object's colour
+    word and its shape word (cross-entropy of each, averaged). Our addition, not LLaVA's: naming the patches puts
+    what each image token shows into the words the answers use, which the questions' attention can then read (on a
+    64-token variant it took held-out colour accuracy from 0.14 to 0.82 in 500 steps; README "The toy world")."""
     mask = trainable_mask(state, stage)
     state = jax.tree.map(lambda x, m: x if m else jax.lax.stop_gradient(x), state, mask)
     m = nnx.merge(graphdef, state["model"], rest)
