@@ -69,6 +69,11 @@ class DataConfig:
     max_len: int = 768  # T: conversations are cut to whole turns that fit, then right-padded
     turns: int = 8  # questions per image (at most)
 
+    @property
+    def grid(self) -> int:
+        """Patches per side of the square image (N = grid * grid)."""
+        return int(round(self.n_image**0.5))
+
 
 def branched(tok, qas, n_image: int, image_id: int, max_len: int):
     """One image's questions as independent single-turn prompts sharing the image prefix, packed in one row.
@@ -166,7 +171,7 @@ def patch_labels(s: scenes.Scene, side: int, grid: int) -> tuple[np.ndarray, np.
 def patch_words(tok, s: scenes.Scene, cfg: DataConfig) -> np.ndarray:
     """int32[2, N]: the token ids of the colour word and the shape word of the object under each patch centre
     (``patch_labels``), -1 on background and padding patches."""
-    colors, shapes = patch_labels(s, cfg.side, int(round(cfg.n_image**0.5)))
+    colors, shapes = patch_labels(s, cfg.side, cfg.grid)
     words = lambda names: np.asarray([-1] + [_ids(tok, w)[0] for w in names], np.int32)  # noqa: E731
     return np.stack([words(list(scenes.COLORS))[colors], words(scenes.SHAPES)[shapes]])
 
@@ -185,12 +190,11 @@ def presence(s: scenes.Scene) -> np.ndarray:
 def vision_batch(cfg: DataConfig, seed: int, step: int, size: int) -> dict:
     """Batch ``step`` of the vision tower's pretraining: pixel_values float32[B, 3, S, S], colour and shape
     classes int32[B, N] of every patch, and what the image holds, float32[B, 35] (``presence``)."""
-    grid = int(round(cfg.n_image**0.5))
     images, colors, shapes, present = [], [], [], []
     for b in range(size):
         s = scenes.scene(scenes.stream(seed, "vision", step * size + b))
         images.append(letterbox(scenes.render(s), cfg.side))
-        c, sh = patch_labels(s, cfg.side, grid)
+        c, sh = patch_labels(s, cfg.side, cfg.grid)
         colors.append(c)
         shapes.append(sh)
         present.append(presence(s))
