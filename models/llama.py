@@ -26,7 +26,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias.models import layers
 from jaxdebias.models.interventions import TriangleAttention, TriangleMix, VarContext, VarRows, VarSpec, var_rows
-from jaxdebias.models.rows import attention_rows, put_rows, row_probs, slot_mask, take_rows
+from jaxdebias.models.rows import attention_rows, causal_attention, put_rows, row_probs, slot_mask, take_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ def cached_attention(q, k, v, mask):
     the cache's dtype). The decode step's attention: the cache's one leading batch axis and the operand order (q
     first, then v first) are forms XLA:CPU's dots take as they are, so the cache is neither transposed nor copied
     (a [B, G, S, E] cache is reshaped for the dot, and XLA then duplicates the in-place update). A prompt keeps
-    ``jax.nn.dot_product_attention``: its rounding is what the parity bounds were set on. Returns [B, T, H, E]."""
+    ``jax.nn.dot_product_attention`` (``rows.causal_attention``). Returns [B, T, H, E]."""
     B, T, H, E = q.shape
     G = k.shape[0] // B
     R = H // G
@@ -235,8 +235,8 @@ class Attention(nnx.Module):
             out = attend(q, k_q, v_q, mask)
         elif written is not None and T == 1:  # decode: over the cache in place
             out = cached_attention(q, *written, mask)
-        else:
-            out = jax.nn.dot_product_attention(q, k_q, v_q, mask=mask[:, None])
+        else:  # a prompt at slots [0, T): only the keys its causal mask can reach
+            out = causal_attention(q, k_q, v_q, mask)
         if var is not None:
             edited, _ = var_rows(q, k, v, mask, var)
             out = put_rows(out, var.rows, var.row_valid, edited)
