@@ -17,7 +17,7 @@ from jaxdebias.models.interventions import VarSpec
 from jaxdebias.models.video_llava import VideoLlava
 
 EMBEDDED_NOTE = ("no --checkpoint: the embedded default, a toy LLaVA-1.5 trained here on generated scenes of shapes "
-                 "(jaxdebias.toy; yes/no accuracy 0.83 on held-out scenes). Its answers "
+                 "(jaxdebias.toy; yes/no accuracy 0.97 on held-out scenes). Its answers "
                  "and attention are learned; it knows only that world.")
 TOY_PROMPT = "Is there a star in the image?\nAnswer the question using a single word or phrase."
 PROMPT = "What is in the picture?"

@@ -21,18 +21,19 @@ def test_shipped_checkpoint_is_a_llava_1_5_shaped_jaxdebias_checkpoint():
 
 
 def test_shipped_model_reads_the_image_on_a_fixed_yes_no_set():
-    # 64 POPE-style questions of the test split, unpruned, half "yes". The colour form ("Is there a red star?",
-    # negatives present shapes in another colour) must be right >= 90% of the time (the shipped model: 94%); the
-    # plain form ("Is there a star?", negatives absent shapes) is where it still errs (72%), so all 64 together
-    # are held to >= 75% (the shipped model: 83%; issue 17 asks for 90%, README "The toy world").
+    # 64 POPE-style questions of the test split, unpruned, half "yes": issue 17 asks for >= 90% (the shipped model:
+    # 98%). Each form on its own >= 85%: the colour form ("Is there a red star?", negatives present shapes in another
+    # colour; shipped 100%) and the plain form ("Is there a star?", negatives absent shapes; shipped 97%).
     model, tok = load_default()
     qs = evaluate.yes_no_set(64, seed=0, split="test")
     got = evaluate.answer(model, tok, [(im, t) for im, t, _ in qs], batch_size=16)
     assert set(got) <= {"yes", "no"}, got
     right = np.asarray([g == a for g, (_, _, a) in zip(got, qs)])
     colour = np.asarray([t.split()[3] not in scenes.SHAPES for _, t, _ in qs])  # "Is there a red star ..."
-    assert colour.sum() >= 16 and right[colour].mean() >= 0.9, right[colour].mean()
-    assert right.mean() >= 0.75, right.mean()
+    assert colour.sum() >= 16 and (~colour).sum() >= 16, colour.sum()
+    assert right[colour].mean() >= 0.85 and right[~colour].mean() >= 0.85, (right[colour].mean(),
+                                                                             right[~colour].mean())
+    assert right.mean() >= 0.9, right.mean()
 
 
 def test_shipped_model_generates_a_word_then_stops():
