@@ -630,10 +630,14 @@ def test_prefill_flops_match_the_analytic_count():
                                         num_heads=8, num_kv_heads=8))
     model = nnx.eval_shape(lambda: llava.Llava(cfg, rngs=nnx.Rngs(0)))
     model = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model)
-    D, F, T, extra = 512, 1376, 640, 64
+    D, F, T = 512, 1376, 640  # the cache's 64 decode slots after the prompt are not attended by it
 
-    def layer_flops(Ts):  # projections, MLP, and QK^T + PV against the layer's cache of Ts + extra slots
-        return 2 * Ts * (4 * D * D + 3 * D * F) + 2 * 2 * Ts * (Ts + extra) * D
+    def key_columns(Ts):  # rows.causal_attention: <= 4 row blocks of >= 128 rows, block [a, b) sees keys [0, b)
+        size = max(128, -(-Ts // 4))
+        return sum(min(size, Ts - a) * min(Ts, a + size) for a in range(0, Ts, size))
+
+    def layer_flops(Ts):  # projections, MLP, and QK^T + PV over the key columns the prompt's attention computes
+        return 2 * Ts * (4 * D * D + 3 * D * F) + 2 * 2 * key_columns(Ts) * D
 
     dense, _ = _flops(model, jd.PruneSpec("fastv", keep=576, stages=()))
     for keep in (64, 192):
