@@ -15,9 +15,9 @@ up to three stages, each with its own warmup/cosine schedule and fresh optimizer
    stand-in for CLIP's.
 
 The shipped model is trained in two steps (progressive stacking, ``model.stack``): this script on the "shallow"
-preset (6 decoder layers: four times cheaper per step), then ``stack`` into the 24 layers of "shipped" (each layer
-split into 4 quarter-size copies; no training after it), or ``--preset shipped --init SHALLOW/model`` to stack and
-train on. README.md gives the commands and their wall times.
+preset (6 decoder layers: four times cheaper per step), then ``stack(..., mode="identity")`` into the 24 layers of
+"shipped" (each trained layer followed by 3 silent copies; no training after it), or ``--preset shipped --init
+SHALLOW/model`` to stack (default mode "split") and train on. README.md gives the commands and their wall times.
 
 AdamW (weight decay on matrices only), global-norm gradient clipping. One jitted step per stage; the batch is split
 over this process's devices along a "data" mesh axis (parameters replicated), so the same code runs on 1 CPU, 8
