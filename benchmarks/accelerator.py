@@ -364,7 +364,7 @@ def llava_rows(table: Table, name: str, cfg, args, dev, peak: float, bw: float):
     def job(spec):
         prep = gen.prepare(model, batch, spec)
         lower = lambda: gen.prefill_step.lower(graphdef, state, *prep.arrays, prep.limits, key,
-                                               spec=prep.shape, extra=EXTRA, temperature=0.0).compile()
+                                               plan=prep.plan, extra=EXTRA, temperature=0.0).compile()
         return prep, lower
 
     variants, jobs, skipped = {"dense": (None, setting)}, {}, []

@@ -66,19 +66,19 @@ def main():
 
     def runner(spec):
         prep = gen.prepare(model, batch, spec, prompt_buckets=buckets)
-        kw = dict(spec=prep.shape, extra=64, temperature=0.0)
+        kw = dict(plan=prep.plan, extra=64, temperature=0.0)
         args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
         flops = gen.prefill_step.lower(*args_, **kw).compile().cost_analysis()["flops"]
-        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.shape, flops
+        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.plan, flops
 
     def decoder_flops(shape):
         total = 0
-        for start, stop, S in sequence.segments(buckets[0], shape, N, L)[0]:
+        for start, stop, S in sequence.segments(buckets[0], shape, N, L):
             total += (stop - start) * (2 * S * (4 * D * D + 3 * D * F) + 4 * S * (S + 64) * D)
         return total
 
     debias = jd.Debias(curve="online", pad_tau="released")
-    runs = {"unpruned": runner(jd.PruneSpec("fastv", keep=N, stages=()))}
+    runs = {"unpruned": runner(None)}
     for keep in (int(k) for k in args.keeps.split(",")):
         runs[keep] = runner(jd.PruneSpec(args.method, keep=keep, debias=debias))
     times = interleaved_times({name: fn for name, (fn, _, _) in runs.items()}, args.repeats)

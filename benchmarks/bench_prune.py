@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 import jaxdebias as jd
-from jaxdebias import policies
+from jaxdebias.methods import tokencarve
 from jaxdebias.models import generate as gen
 from jaxdebias.models import llava, sequence
 from jaxdebias.models.clip import ClipVisionConfig
@@ -62,8 +62,8 @@ def main():
     def runner(spec):
         prep = gen.prepare(model, batch, spec)
         args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
-        kw = dict(spec=prep.shape, extra=64, temperature=0.0)
-        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.shape, xla_flops(gen.prefill_step, *args_, **kw)
+        kw = dict(plan=prep.plan, extra=64, temperature=0.0)
+        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.plan, xla_flops(gen.prefill_step, *args_, **kw)
 
     def decoder_flops(segs):
         total = 0
@@ -71,9 +71,9 @@ def main():
             total += (stop - start) * (2 * S * (4 * D * D + 3 * D * F) + 4 * S * (S + 64) * D)
         return total
 
-    dense_fn, dense_shape, x_dense = runner(jd.PruneSpec("fastv", keep=576, stages=()))
+    dense_fn, dense_shape, x_dense = runner(None)
     Tb = jd.bucket(T, gen.PROMPT_BUCKETS)
-    f_dense = decoder_flops(sequence.segments(Tb, dense_shape, 576, L)[0])
+    f_dense = decoder_flops(sequence.segments(Tb, dense_shape, 576, L))
     scores = jnp.asarray(rng.random((1, 576)), jnp.float32)
     pad = jd.pad_mask_expand2square(640, 480)[None]
     print(f"device: {jax.devices()[0].platform}; decoder {L} x {D}, prompt {T} tokens (bucket {Tb}), "
@@ -97,9 +97,9 @@ def main():
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for keep, spec in specs.items():
             shape, t, x = runs[keep][1], times[keep], runs[keep][2]
-            f = decoder_flops(sequence.segments(Tb, shape, 576, L)[0])
+            f = decoder_flops(sequence.segments(Tb, shape, 576, L))
             curve = spec.debias.curve_for(spec.method)
-            k = shape.stages[0].keep if shape.stages else shape.keep
+            k = shape.stages[0].keep if shape.stages else shape.encoder.size
             sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
             xr = x / x_dense if x and x_dense else float("nan")
             print(f"| {keep} | {t * 1e3:.1f} | {t / t_dense:.3f} | {xr:.3f} | {f / f_dense:.3f} | "
@@ -107,8 +107,8 @@ def main():
             if method == "tokencarve":  # its own selection work: the SVD, the rank fusion, the A/B merge
                 h = jnp.asarray(rng.normal(size=(1, 576, D)), dtype)
                 ok = jnp.ones((1, 576), bool)
-                carve = jax.jit(lambda h, s: policies.tokencarve_select(
-                    policies.rank_fusion(s, policies.sv_scores(h, ok), ok), h, ok, k)[2].sum())
+                carve = jax.jit(lambda h, s: tokencarve.tokencarve_select(
+                    tokencarve.rank_fusion(s, tokencarve.sv_scores(h, ok), ok), h, ok, k)[2].sum())
                 c = median_time(lambda: carve(h, scores), args.repeats)
                 print(f"      SV scores (SVD of 576 x {D}) + rank fusion + A/B merge: {c * 1e3:.1f} ms = "
                       f"{100 * c / t:.1f}% of this prefill")

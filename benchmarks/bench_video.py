@@ -72,15 +72,15 @@ def main():
     def runner(spec):
         prep = gen.prepare(model, batch, spec, prompt_buckets=(Tb,))
         args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
-        kw = dict(spec=prep.shape, extra=64, temperature=0.0)
-        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.shape, xla_flops(gen.prefill_step, *args_, **kw)
+        kw = dict(plan=prep.plan, extra=64, temperature=0.0)
+        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.plan, xla_flops(gen.prefill_step, *args_, **kw)
 
     def decoder_flops(segs):
         return sum((stop - start) * (2 * S * (4 * D * D + 3 * D * F_mlp) + 4 * S * (S + 64) * D)
                    for start, stop, S in segs)
 
-    dense_fn, dense_shape, x_dense = runner(jd.PruneSpec("fastv", keep=n, stages=(), buckets=(n,)))
-    f_dense = decoder_flops(sequence.segments(Tb, dense_shape, n, L)[0])
+    dense_fn, dense_shape, x_dense = runner(None)
+    f_dense = decoder_flops(sequence.segments(Tb, dense_shape, n, L))
     specs = {k: jd.PruneSpec(args.method, keep=k, buckets=KEEPS, debias=jd.Debias(curve="online")) for k in KEEPS}
     runs = {k: runner(spec) for k, spec in specs.items()}
     times = interleaved_times({"dense": dense_fn, **{k: r[0] for k, r in runs.items()}}, args.repeats)
@@ -94,7 +94,7 @@ def main():
     print("|---:|---:|---:|---:|---:|")
     for k in KEEPS:
         fn, shape, x = runs[k]
-        f = decoder_flops(sequence.segments(Tb, shape, n, L)[0])
+        f = decoder_flops(sequence.segments(Tb, shape, n, L))
         xr = f"{x / x_dense:.3f}" if x and x_dense else "n/a"
         print(f"| {k} | {times[k] * 1e3:.0f} | {times[k] / t_dense:.3f} | {xr} | {f / f_dense:.3f} |")
 

@@ -121,7 +121,7 @@ def main():
     for name, spec in (("prefill", None), (f"pruned prefill ({args.method}, keep {args.keep})", pruned)):
         prep = gen.prepare(model, batch, spec)
         call = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
-        kw = dict(spec=prep.shape, extra=64, temperature=0.0)
+        kw = dict(plan=prep.plan, extra=64, temperature=0.0)
         text = gen.prefill_step.lower(*call, **kw).compile().as_text()
         fn = lambda: gen.prefill_step(*call, **kw)  # noqa: E731
         first, cache, _ = jax.block_until_ready(fn())

@@ -14,11 +14,11 @@ from jaxdebias.curves import (
     PolyInverseCurve,
     curve_from_dict,
     curve_to_dict,
-    released_curve,
 )
 from jaxdebias.fitting import Calibration, bias_strength, fit_curve, fit_exp_curve, fit_online
-from jaxdebias.methods import Debias, PruneSpec, Stage
-from jaxdebias.names import METHOD_ALIASES, METHODS, canonical_method
+from jaxdebias import methods
+from jaxdebias.methods import METHOD_ALIASES, METHODS, Stage, canonical_method
+from jaxdebias.spec import Debias, Plan, PruneSpec, released_curve
 from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square, pad_mask_resized
 from jaxdebias.prune import (
     DEFAULT_BUCKETS,
@@ -32,7 +32,7 @@ from jaxdebias.prune import (
     view_rasters,
     select_topk,
 )
-from jaxdebias.scores import query_mask, visual_positions, visual_scores
+from jaxdebias.scores import query_mask, text_raters, visual_positions, visual_scores, voting_rows
 from jaxdebias.sinks import (
     KNOWN_SINK_DIMS,
     discover_sink_dims,
@@ -46,7 +46,8 @@ from jaxdebias.sinks import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "METHOD_ALIASES", "UserError", "canonical_method", "debias_scores", "debias_views", "view_rasters", "AnyresMask", "Calibration", "Debias", "PruneSpec", "Stage", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
+    "METHODS", "METHOD_ALIASES", "UserError", "canonical_method", "debias_scores", "debias_views", "view_rasters",
+    "AnyresMask", "Calibration", "Debias", "Plan", "PruneSpec", "Stage", "methods", "text_raters", "voting_rows", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
     "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
     "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
     "fit_online", "gather_tokens", "image_centric_heads", "kept_mask", "known_sink_dims", "pad_mask_anyres",

@@ -10,7 +10,7 @@ A curve describes a trend ``t_i`` of attention against token index ``i``; its we
   ExpConstCurve(a, b, c)   t_i = a exp(-b i) + c              w_i = t_0 / t_i
 
 The released curves (arXiv 2508.17807, LLaVA-1.5-7B, 576 tokens) are in ``RELEASED`` and
-``released_curve(method, task)``.
+``published_curve(method, task)`` (``jd.released_curve`` with aliases).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxdebias import _checks
-from jaxdebias.names import METHOD_ALIASES
 
 
 def _index(n: int):
@@ -105,17 +104,18 @@ RELEASED_EXP_B: dict[str, dict[str, float]] = {
 RELEASED_POLY3_INVERSE: dict[str, tuple[float, float, float, float]] = {
     "fastv": (0.9999999999999999, 0.00301519760334635, -1.4597908344382146e-05, 2.5691135190170128e-08),
 }
-def released_curve(method: str, task: str = "default") -> Curve:
-    """The published positional-debiasing curve for a pruning method and benchmark.
+def published_curve(method: str, task: str = "default") -> Curve:
+    """The published positional-debiasing curve for a pruning method (its canonical name; ``jd.released_curve``
+    also takes aliases) and benchmark.
 
     Args:
-      method: "fastv", "himap", "pdrop" (alias "pyramiddrop"), "sparsevlm" or "tokencarve".
+      method: "fastv", "himap", "pdrop", "sparsevlm" or "tokencarve".
       task: benchmark name (e.g. "gqa", "pope", "textvqa"); FastV has one curve for all tasks.
 
     Raises:
       KeyError: unknown method or task; the message lists the known ones.
     """
-    key = METHOD_ALIASES.get(method.lower(), method.lower())  # unknown names fall through to the KeyError
+    key = method.lower()
     if key in RELEASED_POLY3_INVERSE:
         return PolyInverseCurve(jnp.asarray(RELEASED_POLY3_INVERSE[key], jnp.float32))
     if key not in RELEASED_EXP_B:

@@ -1,10 +1,7 @@
-"""Pruning method names and their aliases: the one table every layer resolves a user's method name with."""
+"""The vocabulary of voting query rows, shared by ``jd.query_mask`` and the pruning stages (method names and
+their aliases are the registry's: ``jaxdebias.methods``)."""
 
 from __future__ import annotations
-
-METHODS = ("fastv", "pdrop", "sparsevlm", "himap", "tokencarve", "visionzip", "illava")
-METHOD_ALIASES = {"pyramiddrop": "pdrop", "pyramid_drop": "pdrop", "sparse_vlm": "sparsevlm"}
-
 
 # Which query rows vote - one vocabulary for ``jd.query_mask`` and the pruning stages (``jd.Stage.query``):
 QUERY_KINDS = {
@@ -23,14 +20,4 @@ def canonical_query(kind: str) -> str:
     if key not in QUERY_KINDS:
         raise ValueError(f"Unknown query kind {kind!r}; known: {', '.join(QUERY_KINDS)} "
                          f"(aliases: {', '.join(QUERY_ALIASES)}).")
-    return key
-
-
-def canonical_method(name: str) -> str:
-    """The canonical name of a pruning method ("PyramidDrop" -> "pdrop"); ValueError for an unknown one."""
-    key = str(name).lower()
-    key = METHOD_ALIASES.get(key, key)
-    if key not in METHODS:
-        raise ValueError(f"Unknown pruning method {name!r}; known: {', '.join(METHODS)} "
-                         f"(aliases: {', '.join(METHOD_ALIASES)}).")
     return key

@@ -198,9 +198,15 @@ def _debias_and_select(scores, curve, pad_mask, valid, raster, limit, views, *, 
         content = None if pad_mask is None else (
             jnp.take_along_axis(jnp.asarray(pad_mask, bool), jnp.clip(raster, 0), axis=1) | (raster < 0))
         d = debias_scores(scores, raster, valid, content, curve, n, views, view_sizes)
-    candidates = valid if content is None or pad_candidates else valid & content
-    idx, slot = _select_topk(d, candidates, k, limit)
+    idx, slot = _select_topk(d, candidates(valid, content, pad_candidates), k, limit)
     return idx, slot, d
+
+
+def candidates(valid, content, pad_candidates: bool):
+    """The tokens a selection may keep: bool[B, M] ``valid``, minus padding (``content`` False) unless
+    ``pad_candidates`` (only FastV's release caps its budget at the content; elsewhere zeroed padding can still
+    fill the top-k). content: bool[B, M] or None (no padding suppression)."""
+    return valid if content is None or pad_candidates else valid & content
 
 
 def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int, views=None, view_sizes=()):

@@ -52,12 +52,24 @@ def _reduce(x, mask, how: str, axis: int):
     return jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis)
 
 
+def reduce_rows(attn, query_valid, head_reduce: str = "mean", query_reduce: str = "mean"):
+    """The one head/row reduction: attn float[B, H, Q, S] over the voting rows (query_valid bool[B, Q]) and the
+    heads -> float32[B, S] (rows reduced per head, then heads)."""
+    per_head = _reduce(attn.astype(jnp.float32), query_valid[:, None, :, None], query_reduce, axis=2)  # [B, H, S]
+    return {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[head_reduce](per_head, axis=1)
+
+
+def stage_scores(probs, query_valid, key_slots, key_valid):
+    """What a pruning stage scores with: ``reduce_rows`` (heads and voting rows averaged) read at the visual
+    slots. probs: float[B, H, Q, S]; query_valid: bool[B, Q]; key_slots: int[B, M] slots of the visual tokens;
+    key_valid: bool[B, M]. Returns float32[B, M] (0 at invalid slots)."""
+    per_key = reduce_rows(probs, query_valid)
+    return jnp.where(key_valid, jnp.take_along_axis(per_key, key_slots, axis=1), 0.0)
+
+
 @partial(jax.jit, static_argnames=("n", "head_reduce", "query_reduce"))
 def _visual_scores(attn, visual_mask, query_mask, *, n, head_reduce, query_reduce):
-    attn = attn.astype(jnp.float32)
-    qmask = query_mask[:, None, :, None]  # [B, 1, Q, 1]
-    per_head = _reduce(attn, qmask, query_reduce, axis=2)  # [B, H, T]
-    per_tok = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[head_reduce](per_head, axis=1)  # [B, T]
+    per_tok = reduce_rows(attn, query_mask, head_reduce, query_reduce)  # [B, T]
     pos, valid = visual_positions(visual_mask, n)
     scores = jnp.take_along_axis(per_tok, pos, axis=1)
     any_query = jnp.any(query_mask, axis=1, keepdims=True)
@@ -142,6 +154,40 @@ def query_mask(kind: str, *, attention_mask, visual_mask=None, position=None, ra
     text = real & (idx[None, :] > last_img[:, None]) & (last_img[:, None] >= 0)
     if kind == "raters":
         if raters is None:
-            raise ValueError("query_mask('raters') needs raters (bool[B, T], e.g. from policies.text_raters).")
+            raise ValueError("query_mask('raters') needs raters (bool[B, T], e.g. from jd.text_raters).")
         return text & jnp.asarray(raters, bool)
     return text
+
+
+def voting_rows(kind: str, *, attention_mask, visual_mask, span: int, position=None, raters=None):
+    """``query_mask`` as row indices with a static count, for tapping only the voting rows.
+
+    kind, attention_mask, visual_mask, position, raters: as ``query_mask``; span: static length of the (contiguous)
+    visual span. Returns (rows int32[B, Q] ascending, valid bool[B, Q]) with Q = 1 ("last", "instruction"),
+    ``span`` ("image") or T - span ("text", "raters"); a sample with fewer rows has invalid slots after them."""
+    kind = canonical_query(kind)
+    mask = query_mask(kind, attention_mask=attention_mask, visual_mask=visual_mask, position=position,
+                      raters=raters)
+    T = mask.shape[1]
+    Q = 1 if kind in ("last", "instruction") else span if kind == "image" else max(T - span, 1)
+    rows = jax.vmap(lambda m: jnp.nonzero(m, size=Q, fill_value=0)[0])(mask).astype(jnp.int32)
+    return rows, jnp.arange(Q)[None, :] < jnp.sum(mask, axis=1, keepdims=True)
+
+
+def text_raters(h_visual, h_text, text_valid, *, scaled: bool = False, strict: bool = True):
+    """The "raters" query rows: SparseVLM v1.5's raters (Gumpest/SparseVLMs@734d900:llava/model/language_model/modelling_sparse_llama.py
+    L200-204), from the layer-0 input embeddings: M = softmax over the text tokens j of the raw dot products
+    H_v H_t^T, m_j = mean_i M_ij over the visual tokens i; a text token rates when m_j > mean_j m_j (strict).
+    Computed in fp32 (the release: fp16).
+
+    h_visual: float[B, N, D]; h_text: float[B, T, D] (the release: every token after the image);
+    text_valid: bool[B, T] (softmax and mean over these only); scaled: the project's earlier variant, logits
+    divided by sqrt(D); strict: False for the earlier ``>=``. Returns bool[B, T]."""
+    logits = jnp.einsum("bnd,btd->bnt", h_visual.astype(jnp.float32), h_text.astype(jnp.float32))
+    if scaled:
+        logits = logits / jnp.sqrt(jnp.float32(h_visual.shape[-1]))
+    logits = jnp.where(text_valid[:, None, :], logits, -jnp.inf)
+    m = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)  # [B, T]
+    mean = jnp.sum(jnp.where(text_valid, m, 0.0), 1, keepdims=True) / jnp.maximum(
+        jnp.sum(text_valid, 1, keepdims=True), 1)
+    return text_valid & ((m > mean) if strict else (m >= mean))

@@ -7,8 +7,8 @@ LLaVA reads ``hidden_states[vision_feature_layer]`` of the tower (default -2: th
 only the layers up to that one are built and run; the last layer and ``post_layernorm`` are never used and are
 not parameters of this port. The CLS token is dropped for ``vision_feature_select_strategy="default"``.
 
-``ClipVisionTower.with_merges`` runs iLLaVA's encoder stage (``jaxdebias.policies.illava_encoder_merge``): in the
-chosen layers r tokens are merged away between the attention residual and the MLP; CLS is never merged (ours).
+``ClipVisionTower.with_merges`` runs a token-merging encoder stage (iLLaVA's: ``jaxdebias.methods.illava``): in the
+chosen layers a merge rule shortens the tokens between the attention residual and the MLP.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdebias.models import layers
-from jaxdebias.policies import illava_encoder_merge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +137,12 @@ class ClipEncoderLayer(nnx.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
-    def merged(self, x, r: int):
-        """This layer with iLLaVA's merge of r tokens between the attention residual and the MLP, CLS (token 0)
-        protected: x float[B, P, D] -> (float[B, P - r, D], kept int32[B, P - r] ascending indices into P)."""
+    def merged(self, x, merge):
+        """This layer with ``merge(x, probs) -> (x float[B, P', D], kept int32[B, P'])`` applied between the
+        attention residual and the MLP (probs: float32[B, H, P, P] the layer's attention): x float[B, P, D] ->
+        (float[B, P', D], kept int32[B, P'] ascending indices into P)."""
         out, probs = self.self_attn.with_probs(self.layer_norm1(x))
-        x, kept = illava_encoder_merge(x + out, probs, r, protected=1)
+        x, kept = merge(x + out, probs)
         return x + self.mlp(self.layer_norm2(x)), kept
 
 
@@ -184,27 +184,25 @@ class ClipVisionTower(nnx.Module):
             x = layer(x)
         return x[:, 1:] if self.cfg.select_strategy == "default" else x
 
-    def with_merges(self, pixel_values, layers: tuple[int, ...], r: int):
-        """iLLaVA's encoder stage (hulianyuyy/iLLaVA@4068149): each layer in the static ``layers`` (0-based, among
-        the ``cfg.layers_run`` that run) merges r tokens away; CLS is never merged or dropped (ours: the release's
-        SigLIP has none). Without layers (or r = 0) the features equal ``__call__``'s.
+    def with_merges(self, pixel_values, layers: tuple[int, ...], merge):
+        """The tower with a token-merging rule in some layers (iLLaVA's encoder stage): each layer in the static
+        ``layers`` (0-based, among the ``cfg.layers_run`` that run) applies ``merge(x, probs) -> (x', kept)``
+        between its attention residual and its MLP (see ``ClipEncoderLayer.merged``; a rule that keeps CLS at
+        index 0 keeps the 'default' features' order). Without layers the features equal ``__call__``'s.
 
-        Returns (features float[B, F - len(layers) r, D], source int32[B, F - len(layers) r]): F and the feature
-        order as ``__call__`` (patches, or CLS + patches for select 'full'); source = each feature's index among
-        ``__call__``'s features (for 'default' the raster patch index), ascending; a merged feature sits at the
-        index of the token it was merged into."""
+        Returns (features float[B, F', D], source int32[B, F']): F' and the feature order as ``__call__``
+        (patches, or CLS + patches for select 'full'); source = each feature's index among ``__call__``'s
+        features (for 'default' the raster patch index), ascending; a merged feature sits at the index of the
+        token it was merged into."""
         cfg, layers = self.cfg, tuple(layers)
         if len(set(layers)) != len(layers) or not all(0 <= i < cfg.layers_run for i in layers):
-            raise ValueError(f"iLLaVA merge layers {layers} must be distinct, in [0, {cfg.layers_run}) (the "
-                             f"layers that run up to feature_layer={cfg.feature_layer}).")
-        if r < 0 or cfg.grid**2 - len(layers) * r < 1:
-            raise ValueError(f"iLLaVA merges r={r} tokens in each of {len(layers)} layers: r must be >= 0 and "
-                             f"leave at least one of the {cfg.grid**2} patches.")
+            raise ValueError(f"Merge layers {layers} must be distinct, in [0, {cfg.layers_run}) (the layers that "
+                             f"run up to feature_layer={cfg.feature_layer}).")
         x = self.embedded(pixel_values)
         source = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         for i, layer in enumerate(self.layers):
-            if i in layers and r > 0:
-                x, kept = layer.merged(x, r)
+            if i in layers:
+                x, kept = layer.merged(x, merge)
                 source = jnp.take_along_axis(source, kept, axis=1)
             else:
                 x = layer(x)

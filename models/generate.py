@@ -9,7 +9,10 @@ Axes: B batch, T prompt slots (a bucket), V vocab, N visual tokens of an image, 
 The prompt is right-padded to a bucket length (``jd.bucket`` over ``PROMPT_BUCKETS``) so that prompts of different
 lengths share one compiled prefill, and every layer's cache keeps room for the new tokens rounded up to 64 slots,
 so one decode program serves them too. The prefill is ``pruning.prefill`` (dense without a spec); the decode
-step donates its cache, which XLA then updates in place.
+step donates its cache, which XLA then updates in place. How decoding continues is the spec's (``decode``,
+``mode``, ``reselect``; the method's module says what its release does): from the pruned caches, re-selecting in
+mask mode at every token (``sequence.MaskReselect``), or recomputing the pruned prefill per token
+(``recompute_generate``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias.models import pruning, sequence
 from jaxdebias.models.interventions import TriangleMix, VarSpec
-from jaxdebias.models.llava import Llava
+from jaxdebias.models.family import VisualModel
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 640, 768, 1024, 1536, 2048, 4096)
 CACHE_STEP = 64  # cache slots for generated tokens are rounded up to a multiple of this
@@ -92,16 +95,15 @@ def pick_tokens(logits, temperature: float, key):
     return jax.random.categorical(key, logits / temperature, -1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "extra", "temperature", "var", "triangle"))
-def prefill_step(graphdef, state, input_ids, pixel_values, real, image_sizes, instruction_pos, limits, key, *, spec,
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "extra", "temperature", "var", "triangle"))
+def prefill_step(graphdef, state, input_ids, pixel_values, real, image_sizes, instruction_pos, limits, key, *, plan,
                  extra, temperature, var=None, triangle=None):
-    """The jitted prefill (``pruning.prefill``) and the first new token: (int32[B], KVCache, info dict with the
-    prefill's "logits" float32[B, V])."""
+    """The jitted prefill (``pruning.prefill`` of a ``jd.Plan``, None: dense) and the first new token:
+    (int32[B], ``pruning.Prefill``)."""
     model = _merge(graphdef, state)
-    logits, cache, info = pruning.prefill(model, input_ids, pixel_values, real, image_sizes, instruction_pos, limits,
-                                          spec, extra, var, triangle)
-    info["logits"] = logits
-    return pick_tokens(logits, temperature, key), cache, info
+    out = pruning.prefill(model, input_ids, pixel_values, real, image_sizes, instruction_pos, limits, plan, extra,
+                          var, triangle)
+    return pick_tokens(out.logits, temperature, key), out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "var"), donate_argnames=("cache",))
@@ -142,7 +144,7 @@ def decode_loop(graphdef, state, first, cache, keys, *, eos: int, stop_at_eos: b
     return out
 
 
-def prompt_arrays(model: Llava, batch: Batch, prompt_buckets=PROMPT_BUCKETS):
+def prompt_arrays(model: VisualModel, batch: Batch, prompt_buckets=PROMPT_BUCKETS):
     """Checked numpy (input_ids int[B, T], real bool[B, T]), right-padded to a prompt bucket length."""
     input_ids = np.asarray(batch.input_ids)
     real = (np.ones(input_ids.shape, bool) if batch.attention_mask is None
@@ -153,7 +155,7 @@ def prompt_arrays(model: Llava, batch: Batch, prompt_buckets=PROMPT_BUCKETS):
             np.pad(real, ((0, 0), (0, extra))))
 
 
-def check_one_image(model: Llava, input_ids, pixel_values):
+def check_one_image(model: VisualModel, input_ids, pixel_values):
     """Pruning needs exactly one contiguous image span of N placeholders per sample."""
     n = model.num_visual(pixel_values)
     is_image = input_ids == model.visual_token_id(pixel_values)
@@ -168,15 +170,15 @@ def check_one_image(model: Llava, input_ids, pixel_values):
 @dataclasses.dataclass
 class Prepared:
     """A checked, bucketed batch ready for ``prefill_step``: arrays (input_ids int[B, T], pixel_values, real
-    bool[B, T], image_sizes int[B, 2], instruction_pos int[B] or None); the static shape spec; the real per-stage
-    (keep, merge) counts as ``sequence.limits_array``."""
+    bool[B, T], image_sizes int[B, 2], instruction_pos int[B] or None); the static ``jd.Plan`` (None: dense); the
+    real per-stage budgets as ``sequence.limits_array``."""
 
     arrays: list
-    shape: jd.PruneSpec
+    plan: jd.Plan | None
     limits: jax.Array
 
 
-def prepare(model: Llava, batch: Batch, prune: jd.PruneSpec | None = None, *, triangle: TriangleMix | None = None,
+def prepare(model: VisualModel, batch: Batch, prune: jd.PruneSpec | None = None, *, triangle: TriangleMix | None = None,
             mesh: jax.sharding.Mesh | None = None, prompt_buckets=PROMPT_BUCKETS) -> Prepared:
     """Checks a batch against the model and the spec (one schedule per request), pads it to its prompt bucket and
     places it on ``mesh``."""
@@ -184,12 +186,12 @@ def prepare(model: Llava, batch: Batch, prune: jd.PruneSpec | None = None, *, tr
     B = input_ids.shape[0]
     n, num_layers = model.num_visual(batch.pixel_values), model.cfg.text.num_layers
     if prune is None:
-        shape, limits = jd.PruneSpec("fastv", keep=n, stages=()), ()
+        plan, limits = None, ()
     else:
         if triangle is not None:
             raise ValueError("TriangleMix runs on dense prefills only; drop prune=... or triangle=....")
         check_one_image(model, input_ids, batch.pixel_values)
-        shape, limits = prune.split(n, num_layers)  # validates layers and keeps, with the method's message
+        plan, limits = prune.plan(n, num_layers)  # validates layers and keeps, with the method's message
         if prune.debias.pad_tau is not None and batch.image_sizes is None:
             raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original "
                              "(width, height) of each image.")
@@ -207,10 +209,10 @@ def prepare(model: Llava, batch: Batch, prune: jd.PruneSpec | None = None, *, tr
                              "pad the batch.")
         data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         arrays = [None if x is None else jax.device_put(x, data) for x in arrays]
-    return Prepared(arrays, shape, sequence.limits_array(limits))
+    return Prepared(arrays, plan, sequence.limits_array(limits))
 
 
-def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, var: VarSpec | None = None,
+def generate(model: VisualModel, batch: Batch, *, prune: jd.PruneSpec | None = None, var: VarSpec | None = None,
              triangle: TriangleMix | None = None, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
              stop_at_eos: bool = True, mesh: jax.sharding.Mesh | None = None,
              prompt_buckets=PROMPT_BUCKETS) -> Result:
@@ -237,19 +239,22 @@ def generate(model: Llava, batch: Batch, *, prune: jd.PruneSpec | None = None, v
     extra = jd.bucket(max_new_tokens, (), then_every=CACHE_STEP)
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-    first, cache, info = prefill_step(graphdef, state, *prep.arrays, prep.limits, keys[0], spec=prep.shape,
-                                      extra=extra, temperature=float(temperature), var=var, triangle=triangle)
-    tokens = decode_loop(graphdef, state, first, cache, keys, eos=model.cfg.eos_token_id, stop_at_eos=stop_at_eos,
-                         temperature=temperature, var=var, reselect=info["reselect"])
-    segs, _ = sequence.segments(prep.arrays[0].shape[1], prep.shape, model.num_visual(batch.pixel_values),
-                               model.cfg.text.num_layers)
-    return Result(tokens, [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
-                  [np.asarray(local) for _, _, local in info["kept"]],
-                  np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],
-                  np.asarray(info["logits"]))
+    first, out = prefill_step(graphdef, state, *prep.arrays, prep.limits, keys[0], plan=prep.plan, extra=extra,
+                              temperature=float(temperature), var=var, triangle=triangle)
+    tokens = decode_loop(graphdef, state, first, out.cache, keys, eos=model.cfg.eos_token_id,
+                         stop_at_eos=stop_at_eos, temperature=temperature, var=var, reselect=out.reselect)
+    return _result(model, batch, prep, tokens, out, np.asarray(out.logits))
 
 
-def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: VarSpec | None = None,
+def _result(model: VisualModel, batch: Batch, prep: Prepared, tokens, out, logits) -> Result:
+    segs = sequence.segments(prep.arrays[0].shape[1], prep.plan, model.num_visual(batch.pixel_values),
+                             model.cfg.text.num_layers)
+    return Result(tokens, [(np.asarray(raster), np.asarray(ok)) for raster, ok, _ in out.kept],
+                  [np.asarray(span) for _, _, span in out.kept], np.asarray(out.scores), np.asarray(out.debiased),
+                  [tuple(seg) for seg in segs], logits)
+
+
+def recompute_generate(model: VisualModel, batch: Batch, prune: jd.PruneSpec, *, var: VarSpec | None = None,
                        max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True,
                        mesh: jax.sharding.Mesh | None = None, prompt_buckets=PROMPT_BUCKETS) -> Result:
     """Generation without a KV cache, as HiMAP's release decodes: every new token reruns the whole pruned prefill
@@ -271,17 +276,17 @@ def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: 
     graphdef, state = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     eos = model.cfg.eos_token_id
-    tokens, done, info, first_logits = [], np.zeros(len(input_ids), bool), None, None
+    tokens, done, out, first_logits = [], np.zeros(len(input_ids), bool), None, None
     for step in range(max_new_tokens):
         if stop_at_eos and done.all():
             tokens.append(np.full(done.shape, eos, np.int32))
             continue
         prep = prepare(model, dataclasses.replace(batch, input_ids=input_ids, attention_mask=real), prune, mesh=mesh,
                        prompt_buckets=(room,))
-        tok, _, info = prefill_step(graphdef, state, *prep.arrays, prep.limits, keys[step], spec=prep.shape,
-                                    extra=CACHE_STEP, temperature=float(temperature), var=var)
+        tok, out = prefill_step(graphdef, state, *prep.arrays, prep.limits, keys[step], plan=prep.plan,
+                                extra=CACHE_STEP, temperature=float(temperature), var=var)
         tok = np.asarray(tok)
-        first_logits = np.asarray(info["logits"]) if first_logits is None else first_logits
+        first_logits = np.asarray(out.logits) if first_logits is None else first_logits
         if stop_at_eos:
             tok = np.where(done, eos, tok)
             done = done | (tok == eos)
@@ -289,8 +294,4 @@ def recompute_generate(model: Llava, batch: Batch, prune: jd.PruneSpec, *, var: 
         rows = np.arange(len(input_ids))
         input_ids[rows, n_real], real[rows, n_real] = tok, True
         n_real = n_real + 1
-    segs, _ = sequence.segments(room, prep.shape, model.num_visual(batch.pixel_values), model.cfg.text.num_layers)
-    return Result(np.stack(tokens, 1), [(np.asarray(idx), np.asarray(slot)) for idx, slot, _ in info["kept"]],
-                  [np.asarray(local) for _, _, local in info["kept"]],
-                  np.asarray(info["scores"]), np.asarray(info["debiased"]), [tuple(seg) for seg in segs],
-                  first_logits)
+    return _result(model, batch, prep, np.stack(tokens, 1), out, first_logits)

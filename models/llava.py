@@ -30,6 +30,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
+from jaxdebias.models.family import ImageViews
 from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
 from jaxdebias.models.layers import Output
 from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps
@@ -162,7 +163,7 @@ class Llava(nnx.Module):
     def image_views(self, pixel_values):
         """((view int[B, N], local int[B, N]), static view sizes) of a multi-view image (``jd.debias_views``), and
         bool[B, N] the tokens a pruning stage may keep; (None, (), None) here: one view, the raster grid."""
-        return None, (), None
+        return ImageViews()
 
     def visual_token_id(self, pixel_values=None) -> int:
         """The placeholder id of the visual span that pruning works on (Video-LLaVA: its video's)."""

@@ -35,6 +35,7 @@ from flax import nnx
 
 import jaxdebias as jd
 from jaxdebias.models.clip import ClipVisionConfig
+from jaxdebias.models.family import ImageViews
 from jaxdebias.models.llama import LlamaConfig
 from jaxdebias.models.llava import Llava, LlavaConfig
 
@@ -263,7 +264,7 @@ class LlavaNext(Llava):
 
     def image_views(self, images: AnyresImages):
         """The base view and the tile grid as two views; newlines and empty slots are never kept."""
-        return (images.view, images.local), images.view_sizes, images.view >= 0
+        return ImageViews((images.view, images.local), images.view_sizes, images.view >= 0)
 
 
 def image_tokens(images: AnyresImages) -> np.ndarray:

@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxdebias as jd
-from jaxdebias.methods import PruneSpec
 from jaxdebias.models.interventions import VarSpec, var_context
 from jaxdebias.models.llama import KVCache
-from jaxdebias.models.rows import rows_after_image
+from jaxdebias.spec import Plan
 
 
 @jax.tree_util.register_dataclass
@@ -69,42 +68,51 @@ def seq_var_context(seq: Seq, var: VarSpec | None):
     return var_context(var, seq.vis, seq.valid, seq.nv)
 
 
-def voting_rows(seq: Seq, query: str, instruction_orig, raters=None):
-    """(rows int[B, Q], row_valid bool[B, Q]) of the voting query slots in the current sequence, for a query kind
-    of ``jaxdebias.names.QUERY_KINDS`` (the vocabulary of ``jd.query_mask``)."""
-    B, S = seq.valid.shape
-    slots = jnp.broadcast_to(jnp.arange(S), (B, S))
-    last = jnp.max(jnp.where(seq.valid, slots, 0), axis=1)
-    if query == "last":
-        return last[:, None], jnp.ones((B, 1), bool)
+def stage_rows(seq: Seq, query: str, instruction_orig, raters=None):
+    """(rows int[B, Q], row_valid bool[B, Q]) of a stage's voting query slots in the current sequence: the core's
+    ``jd.voting_rows`` on it, with the instruction slot (an original slot, default the last real token) and the
+    raters (bool[B, T] over the original prompt) carried to where they are now."""
+    position = rater_slots = None
     if query == "instruction":
+        S = seq.valid.shape[1]
+        last = jnp.max(jnp.where(seq.valid, jnp.arange(S), 0), axis=1)
         hit = seq.orig == instruction_orig[:, None]
-        row = jnp.where(jnp.any(hit, 1), jnp.argmax(hit, 1), last)
-        return row[:, None], jnp.ones((B, 1), bool)
-    if query in ("text", "raters"):  # the slots after the image span
-        rows, ok = rows_after_image(seq.vis, seq.valid, seq.nv)
-        if query == "raters":  # raters: bool[B, T] over the original prompt
-            orig = jnp.take_along_axis(seq.orig, rows, axis=1)
-            ok &= jnp.take_along_axis(raters, jnp.clip(orig, 0), axis=1) & (orig >= 0)
-        return rows, ok
-    if query == "image":
-        rows = seq.first[:, None] + jnp.arange(seq.nv)
-        return rows, jnp.take_along_axis(seq.valid, rows, axis=1)
-    raise ValueError(f"Unknown query kind {query!r}.")
+        position = jnp.where(jnp.any(hit, 1), jnp.argmax(hit, 1), last)
+    if raters is not None:
+        rater_slots = jnp.take_along_axis(raters, jnp.clip(seq.orig, 0), axis=1) & (seq.orig >= 0)
+    return jd.voting_rows(query, attention_mask=seq.valid, visual_mask=seq.vis, span=seq.nv, position=position,
+                          raters=rater_slots)
 
 
-def segments(T: int, shape: PruneSpec, n: int, L: int):
-    """Static (first layer, stop layer, slots) of every decoder segment, for a shape spec (see PruneSpec.split)."""
-    nv = shape.encoder_tokens(n)  # after the encoder stage (VisionZip, iLLaVA)
+def block_positions(span_pos, span):
+    """Position ids of a block's slots: a kept token's (``span`` int[B, K] >= 0 indexes ``span_pos`` int[B, M]);
+    a new, merged token (span -1) sits at the span's last (largest) position, or at its first when no kept token precedes
+    it (a CLS token in front). Used where a method keeps original positions."""
+    got = jnp.take_along_axis(span_pos, jnp.clip(span, 0), axis=1)
+    seen = jnp.cumsum(span >= 0, axis=1) > 0
+    first, last = jnp.min(span_pos, axis=1, keepdims=True), jnp.max(span_pos, axis=1, keepdims=True)
+    return jnp.where(span >= 0, got, jnp.where(seen, last, first))
+
+
+def next_positions(seq: Seq):
+    """int32[B]: the position of the first generated token, one past the prompt's last real position (with
+    re-indexed positions the pruned length, with original ones the original length)."""
+    return jnp.max(jnp.where(seq.valid, seq.pos, -1), axis=1) + 1
+
+
+def segments(T: int, plan: Plan | None, n: int, L: int):
+    """Static (first layer, stop layer, slots) of every decoder segment of a plan (None: one dense segment)."""
+    if plan is None:
+        return [(0, L, T)]
+    nv = plan.decoder_visual(n)  # after the encoder stage
     segs, cur, S = [], 0, T - n + nv
-    for s in shape.stages:
+    for s in plan.stages:
         segs.append((cur, s.boundary, S))
-        if shape.mode == "mask":  # nothing leaves the sequence
-            cur = s.boundary
-            continue
-        S, nv, cur = S - nv + s.keep + s.clusters, s.keep + s.clusters, s.boundary
+        if plan.mode != "mask":  # in mask mode nothing leaves the sequence
+            S, nv = S - nv + s.keep + s.extra, s.keep + s.extra
+        cur = s.boundary
     segs.append((cur, L, S))
-    return segs, shape.stages
+    return segs
 
 
 @jax.tree_util.register_dataclass
@@ -137,7 +145,7 @@ class MaskReselect:
 
 
 def masked_keys(mask, key_keep):
-    """A slot mask bool[B, T, S] whose keys where ``key_keep`` bool[B, S] is False are masked for every query,
+    """Mask mode's one helper: a slot mask bool[B, T, S] whose keys where ``key_keep`` bool[B, S] is False are masked for every query,
     their own rows included (a pruned image token's row still sees the text before it); a row left empty (a
     padding slot) keeps its diagonal."""
     kept = mask & key_keep[:, None, :]
@@ -155,6 +163,6 @@ def keep_in_caches(cache: KVCache, start: int, stop: int, seq: Seq, keep) -> KVC
 
 
 def limits_array(limits) -> jax.Array:
-    """The real (keep, merge) of each stage (``PruneSpec.split``) as the int32[stages + 1, 2] that the prefill
-    takes (one spare row, so that a spec without stages still has an array)."""
-    return jnp.asarray(tuple(limits) + ((0, 0),), jnp.int32)
+    """The real budget of each stage (``PruneSpec.plan``) as the int32[stages + 1] that the prefill takes (one
+    spare entry, so that a dense plan still has an array)."""
+    return jnp.asarray(tuple(limits) + (0,), jnp.int32)

@@ -33,6 +33,7 @@ from flax import nnx
 
 from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
+from jaxdebias.models.family import ImageViews
 from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
 from jaxdebias.models.layers import Output
 from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps
@@ -223,8 +224,8 @@ class VideoLlava(nnx.Module):
         frames, per = self.frame_layout(pixels)
         i = jnp.broadcast_to(jnp.arange(frames * per, dtype=jnp.int32), (B, frames * per))
         if self.cfg.frame_trend == "video":
-            return (jnp.zeros_like(i), i), (frames * per,), None
-        return (i // per, i % per), (per,) * frames, None
+            return ImageViews((jnp.zeros_like(i), i), (frames * per,))
+        return ImageViews((i // per, i % per), (per,) * frames)
 
     def at_tau(self, pixels, tau: float):
         raise ValueError("Video-LLaVA's processor resizes and centre-crops images and frames: there is no letterbox "

@@ -81,7 +81,7 @@ def test_the_layout_is_found():
     for expected in ("jaxdebias", "jaxdebias.prune", "jaxdebias.models.llava", "jaxdebias.models.generate",
                      "jaxdebias.convert.load", "jaxdebias.convert.write"):
         assert expected in MODULES
-    assert layer("jaxdebias.policies") == 1 and layer("jaxdebias.models.rows") == 2
+    assert layer("jaxdebias.methods.fastv") == 1 and layer("jaxdebias.models.rows") == 2
     assert layer("jaxdebias.convert.load") == 3 and layer("jaxdebias.cli.main") == 4
 
 

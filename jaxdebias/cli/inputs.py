@@ -313,7 +313,7 @@ def check_spec(spec: jd.PruneSpec, model: Llava, n: int | None = None) -> jd.Pru
                     "excluded, so that each image's span holds the budget")
         raise UserError(f"--keep must be in 1..{n} (the visual tokens of {what}), got {spec.keep}.")
     try:
-        spec.split(n, model.cfg.text.num_layers)
+        spec.plan(n, model.cfg.text.num_layers)
         spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task
     except (ValueError, KeyError) as e:
         raise UserError(str(e).strip("'\"")) from None

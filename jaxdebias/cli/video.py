@@ -125,8 +125,7 @@ def check_spec(spec: jd.PruneSpec, loaded: LoadedModel) -> jd.PruneSpec:
     if isinstance(loaded, VideoLoadedModel) and spec.debias.pad_tau is not None:
         raise UserError("Video-LLaVA's frames are centre-cropped: there is no letterbox padding to suppress. Use "
                         "--debias curve (with --curve online or a calibrated curve.json) or --debias off.")
-    if isinstance(loaded, VideoLoadedModel) and (spec.method == "visionzip"
-                                                 or spec.encoder_tokens(loaded.n_visual) != loaded.n_visual):
+    if isinstance(loaded, VideoLoadedModel) and spec.encoder(loaded.n_visual) is not None:
         raise UserError(f"{spec.method} prunes inside one CLIP view (encoder side); on Video-LLaVA's 8 frames use a "
                         "decoder-side method: fastv, pdrop, sparsevlm, himap or tokencarve.")
     return inputs.check_spec(spec, loaded.model, loaded.n_visual)

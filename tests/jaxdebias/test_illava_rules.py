@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdebias import policies
+from jaxdebias.methods import illava
 
 
 def ref_encoder_merge(x, attn, r, protected=0):
@@ -60,7 +60,7 @@ class EncoderMergeTest(chex.TestCase):
     def test_against_numpy(self):
         x, attn = encoder_inputs()
         for r, protected in ((4, 0), (0, 1), (15, 1)):
-            f = self.variant(lambda x, a: policies.illava_encoder_merge(x, a, r, protected))
+            f = self.variant(lambda x, a: illava.illava_encoder_merge(x, a, r, protected))
             got_x, got_kept = f(x, attn)
             chex.assert_shape(got_x, (2, 17 - r, 8))
             for b in range(2):
@@ -74,28 +74,28 @@ class EncoderMergeTest(chex.TestCase):
         received = np.array([0.05, 0.4, 0.1, 0.25, 0.2], np.float32)  # CLS (0) is the least attended
         attn = np.broadcast_to(received, (1, 2, 5, 5)).copy()
         # no CLS: r = 2 -> ascending [0, 2, 4]; x4 <- (3 x0 + 2 x2 + 1 x4) / 6; drop 0 and 2
-        got_x, kept = self.variant(lambda x, a: policies.illava_encoder_merge(x, a, 2))(x, attn)
+        got_x, kept = self.variant(lambda x, a: illava.illava_encoder_merge(x, a, 2))(x, attn)
         np.testing.assert_array_equal(kept[0], [1, 3, 4])
         np.testing.assert_allclose(got_x[0, 2], (3 * x[0, 0] + 2 * x[0, 2] + x[0, 4]) / 6, rtol=1e-6)
         np.testing.assert_array_equal(got_x[0, :2], x[0, [1, 3]])
         # CLS protected: ascending among 1..4 = [2, 4, 3]; x3 <- (3 x2 + 2 x4 + x3) / 6
-        got_x, kept = self.variant(lambda x, a: policies.illava_encoder_merge(x, a, 2, 1))(x, attn)
+        got_x, kept = self.variant(lambda x, a: illava.illava_encoder_merge(x, a, 2, 1))(x, attn)
         np.testing.assert_array_equal(kept[0], [0, 1, 3])
         np.testing.assert_allclose(got_x[0, 2], (3 * x[0, 2] + 2 * x[0, 4] + x[0, 3]) / 6, rtol=1e-6)
 
     def test_tie_rule_lower_index_first(self):
         x = np.eye(4, dtype=np.float32)[None]
         attn = np.full((1, 1, 4, 4), 0.25, np.float32)  # every token receives the same attention
-        got_x, kept = policies.illava_encoder_merge(x, attn, 1)  # idx = [0, 1]: x1 <- (2 x0 + x1) / 3
+        got_x, kept = illava.illava_encoder_merge(x, attn, 1)  # idx = [0, 1]: x1 <- (2 x0 + x1) / 3
         np.testing.assert_array_equal(kept[0], [1, 2, 3])
         np.testing.assert_allclose(got_x[0, 0], [2 / 3, 1 / 3, 0, 0], rtol=1e-6)
 
     def test_checks(self):
         x, attn = encoder_inputs(P=5)
         with pytest.raises(ValueError, match="r="):
-            policies.illava_encoder_merge(x, attn, 4, protected=1)
+            illava.illava_encoder_merge(x, attn, 4, protected=1)
         with pytest.raises(ValueError, match="attn"):
-            policies.illava_encoder_merge(x, attn[:, :, :4], 1)
+            illava.illava_encoder_merge(x, attn[:, :, :4], 1)
 
 
 class LlmMergeTest(chex.TestCase):
@@ -108,7 +108,7 @@ class LlmMergeTest(chex.TestCase):
         valid[1, [0, 3, 7, 8]] = False
         for r in (0, 6, 19):
             for v in (None, valid):
-                kept, feats = self.variant(lambda x, s, v: policies.illava_llm_merge(x, s, r, v))(x, s, v)
+                kept, feats = self.variant(lambda x, s, v: illava.illava_llm_merge(x, s, r, v))(x, s, v)
                 chex.assert_shape(feats, (2, 20 - r, 6))
                 for b in range(2):
                     want_k, want_f = ref_llm_merge(x[b], s[b], r, None if v is None else v[b])
@@ -118,7 +118,7 @@ class LlmMergeTest(chex.TestCase):
     def test_weight_order(self):
         x = np.arange(5 * 2, dtype=np.float32).reshape(1, 5, 2)
         s = np.array([[0.1, 0.5, 0.3, 0.05, 0.2]], np.float32)  # descending: [1, 2, 4, 0, 3]
-        kept, feats = jax.jit(policies.illava_llm_merge, static_argnums=2)(x, s, 2)
+        kept, feats = jax.jit(illava.illava_llm_merge, static_argnums=2)(x, s, 2)
         # group idx[2:] = [4, 0, 3] with weights (1, 2, 3): x4 <- (x4 + 2 x0 + 3 x3) / 6; keep sort([1, 2, 4])
         np.testing.assert_array_equal(kept[0], [1, 2, 4])
         np.testing.assert_allclose(feats[0, 2], (x[0, 4] + 2 * x[0, 0] + 3 * x[0, 3]) / 6, rtol=1e-6)
@@ -126,22 +126,22 @@ class LlmMergeTest(chex.TestCase):
 
     def test_tie_rule_lower_index_first(self):
         x = np.eye(3, dtype=np.float32)[None]
-        kept, feats = policies.illava_llm_merge(x, np.zeros((1, 3), np.float32), 1)  # order [0, 1, 2]
+        kept, feats = illava.illava_llm_merge(x, np.zeros((1, 3), np.float32), 1)  # order [0, 1, 2]
         np.testing.assert_array_equal(kept[0], [0, 1])
         np.testing.assert_allclose(feats[0, 1], [0, 1 / 3, 2 / 3], rtol=1e-6)
 
 
 def test_llm_count_and_constants():
-    assert policies.illava_llm_count(576, 0.70) == 173  # round(172.8)
-    assert policies.illava_llm_count(288, 0.70) == 86  # round(86.4): ours keeps 202 of 288
-    assert policies.illava_llm_count(361, 0.70) == round(361 * (1 - 0.70))
-    assert policies.illava_llm_count(10, 0.75) == 2  # round(2.5) = 2: Python's halves-to-even, as released
-    assert policies.illava_llm_count(100, 5.0) == 5 and policies.illava_llm_count(100, 1) == 1
+    assert illava.illava_llm_count(576, 0.70) == 173  # round(172.8)
+    assert illava.illava_llm_count(288, 0.70) == 86  # round(86.4): ours keeps 202 of 288
+    assert illava.illava_llm_count(361, 0.70) == round(361 * (1 - 0.70))
+    assert illava.illava_llm_count(10, 0.75) == 2  # round(2.5) = 2: Python's halves-to-even, as released
+    assert illava.illava_llm_count(100, 5.0) == 5 and illava.illava_llm_count(100, 1) == 1
     for bad in (0, -0.5, 100.0):
         with pytest.raises(ValueError):
-            policies.illava_llm_count(100, bad)
+            illava.illava_llm_count(100, bad)
     # published OneVision: SigLIP 729 -> 361; ours on CLIP-L/336: 576 patches -> 288 (CLS kept apart)
-    assert 729 - len(policies.ILLAVA_ONEVISION_VIT_LAYERS) * policies.ILLAVA_ONEVISION_VIT_R == 361
-    assert 576 - len(policies.ILLAVA_LLAVA15_VIT_LAYERS) * policies.ILLAVA_LLAVA15_VIT_R == 288
-    assert max(policies.ILLAVA_LLAVA15_VIT_LAYERS) < 23  # LLaVA-1.5 runs 23 CLIP layers (feature layer -2)
-    assert (policies.ILLAVA_ONEVISION_LLM_LAYER, policies.ILLAVA_ONEVISION_LLM_R) == (8, 0.70)
+    assert 729 - len(illava.ONEVISION_VIT_LAYERS) * illava.ONEVISION_VIT_R == 361
+    assert 576 - len(illava.LLAVA15_VIT_LAYERS) * illava.LLAVA15_VIT_R == 288
+    assert max(illava.LLAVA15_VIT_LAYERS) < 23  # LLaVA-1.5 runs 23 CLIP layers (feature layer -2)
+    assert (illava.ONEVISION_LLM_LAYER, illava.ONEVISION_LLM_R) == (8, 0.70)

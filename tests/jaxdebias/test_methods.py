@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jaxdebias as jd
-from jaxdebias import policies
+from jaxdebias.methods.sparsevlm import RecycleStage, dpc_knn_merge
+from jaxdebias.methods.tokencarve import CarveStage
 
 
 def np_raters(hv, ht, valid, scaled=False, strict=True):
@@ -45,10 +46,10 @@ class RatersTest(chex.TestCase):
         rng = np.random.default_rng(0)
         hv, ht = rng.normal(size=(3, 9, 16)), rng.normal(size=(3, 12, 16))
         valid = rng.random((3, 12)) < 0.7
-        got = self.variant(policies.text_raters)(hv, ht, valid)
+        got = self.variant(jd.text_raters)(hv, ht, valid)
         np.testing.assert_array_equal(np.asarray(got), np_raters(hv, ht, valid))
         assert not np.asarray(got)[~valid].any()
-        old = self.variant(lambda a, b, c: policies.text_raters(a, b, c, scaled=True, strict=False))(hv, ht, valid)
+        old = self.variant(lambda a, b, c: jd.text_raters(a, b, c, scaled=True, strict=False))(hv, ht, valid)
         np.testing.assert_array_equal(np.asarray(old), np_raters(hv, ht, valid, scaled=True, strict=False))
 
 
@@ -61,7 +62,7 @@ class DpcKnnTest(chex.TestCase):
         valid = np.ones((4, 20), bool)
         valid[1, 15:] = False
         valid[2, ::3] = False
-        fn = self.variant(lambda a, v: policies.dpc_knn_merge(a, v, 3, k=5))
+        fn = self.variant(lambda a, v: dpc_knn_merge(a, v, 3, k=5))
         merged, ok = fn(x, valid)
         for b in range(4):
             ref = np_dpc_knn(x[b][valid[b]], 5, 3)
@@ -71,7 +72,7 @@ class DpcKnnTest(chex.TestCase):
     def test_fewer_valid_tokens_than_clusters(self):
         x = np.random.default_rng(2).normal(size=(1, 6, 4)).astype(np.float32)
         valid = np.array([[True, False, True, False, False, False]])
-        merged, ok = policies.dpc_knn_merge(x, valid, 4)
+        merged, ok = dpc_knn_merge(x, valid, 4)
         assert np.asarray(ok).tolist() == [[True, True, False, False]]
         np.testing.assert_allclose(np.sort(np.asarray(merged)[0, :2], 0), np.sort(x[0, [0, 2]], 0), atol=1e-6)
 
@@ -86,10 +87,10 @@ def test_sparsevlm_schedule_matches_the_published_lists():
             prev = s.keep + s.clusters
         layer_avg = (2 * 576 + 4 * lists[0] + 9 * lists[1] + 17 * lists[2]) / 32
         assert abs(layer_avg - keep) / keep < 0.07
-    shape, limits = jd.PruneSpec("sparsevlm", keep=128).split(576, 32)
-    assert limits == ((303, 0), (110, 0), (36, 0)) and [s.keep for s in shape.stages] == [303, 110, 36]  # exact, not bucketed
+    shape, limits = jd.PruneSpec("sparsevlm", keep=128).plan(576, 32)
+    assert limits == (303, 110, 36) and [s.keep for s in shape.stages] == [303, 110, 36]  # exact, not bucketed
     with pytest.raises(ValueError, match="need clusters <= recycled <= pruned"):
-        jd.PruneSpec("sparsevlm", stages=(jd.Stage(2, 5, "raters", "tap", recycle=6, clusters=1),)).schedule(9, 4)
+        jd.PruneSpec("sparsevlm", stages=(RecycleStage(2, 5, "raters", "tap", recycle=6, clusters=1),)).schedule(9, 4)
 
 
 def test_merged_tokens_pass_debiasing_unchanged():
@@ -104,12 +105,12 @@ def test_tokencarve_schedule_and_checks():
     (s,) = jd.PruneSpec("tokencarve", keep=128).schedule(576, 32)
     # the release: R = int(1.5 n) candidates, int(n / 2) merged, original positions
     assert (s.layer, s.keep, s.merge, s.query, s.source, s.info_weight) == (2, 128, 64, "last", "tap", 0.5)
-    assert jd.PruneSpec("tokencarve").positions == "keep"
-    with pytest.raises(ValueError, match="merges 200 more tokens but only 576 remain"):
+    assert jd.PruneSpec("tokencarve").positions == "original"
+    with pytest.raises(ValueError, match=r"keeps n=400 of int\(1.5 n\)=600 candidates, but there are only 576"):
         jd.PruneSpec("tokencarve", keep=400).schedule(576, 32)  # int(1.5 * 400) > 576 candidates
-    with pytest.raises(ValueError, match="merges 5 more tokens but only 9 remain"):
-        jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "tap", merge=5),)).schedule(9, 4)
+    with pytest.raises(ValueError, match="keep at most 6"):
+        jd.PruneSpec("tokencarve", stages=(CarveStage(2, 7),)).schedule(9, 4)
     with pytest.raises(ValueError, match="info_weight must be in"):
-        jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "tap", info_weight=1.5),)).schedule(9, 4)
-    with pytest.raises(ValueError, match="info_weight.*needs source 'tap'"):
-        jd.PruneSpec("tokencarve", stages=(jd.Stage(2, 5, "last", "probe", info_weight=0.5),)).schedule(9, 4)
+        jd.PruneSpec("tokencarve", stages=(CarveStage(2, 5, "last", "tap", info_weight=1.5),)).schedule(9, 4)
+    with pytest.raises(ValueError, match="TokenCarve needs source 'tap'"):
+        jd.PruneSpec("tokencarve", stages=(CarveStage(2, 5, "last", "probe", info_weight=0.5),)).schedule(9, 4)

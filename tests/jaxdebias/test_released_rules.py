@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import jaxdebias as jd
-from jaxdebias import policies
+from jaxdebias.methods import sparsevlm, tokencarve
 from jaxdebias.masks import pad_mask_resized
 
 # ----------------------------------------------------------------------------------------------- SparseVLM raters
@@ -43,7 +43,7 @@ class RatersTest(chex.TestCase):
         ht = rng.normal(size=(3, 15, 24)).astype(np.float32) * 0.4
         valid = np.ones((3, 15), bool)
         valid[1, 11:] = False  # right padding of a shorter prompt
-        got = np.asarray(self.variant(policies.text_raters)(hv, ht, valid))
+        got = np.asarray(self.variant(jd.text_raters)(hv, ht, valid))
         for b in range(3):
             ok = valid[b]
             np.testing.assert_array_equal(got[b][ok], ref_raters(hv[b], ht[b][ok]))
@@ -57,8 +57,8 @@ class RatersTest(chex.TestCase):
         hv = np.random.default_rng(11).normal(size=(1, 5, 8)).astype(np.float32)
         ht = np.ones((1, 4, 8), np.float32)  # identical text tokens: every m_j = 1/4 = mean exactly
         valid = np.ones((1, 4), bool)
-        assert not np.asarray(self.variant(policies.text_raters)(hv, ht, valid)).any()
-        assert np.asarray(self.variant(lambda a, b, c: policies.text_raters(a, b, c, strict=False))(hv, ht, valid)).all()
+        assert not np.asarray(self.variant(jd.text_raters)(hv, ht, valid)).any()
+        assert np.asarray(self.variant(lambda a, b, c: jd.text_raters(a, b, c, strict=False))(hv, ht, valid)).all()
 
 
 # ----------------------------------------------------------------------------------------------- SparseVLM DPC-kNN
@@ -92,7 +92,7 @@ class DpcKnnTest(chex.TestCase):
         x[:, 20:35] += rng.normal(size=(1, 1, d)).astype(np.float32) * 2
         x[..., 3] += 300.0
         valid = np.ones((2, m), bool)
-        merged, ok = self.variant(lambda a, v: policies.dpc_knn_merge(a, v, c))(x, valid)
+        merged, ok = self.variant(lambda a, v: sparsevlm.dpc_knn_merge(a, v, c))(x, valid)
         assert np.asarray(ok).all()
         for b in range(2):
             np.testing.assert_allclose(np.asarray(merged[b]), ref_cluster_and_merge(x[b], c), rtol=1e-5, atol=1e-4)
@@ -106,7 +106,7 @@ class DpcKnnTest(chex.TestCase):
         valid = np.zeros((1, 30), bool)
         valid[0, 3:25] = True
         x[0, ~valid[0]] = 1e3  # garbage in the unused slots
-        merged, ok = jax.jit(lambda a, v: policies.dpc_knn_merge(a, v, 3))(x, valid)
+        merged, ok = jax.jit(lambda a, v: sparsevlm.dpc_knn_merge(a, v, 3))(x, valid)
         assert np.asarray(ok).all()
         np.testing.assert_allclose(np.asarray(merged[0]), ref_cluster_and_merge(x[0, 3:25], 3), rtol=1e-5, atol=1e-5)
 
@@ -161,7 +161,7 @@ class TokenCarveTest(chex.TestCase):
         x[..., 7] += 40.0  # a dominant shared direction, as hidden states have
         valid = np.ones((2, 96), bool)
         valid[1, 80:] = False
-        got = np.asarray(self.variant(policies.sv_scores)(x, valid))
+        got = np.asarray(self.variant(tokencarve.sv_scores)(x, valid))
         for b in range(2):
             ok = valid[b]
             ref = ref_sv(x[b][ok])
@@ -177,11 +177,11 @@ class TokenCarveTest(chex.TestCase):
         av[0, 10:20] = 0.0  # ties (debiased padding scores): lower index first
         valid = np.ones((2, 50), bool)
         valid[1, 40:] = False
-        got = np.asarray(self.variant(policies.rank_fusion)(av, sv, valid))
+        got = np.asarray(self.variant(tokencarve.rank_fusion)(av, sv, valid))
         np.testing.assert_array_equal(got[0], ref_rank_fusion(av[0], sv[0]))
         np.testing.assert_array_equal(got[1][:40], ref_rank_fusion(av[1][:40], sv[1][:40]))
         assert (got[1][40:] == 0).all()
-        only_av = np.asarray(self.variant(lambda a, s, v: policies.rank_fusion(a, s, v, 1.0))(av, sv, valid))
+        only_av = np.asarray(self.variant(lambda a, s, v: tokencarve.rank_fusion(a, s, v, 1.0))(av, sv, valid))
         np.testing.assert_array_equal(only_av[0], 50 - ref_desc_ranks(av[0]))  # the release's mode 2
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -191,7 +191,7 @@ class TokenCarveTest(chex.TestCase):
             score = rng.permutation(N).astype(np.float32)[None]  # tie-free
             x = rng.normal(size=(1, N, D)).astype(np.float32)
             valid = np.ones((1, N), bool)
-            idx, slot, feats = self.variant(lambda s, a, v, n=n: policies.tokencarve_select(s, a, v, n))(score, x, valid)
+            idx, slot, feats = self.variant(lambda s, a, v, n=n: tokencarve.tokencarve_select(s, a, v, n))(score, x, valid)
             kept, ref_feats = ref_carve(score[0], x[0], n)
             assert idx.shape == (1, n) and feats.shape == (1, n, D) and len(kept) == n
             assert np.asarray(slot).all()
@@ -209,8 +209,8 @@ class TokenCarveTest(chex.TestCase):
 
         @jax.jit
         def run(av, x, valid):
-            score = policies.rank_fusion(av, policies.sv_scores(x, valid), valid)
-            return score, policies.tokencarve_select(score, x, valid, n)
+            score = tokencarve.rank_fusion(av, tokencarve.sv_scores(x, valid), valid)
+            return score, tokencarve.tokencarve_select(score, x, valid, n)
 
         score, (idx, slot, feats) = run(av, x, valid)
         ref_score = ref_rank_fusion(av[0], ref_sv(x[0]))
@@ -226,12 +226,12 @@ class TokenCarveTest(chex.TestCase):
         x = rng.normal(size=(1, 30, 8)).astype(np.float32)
         valid = np.zeros((1, 30), bool)
         valid[0, :10] = True  # 10 valid < R = 15 for n = 10
-        idx, slot, _ = jax.jit(lambda s, a, v: policies.tokencarve_select(s, a, v, 10))(score, x, valid)
+        idx, slot, _ = jax.jit(lambda s, a, v: tokencarve.tokencarve_select(s, a, v, 10))(score, x, valid)
         idx, slot = np.asarray(idx[0]), np.asarray(slot[0])
         # A = 7 best, B = the other 3 valid ones, all 3 merged (min(7, 5) limited by |B|): 7 kept
         assert slot.sum() == 7 and valid[0, idx[slot]].all() and (np.diff(idx[slot]) > 0).all()
         with pytest.raises(ValueError, match="only N=30 tokens"):
-            policies.tokencarve_select(score, x, valid, 21)
+            tokencarve.tokencarve_select(score, x, valid, 21)
 
 
 # ----------------------------------------------------------------------------------------------- padding masks

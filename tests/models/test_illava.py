@@ -5,6 +5,7 @@ attention residual and the MLP, CLS protected (ours); no merge = ``__call__`` ex
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxdebias as jd
+from jaxdebias.methods import illava
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
 
 torch = pytest.importorskip("torch")
@@ -77,9 +80,14 @@ def reference(hf, pixels, layers, r, runs=4):
     return x.numpy()[:, 1:], source[:, 1:] - 1
 
 
+def merge_rule(r):
+    """The iLLaVA encoder stage's rule as the method module hands it to the tower (CLS protected)."""
+    return functools.partial(illava.illava_encoder_merge, r=r, protected=1)
+
+
 @jax.jit(static_argnums=(0, 3, 4))
 def _run(graphdef, state, pixels, layers, r):
-    return nnx.merge(graphdef, state).with_merges(pixels, layers, r)
+    return nnx.merge(graphdef, state).with_merges(pixels, layers, merge_rule(r))
 
 
 def jitted(tower, pixels, layers, r):
@@ -112,10 +120,12 @@ def test_merges_equal_transformers_with_the_numpy_rule(towers, layers, r):
 def test_no_merge_is_call_exactly(towers):
     _, tower, pixels = towers
     plain = np.asarray(tower(pixels))
-    for layers, r in (((), 5), ((1, 2), 0)):
-        feats, source = tower.with_merges(pixels, layers, r)
-        np.testing.assert_array_equal(np.asarray(feats), plain)
-        np.testing.assert_array_equal(np.asarray(source), np.tile(np.arange(36), (2, 1)))
+    feats, source = tower.with_merges(pixels, (), merge_rule(5))
+    np.testing.assert_array_equal(np.asarray(feats), plain)
+    np.testing.assert_array_equal(np.asarray(source), np.tile(np.arange(36), (2, 1)))
+    # r = 0 merges nothing: the method then has no encoder stage at all (the tower runs as __call__)
+    assert jd.PruneSpec("illava", options={"vit_layers": (1, 2), "vit_r": 0}).encoder(36) is None
+    assert jd.PruneSpec("illava", options={"vit_layers": (), "vit_r": 5}).encoder(36) is None
 
 
 def test_full_select_keeps_cls_first_and_checks(towers):
@@ -128,9 +138,9 @@ def test_full_select_keeps_cls_first_and_checks(towers):
     np.testing.assert_array_equal(np.asarray(s_full[:, 1:]) - 1, np.asarray(s_default))
     np.testing.assert_allclose(np.asarray(f_full[:, 1:]), np.asarray(f_default), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="layers"):
-        tower.with_merges(pixels, (4,), 2)  # layer 4 does not run (feature layer -2)
+        tower.with_merges(pixels, (4,), merge_rule(2))  # layer 4 does not run (feature layer -2)
     with pytest.raises(ValueError, match="r="):
-        tower.with_merges(pixels, (0, 1), 18)  # 36 - 2 * 18 patches would be left
+        tower.with_merges(pixels, (0, 1), merge_rule(18))  # 36 - 2 * 18 patches would be left
 
 
 def test_flops_fall(towers):

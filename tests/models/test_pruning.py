@@ -11,6 +11,9 @@ from flax import nnx
 
 import jaxdebias as jd
 from jaxdebias.methods import Stage
+from jaxdebias.methods.illava import MergeStage
+from jaxdebias.methods.sparsevlm import RecycleStage
+from jaxdebias.methods.tokencarve import CarveStage
 from jaxdebias.models import generate as gen
 from jaxdebias.models import layers, llava, sequence
 from jaxdebias.models.llama import rope_inv_freq
@@ -167,7 +170,7 @@ def test_fastv_mask_mode_reselects_at_every_token_as_released(tiny):
                     break
                 assert got == want, (b, step, margin)
     with pytest.raises(ValueError, match="mode='mask'"):
-        jd.PruneSpec("pdrop", mode="mask", stages=(Stage(2, 4, "instruction", "probe"),)).split(9, 4)
+        jd.PruneSpec("pdrop", mode="mask", stages=(Stage(2, 4, "instruction", "probe"),)).plan(9, 4)
 
 
 def test_pdrop_stages_equal_numpy_and_transformers(tiny):
@@ -322,7 +325,7 @@ def test_visionzip_equals_the_released_algorithm_on_transformers(tiny):
     """keep 6 = CLS + 3 dominant patches + 2 contextual tokens. The reference runs the released rule on
     transformers' CLIP outputs, projects the block with transformers' projector and runs transformers' decoder
     with the image span replaced by it (positions re-indexed, as the block is simply shorter)."""
-    spec = jd.PruneSpec("visionzip", keep=6, visionzip_contextual=2, buckets=BUCKETS)
+    spec = jd.PruneSpec("visionzip", keep=6, options={"contextual": 2}, buckets=BUCKETS)
     r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     tower = hf.model.vision_tower
@@ -378,7 +381,7 @@ def test_sparsevlm_stage_equals_numpy_and_transformers(tiny):
     raters averaged) keeps 4; of the 5 pruned the best 3 by raw score become one merged token after the kept ones;
     the pruned sequence is layer 2's *output*, positions re-indexed: kept set = NumPy on transformers' tensors,
     logits = transformers' layer 3 on that sequence."""
-    spec = jd.PruneSpec("sparsevlm", stages=(Stage(2, 4, "raters", "self", recycle=3, clusters=1),),
+    spec = jd.PruneSpec("sparsevlm", stages=(RecycleStage(2, 4, "raters", "self", recycle=3, clusters=1),),
                         buckets=BUCKETS, debias=jd.Debias(curve=CURVE))
     r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
@@ -444,7 +447,7 @@ def test_tokencarve_stage_equals_numpy_and_transformers(tiny):
                  output_hidden_states=True)
     kept_by = {}
     for debias, K in (("off", 4), ("curve", 4), ("pad+curve", 2), ("off", 1)):
-        spec = jd.PruneSpec("tokencarve", stages=(Stage(2, K, "last", "tap", merge=K // 2, info_weight=0.5),),
+        spec = jd.PruneSpec("tokencarve", stages=(CarveStage(2, K, "last", "tap", info_weight=0.5),),
                             buckets=BUCKETS, debias=DEBIAS.get(debias, jd.Debias(curve=CURVE)))
         r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
         kept_by[debias, K] = kept_sets(r)
@@ -466,16 +469,17 @@ def test_tokencarve_stage_equals_numpy_and_transformers(tiny):
 def test_tokencarve_lower_caches_hold_the_kept_tokens(tiny):
     """After the stage the caches of the layers below the work layer hold only the kept image tokens (the release
     gathers them), so generated tokens attend to the pruned set in every layer."""
-    spec = jd.PruneSpec("tokencarve", stages=(Stage(2, 4, "last", "tap", merge=2, info_weight=0.5),),
+    spec = jd.PruneSpec("tokencarve", stages=(CarveStage(2, 4, "last", "tap", info_weight=0.5),),
                         buckets=BUCKETS)
     model = tiny["model"]
     prep = gen.prepare(model, batch(tiny), spec)
     graphdef, state = nnx.split(model)
-    _, cache, info = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0),
-                                      spec=prep.shape, extra=64, temperature=0.0)
+    _, out = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0), plan=prep.plan,
+                              extra=64, temperature=0.0)
+    cache = out.cache
     for b in range(2):
         img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
-        kept = np.asarray(info["kept"][0][0][b])[np.asarray(info["kept"][0][1][b])]
+        kept = np.asarray(out.kept[0][0][b])[np.asarray(out.kept[0][1][b])]
         pruned = np.setdiff1d(np.arange(9), kept)
         for layer in (0, 1):
             valid = np.asarray(cache.valid[layer][b])
@@ -491,7 +495,7 @@ def test_illava_stages_equal_the_release_on_transformers(tiny):
     from tests.jaxdebias.test_illava_rules import ref_llm_merge
     from tests.models.test_illava import reference as clip_with_merges
 
-    spec = jd.PruneSpec("illava", keep=4, layer=2, illava_vit_layers=(1,), illava_vit_r=2,
+    spec = jd.PruneSpec("illava", keep=4, layer=2, options={"vit_layers": (1,), "vit_r": 2},
                         debias=jd.Debias(curve=CURVE))
     r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=1)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
@@ -529,10 +533,10 @@ def test_illava_stages_equal_the_release_on_transformers(tiny):
 def test_keep_all_equals_unpruned(tiny, method):
     """(TokenCarve's released rule merges a quarter of its top 1.5 n even when n is every token: no keep-all.)"""
     stages = {"fastv": None, "pdrop": (Stage(1, 9, "instruction", "probe"), Stage(3, 9, "instruction", "probe")),
-              "sparsevlm": (Stage(2, 9, "raters", "self"),), "illava": (Stage(2, 9, "last", "tap", policy="illava"),),
+              "sparsevlm": (RecycleStage(2, 9),), "illava": (MergeStage(2, 9),),
               "himap": (Stage(1, 9, "text", "tap"), Stage(2, 9, "image", "tap")), "visionzip": None}[method]
-    spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, visionzip_contextual=0, visionzip_cls=False,
-                        illava_vit_layers=(), illava_vit_r=0)
+    options = {"visionzip": {"contextual": 0, "cls": False}, "illava": {"vit_layers": (), "vit_r": 0}}
+    spec = jd.PruneSpec(method, keep=9, stages=stages, buckets=BUCKETS, options=options.get(method, {}))
     r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
     out = tiny["model"](tiny["ids"], tiny["px"], tiny["am"])
     ref = np.asarray(layers.last_real(out.logits, jnp.asarray(tiny["am"], bool)))
@@ -587,12 +591,13 @@ def test_fifty_requests_compile_once_per_bucket(tiny):
         stages = None
         if method == "sparsevlm":  # exact keeps (one program per budget): two budgets
             keep = 4 + 2 * (keep % 2)
-            stages = (Stage(2, keep, "raters", "self", recycle=2, clusters=1),)
-        spec = jd.PruneSpec(method, keep=keep, stages=stages, buckets=buckets,
-                            visionzip_contextual=0 if keep < 3 else 1, debias=jd.Debias(curve="online", pad_tau=0.5))
+            stages = (RecycleStage(2, keep, "raters", "self", recycle=2, clusters=1),)
+        options = {"contextual": 0 if keep < 3 else 1} if method == "visionzip" else {}
+        spec = jd.PruneSpec(method, keep=keep, stages=stages, buckets=buckets, options=options,
+                            debias=jd.Debias(curve="online", pad_tau=0.5))
         r = gen.generate(tiny["model"], gen.Batch(ids, tiny["px"], am, sizes), prune=spec,
                                          max_new_tokens=2, stop_at_eos=False)
-        shape, limits = spec.split(9, 4)
+        shape, limits = spec.plan(9, 4)
         prompt = jd.bucket(ids.shape[1], gen.PROMPT_BUCKETS)
         seen.add((prompt, shape))
         caches.add(tuple(r.stage_lengths))
@@ -605,7 +610,7 @@ def test_fifty_requests_compile_once_per_bucket(tiny):
 
 def _flops(model, spec, T=640):
     n = model.cfg.vision.num_features
-    shape, limits = spec.split(n, model.cfg.text.num_layers)
+    shape, limits = (None, ()) if spec is None else spec.plan(n, model.cfg.text.num_layers)
     B = 1
     ids = np.full((B, T), 5)
     ids[:, 10:10 + n] = model.cfg.image_token_id
@@ -614,7 +619,7 @@ def _flops(model, spec, T=640):
 
     g, st = nnx.split(model)
     lowered = gen.prefill_step.lower(g, st, jnp.asarray(ids), px, jnp.ones((B, T), bool), jnp.ones((B, 2), jnp.int32),
-                                     None, sequence.limits_array(limits), jax.random.key(0), spec=shape,
+                                     None, sequence.limits_array(limits), jax.random.key(0), plan=shape,
                                      extra=64, temperature=0.0)
     return lowered.compile().cost_analysis()["flops"], shape
 
@@ -639,14 +644,14 @@ def test_prefill_flops_match_the_analytic_count():
     def layer_flops(Ts):  # projections, MLP, and QK^T + PV over the key columns the prompt's attention computes
         return 2 * Ts * (4 * D * D + 3 * D * F) + 2 * 2 * key_columns(Ts) * D
 
-    dense, _ = _flops(model, jd.PruneSpec("fastv", keep=576, stages=()))
+    dense, _ = _flops(model, None)
     for keep in (64, 192):
         pruned, shape = _flops(model, jd.PruneSpec("fastv", keep=keep, layer=2))
         Ts = T - 576 + shape.stages[0].keep
         analytic_saving = 4 * (layer_flops(T) - layer_flops(Ts))  # layers 2..5 see Ts tokens instead of T
         ratio = (dense - pruned) / analytic_saving
         assert 0.97 < ratio < 1.06, ratio
-    sv = (jd.Stage(2, 300, "raters", "self", recycle=83, clusters=9), jd.Stage(4, 110, "raters", "self", recycle=63,
+    sv = (RecycleStage(2, 300, "raters", "self", recycle=83, clusters=9), RecycleStage(4, 110, "raters", "self", recycle=63,
                                                                                   clusters=7))
     pruned, shape = _flops(model, jd.PruneSpec("sparsevlm", stages=sv))
     T1, T2 = T - 576 + 309, T - 576 + 117  # kept + merged tokens; layers 2 and 4 run on the set before them

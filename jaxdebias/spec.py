@@ -1,0 +1,262 @@
+"""A pruning request and its plan.
+
+    spec = jd.PruneSpec("fastv", keep=128, debias=jd.Debias(curve="released", pad_tau=0.5))
+    plan, limits = spec.plan(n_visual=576, num_layers=32)
+
+``PruneSpec`` is what the user asks for: a method (``jaxdebias.methods``), a budget ``keep`` (what it counts is the
+method's: ``jd.methods.get(name).budget``), the debias step, how to decode. ``plan`` turns it into the static
+``Plan`` a prefill compiles - the method's stages with every count rounded up to a bucket - and the run-time
+``limits`` (the real counts, which mask the surplus slots), so requests whose budgets share buckets share one
+program. No plan means the dense prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxdebias import _checks, methods
+from jaxdebias.curves import Curve, curve_from_dict, curve_to_dict, published_curve
+from jaxdebias.methods import EncoderStage, Stage
+from jaxdebias.prune import DEFAULT_BUCKETS, bucket
+
+POSITIONS = ("original", "reindex")
+DECODES = ("fast", "released")
+
+
+def released_curve(method: str, task: str = "default") -> Curve:
+    """The published positional-debiasing curve for a pruning method (name or alias) and benchmark.
+
+    Args:
+      method: "fastv", "himap", "pdrop" (alias "pyramiddrop"), "sparsevlm" or "tokencarve".
+      task: benchmark name (e.g. "gqa", "pope", "textvqa"); FastV has one curve for all tasks.
+
+    Raises:
+      KeyError: unknown method or task; the message lists the known ones.
+    """
+    key = methods.METHOD_ALIASES.get(str(method).lower(), str(method).lower())
+    return published_curve(key, task)
+
+
+@dataclasses.dataclass(frozen=True)
+class Debias:
+    """How a method's first-stage scores are corrected (hashable, so it can be a static jit argument).
+
+    curve: None / "off" (no positional weights), "released" (the published curve of the method and ``task``),
+      "online" (per-sample fit), or a curve object / ``curve_to_dict`` dict (e.g. from ``Calibration.fit``), or a
+      list of those, one per view of a multi-view image (LLaVA-NeXT: base view, tile grid; ``jd.debias_views``).
+    pad_tau: letterbox-padding threshold (a patch is padding when more than ``pad_tau`` of it is padding),
+      "released" (each method's released threshold and mask geometry), or None for no padding suppression.
+    task: benchmark whose released curve is used with curve="released".
+    every_stage: also debias later stages (published: first stage only).
+    """
+
+    curve: Any = None
+    pad_tau: float | str | None = None
+    task: str = "gqa"
+    every_stage: bool = False
+
+    def __post_init__(self):
+        c = self.curve
+        if isinstance(c, list) or (isinstance(c, tuple) and c and c[0] != "views" and not isinstance(c[0], tuple)):
+            c = ("views", tuple(Debias(curve=v).curve for v in c))  # one curve per view (LLaVA-NeXT)
+        if c == "off":
+            c = None
+        elif isinstance(c, dict):
+            c = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in c.items()))
+        elif c is not None and not isinstance(c, (str, tuple)):
+            c = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in curve_to_dict(c).items()))
+        if isinstance(c, str) and c not in ("released", "online"):
+            raise ValueError(f"Debias curve must be None, 'off', 'released', 'online' or a curve, got {c!r}.")
+        if isinstance(self.pad_tau, str):
+            if self.pad_tau != "released":
+                raise ValueError(f"Debias pad_tau must be a fraction, 'released' or None, got {self.pad_tau!r}.")
+        elif self.pad_tau is not None:
+            _checks.check_fraction("pad_tau", self.pad_tau)
+        object.__setattr__(self, "curve", c)
+
+    @classmethod
+    def off(cls) -> Debias:
+        return cls()
+
+    @classmethod
+    def padding(cls, tau: float = 0.5) -> Debias:
+        return cls(pad_tau=tau)
+
+    @classmethod
+    def full(cls, curve="released", tau: float = 0.5, task: str = "gqa") -> Debias:
+        return cls(curve=curve, pad_tau=tau, task=task)
+
+    @property
+    def enabled(self) -> bool:
+        return self.curve is not None or self.pad_tau is not None
+
+    def tau_for(self, method: str) -> float | None:
+        """The padding threshold this method runs with (``pad_tau="released"``: the method's released one)."""
+        return methods.get(method).pad_tau if self.pad_tau == "released" else self.pad_tau
+
+    def geometry_for(self, method: str) -> str:
+        """The padding-mask geometry: the method's released one with ``pad_tau="released"`` (SparseVLM: a
+        bilinearly resized mask), else the released letterbox geometry ("continuous")."""
+        return methods.get(method).pad_geometry if self.pad_tau == "released" else "continuous"
+
+    def curve_for(self, method: str) -> Curve | str | None:
+        if self.curve is None or self.curve == "online":
+            return self.curve
+        if self.curve == "released":
+            return released_curve(method, self.task)
+        if self.curve[0] == "views":
+            return tuple(Debias(curve=dict(v)).curve_for(method) for v in self.curve[1])
+        return curve_from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in self.curve})
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static side of a request: what a prefill compiles (hashable; a jit static argument).
+
+    method: the canonical name (for messages and records); encoder: the encoder stage with its bucketed counts,
+    or None; stages: the decoder stages with their bucketed counts; positions: "original" | "reindex";
+    mode: "remove" (pruned tokens leave the sequence and the caches) | "mask" (they stay, later layers mask their
+    keys); reselect: "prefill" | "every_token" (see ``PruneSpec``); debias, pad_tau, pad_geometry: the debias
+    step and the padding threshold and geometry it runs with; pad_candidates: whether zeroed padding stays a
+    candidate."""
+
+    method: str
+    encoder: EncoderStage | None
+    stages: tuple
+    positions: str
+    mode: str
+    reselect: str
+    debias: Debias
+    pad_tau: float | None
+    pad_geometry: str
+    pad_candidates: bool
+
+    def decoder_visual(self, n: int) -> int:
+        """Visual tokens the decoder receives for an image of ``n``."""
+        return n if self.encoder is None else self.encoder.size
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+    """One line that says how to prune.
+
+    method: a name or alias of ``jaxdebias.methods`` (fastv, pdrop, sparsevlm, himap, tokencarve, visionzip,
+      illava, random, pool).
+    keep: the budget, as the papers' ``--keep``; what it counts is the method's (``methods.get(m).budget``):
+      tokens kept after the stage (FastV, TokenCarve, iLLaVA's LLM stage), a layer-average budget (PyramidDrop,
+      HiMAP), the key of a released list (SparseVLM), or the tokens the decoder receives (VisionZip, random, pool).
+    layer: the stage layer for the single-stage methods (FastV, TokenCarve: 2; iLLaVA: 8).
+    stages: an explicit ``Stage`` tuple, overriding the method's schedule.
+    debias: a ``Debias``; positions: "original" / "reindex" (default: the method's).
+    buckets: keep counts are rounded up to these (static shapes).
+    options: the method's own settings (``methods.get(m).options``), a dict, e.g. VisionZip's
+      ``{"contextual": 10}``, iLLaVA's ``{"vit_layers": (5, 6, 7, 8), "vit_r": 72}``, random's ``{"seed": 0}``.
+    decode: "fast" (the selection made at prefill serves every generated token, from the pruned caches) or
+      "released" (as the method's release decodes: FastV re-selects in mask mode at every token, HiMAP reruns
+      the pruned prefill per token without a cache; the others as "fast").
+    mode, reselect: override what ``decode`` picks. mode "remove" | "mask" (FastV's mask mode: nothing is
+      removed, layers >= K mask the pruned image keys; one tap stage only); reselect "prefill" | "every_token"
+      (with mode "mask" each new token re-selects from its own layer-(K-1) row; with mode "remove" the pruned
+      prefill is recomputed for every token, the generated tokens joining the text rows, without a KV cache).
+    """
+
+    method: str = "fastv"
+    keep: int = 128
+    layer: int | None = None
+    stages: tuple | None = None
+    debias: Debias = Debias()
+    positions: str | None = None
+    buckets: tuple = DEFAULT_BUCKETS
+    options: Any = ()
+    decode: str = "fast"
+    mode: str | None = None
+    reselect: str | None = None
+
+    def __post_init__(self):
+        m = methods.get(self.method)
+        object.__setattr__(self, "method", m.name)
+        _checks.check_positive_int("keep", self.keep)
+        pos = {"keep": "original"}.get(self.positions, self.positions) or m.positions
+        if pos not in POSITIONS:
+            raise ValueError(f"positions must be 'original' or 'reindex', got {self.positions!r}.")
+        object.__setattr__(self, "positions", pos)
+        opts = dict(self.options)
+        unknown = sorted(set(opts) - set(m.option_defaults()))
+        if unknown:
+            raise ValueError(f"{m.name} has no option {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(m.option_defaults()) or 'none'}.")
+        opts = {**m.option_defaults(), **opts}
+        object.__setattr__(self, "options", tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                         for k, v in opts.items())))
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be 'fast' or 'released', got {self.decode!r}.")
+        mode, reselect = m.decode if self.decode == "released" else ("remove", "prefill")
+        object.__setattr__(self, "mode", self.mode or mode)
+        object.__setattr__(self, "reselect", self.reselect or reselect)
+        if self.mode not in ("remove", "mask"):
+            raise ValueError(f"mode must be 'remove' or 'mask', got {self.mode!r}.")
+        if self.reselect not in ("prefill", "every_token"):
+            raise ValueError(f"reselect must be 'prefill' or 'every_token', got {self.reselect!r}.")
+        if self.debias.enabled and not m.debias:
+            raise ValueError(f"{m.name} scores no token, so debiasing does not apply to it; pass "
+                             "debias=jd.Debias() (--debias off).")
+
+    def option(self, name: str):
+        return dict(self.options)[name]
+
+    @property
+    def pad_candidates(self) -> bool:
+        """Whether zero-scored padding stays a top-k candidate (the releases except FastV's)."""
+        return methods.get(self.method).pad_candidates
+
+    def encoder(self, n_visual: int) -> EncoderStage | None:
+        """The method's encoder stage for an image of ``n_visual`` tokens (None: the decoder sees all N)."""
+        m = methods.get(self.method)
+        return None if m.encoder is None else m.encoder(self.keep, n_visual, dict(self.options))
+
+    def schedule(self, n_visual: int, num_layers: int) -> tuple[Stage, ...]:
+        """The decoder stages, checked against the model: layers in 1..L-1 increasing, keeps decreasing and
+        within what remains."""
+        m = methods.get(self.method)
+        stages = tuple(self.stages) if self.stages is not None else m.stages(
+            self.keep, self.layer, n_visual, num_layers, dict(self.options))
+        enc = self.encoder(n_visual)
+        if enc is not None:
+            enc.check(n_visual, self.method)
+        prev_layer, prev = 0, n_visual if enc is None else enc.size
+        for s in stages:
+            s.validate(prev_layer, prev, num_layers, self.method)
+            prev_layer, prev = s.boundary, s.keep + s.extra
+        if self.mode == "mask" and (len(stages) != 1 or stages[0].source != "tap" or not stages[0].maskable
+                                    or enc is not None):
+            raise ValueError(f"{self.method}: mode='mask' (FastV's mask mode) needs one plain 'tap' stage; use "
+                             "method 'fastv' or mode='remove'.")
+        return stages
+
+    def bucketed(self, keep: int, most: int) -> int:
+        return min(bucket(keep, self.buckets + (most,)), most)
+
+    def plan(self, n_visual: int, num_layers: int) -> tuple[Plan, tuple[int, ...]]:
+        """(the static ``Plan``, the real budget of each stage: the encoder stage's first if any). The plan has
+        every bucketed count rounded up, so requests whose budgets share buckets share one compiled program; the
+        real counts are passed at run time and mask the surplus slots."""
+        stages = self.schedule(n_visual, num_layers)
+        enc = self.encoder(n_visual)
+        limits = () if enc is None else (enc.budget,)
+        if enc is not None:
+            enc = enc.shaped(lambda k, most: self.bucketed(k, most or n_visual))
+        shaped, prev = [], n_visual if enc is None else enc.size
+        for s in stages:
+            keep = self.bucketed(s.keep, prev) if s.bucketed else s.keep
+            shaped.append(dataclasses.replace(s, keep=keep))
+            limits += (s.keep,)
+            prev = keep + s.extra
+        m = methods.get(self.method)
+        tau = self.debias.tau_for(self.method)
+        plan = Plan(self.method, enc, tuple(shaped), self.positions, self.mode, self.reselect, self.debias, tau,
+                    self.debias.geometry_for(self.method), m.pad_candidates)
+        return plan, limits
+
+
+__all__ = ["DECODES", "Debias", "POSITIONS", "Plan", "PruneSpec", "released_curve"]
