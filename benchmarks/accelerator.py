@@ -313,10 +313,11 @@ def prune_spec(method: str, keep: int, num_layers: int):
     """(spec, setting) for ``method`` at ``keep`` on a decoder of ``num_layers`` layers: the released schedule
     where it fits, else the released 32-layer schedule with its stage layers scaled by num_layers / 32. Raises
     ValueError where neither fits."""
-    curve = None if method == "visionzip" else "released"  # VisionZip has no released curve: padding only
-    spec = jd.PruneSpec(method, keep=keep, debias=jd.Debias(curve=curve, pad_tau="released"))
+    released = jd.canonical_method(method) in {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE}
+    debias = jd.Debias(curve="released" if released else None, pad_tau="released")  # no released curve: padding
+    spec = jd.PruneSpec(method, keep=keep, debias=debias if jd.methods.get(method).debias else jd.Debias())
     try:
-        spec.split(N_VISUAL, num_layers)
+        spec.plan(N_VISUAL, num_layers)
         return spec, f"{method} keep {keep}"
     except ValueError:
         pass
@@ -326,7 +327,7 @@ def prune_spec(method: str, keep: int, num_layers: int):
         scaled.append(dataclasses.replace(s, layer=layer))
         boundary = scaled[-1].boundary
     spec = dataclasses.replace(spec, stages=tuple(scaled))
-    spec.split(N_VISUAL, num_layers)  # raises where the depth is too shallow even scaled
+    spec.plan(N_VISUAL, num_layers)  # raises where the depth is too shallow even scaled
     released = "/".join(str(s.layer) for s in jd.PruneSpec(method, keep=keep).schedule(N_VISUAL, 32))
     return spec, (f"{method} keep {keep}, stage layers {'/'.join(str(s.layer) for s in scaled)} "
                   f"(released {released} scaled to {num_layers} layers)")
@@ -433,7 +434,8 @@ def decode_row(table, name, cfg, graphdef, state, prefill, args, bw):
     setting = decode_setting(cfg)
     steps = min(args.decode_steps, EXTRA - 2)
     try:
-        tok, cache, _ = prefill()
+        tok, out = prefill()
+        cache = out.cache
         key = jax.random.key(0)
         kv = sum(x.nbytes for x in cache.k + cache.v)
         graphdef = gen.StaticDef(graphdef)  # hashed once, as decode_loop does (jit hashes static args per call)

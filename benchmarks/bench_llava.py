@@ -26,6 +26,9 @@ import jax
 import numpy as np
 from _timing import call_times, interleaved_times
 
+from jaxdebias.convert import from_hf
+from jaxdebias.models.generate import Batch, generate
+
 
 def limits(repeats: int):
     """(matmul FLOP/s, copy bytes/s, mat-vec bytes/s), each the best of ``repeats`` jitted calls."""
@@ -59,11 +62,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    import torch
+    import torch  # the reference: a test extra, imported only when this benchmark runs
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from jaxdebias.convert import from_hf
-    from jaxdebias.models.generate import Batch, generate
 
     torch.manual_seed(0)
     D, L = args.hidden, args.layers

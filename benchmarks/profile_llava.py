@@ -124,7 +124,8 @@ def main():
         kw = dict(plan=prep.plan, extra=64, temperature=0.0)
         text = gen.prefill_step.lower(*call, **kw).compile().as_text()
         fn = lambda: gen.prefill_step(*call, **kw)  # noqa: E731
-        first, cache, _ = jax.block_until_ready(fn())
+        first, out = jax.block_until_ready(fn())
+        cache = out.cache
         profile(name, lambda: fn()[0], text, args.runs, vis, args.top)
         if spec is None:
             dense = first, cache

@@ -213,8 +213,8 @@ class ClipVisionTower(nnx.Module):
         (float[B, P, D]), the CLS token's feature there (float[B, D]), its attention to the patches (heads
         summed, float32[B, P]) and that layer's patch keys averaged over heads (float32[B, P, E])."""
         if self.cfg.select_strategy != "default":
-            raise ValueError("VisionZip needs vision_feature_select_strategy 'default' (patch features without "
-                             "CLS); this tower keeps CLS in its features.")
+            raise ValueError("An encoder stage that reads CLS attention needs vision_feature_select_strategy "
+                             "'default' (patch features without CLS); this tower keeps CLS in its features.")
         x = self.pre_layrnorm(self.embed(pixel_values))
         for layer in self.layers[:-1]:
             x = layer(x)

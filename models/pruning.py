@@ -96,12 +96,14 @@ class _DebiasStep:
         return debiased
 
 
-def sample_keys(input_ids, real):
-    """uint32[B]: a hash of each sample's real tokens at their positions (seeds a per-sample random stream
-    that does not depend on the batch it is in)."""
-    pos = layers.default_positions(real).astype(jnp.uint32)
-    mixed = (input_ids.astype(jnp.uint32) + jnp.uint32(1)) * (pos * jnp.uint32(2654435761) + jnp.uint32(1))
-    return jnp.sum(jnp.where(real, mixed, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
+def sample_keys(pixel_values):
+    """uint32[B]: a hash of each image's pixel values (float32 bits, position-weighted): seeds a per-image random
+    stream that depends neither on the batch the image is in nor on the text around it (nor on the tokens
+    generated so far)."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(pixel_values, jnp.float32), jnp.uint32)
+    bits = bits.reshape(bits.shape[0], -1)
+    weights = jnp.arange(bits.shape[1], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, axis=1, dtype=jnp.uint32)
 
 
 def prefill(model: VisualModel, input_ids, pixel_values, real, image_sizes, instruction_pos, limits,
@@ -139,7 +141,7 @@ def prefill(model: VisualModel, input_ids, pixel_values, real, image_sizes, inst
         grid_raster, ones = jnp.broadcast_to(jnp.arange(n), (B, n)), jnp.ones((B, n), bool)
         inputs = EncoderInputs(model.vision_tower, pixel_values, n, cfg.vision.grid,
                                lambda raw: debias(0, raw, grid_raster, ones), debias.candidates(0, grid_raster, ones),
-                               limits[0], sample_keys(input_ids, real))
+                               limits[0], sample_keys(pixel_values))
         with jax.named_scope(f"encoder_stage_{type(encoder).__name__}"):
             block = encoder.encode(inputs)
             block_h = model.multi_modal_projector(block.h.astype(dtype)).astype(dtype)

@@ -90,7 +90,7 @@ def test_shallow_schedules_scale_to_the_decoder():
             spec, setting = accelerator.prune_spec(method, keep, 32)  # the released schedule, untouched
             assert spec.stages is None and setting == f"{method} keep {keep}"
             spec, setting = accelerator.prune_spec(method, keep, 8)  # the mid-sized decoder
-            spec.split(576, 8)
+            spec.plan(576, 8)
             released = spec.schedule(576, 8) if spec.stages is None else None
             if method in ("pdrop", "sparsevlm", "himap"):
                 assert released is None and "scaled to 8 layers" in setting

@@ -8,6 +8,7 @@ Layers, bottom up: 1 core (``jaxdebias/*.py``) <- 2 models (``jaxdebias.models``
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -138,3 +139,34 @@ def test_every_package_is_installed():
         listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
     packages = {m for m, path in MODULES.items() if path.endswith("__init__.py")}
     assert packages <= listed, sorted(packages - listed)
+
+
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+SCRIPTS = sorted(os.path.join(BENCHMARKS, f) for f in os.listdir(BENCHMARKS) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_benchmarks_import_the_package_at_the_top(path):
+    """The benchmarks sit above every layer: they may import any project module, at the top, and only modules
+    that exist."""
+    for target, line, in_function in imports(path, "benchmarks." + os.path.basename(path)[:-3]):
+        assert not in_function, f"{os.path.relpath(path, ROOT)}:{line} imports {target} inside a function"
+        assert target == "jaxdebias" or target in MODULES, f"{os.path.relpath(path, ROOT)}:{line}: no {target}"
+
+
+METHOD_NAMES = re.compile(r"fastv|pdrop|pyramid|sparsevlm|himap|tokencarve|visionzip|illava", re.I)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("jaxdebias.models")))
+def test_the_models_name_no_method(module):
+    """A method is one module of ``jaxdebias.methods``: the models' code (docstrings and comments aside) never
+    names one, so the prefill loop and generation treat every method alike."""
+    tree = ast.parse(open(MODULES[module]).read())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            body[0].value.value = ""  # a docstring
+    code = ast.unparse(tree)
+    found = sorted(set(m.group(0) for m in METHOD_NAMES.finditer(code)))
+    assert not found, f"{MODULES[module]} names {found} outside docstrings and comments"

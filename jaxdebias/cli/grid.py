@@ -89,6 +89,9 @@ def summary_tables(bench: str, cells: list[dict]) -> tuple[str, str]:
         lines.append(f"| unpruned | {_cell(_value(by['unpruned', 'unpruned']['metrics'], head))} | | | |")
     for method in dict.fromkeys(c["method"] for c in cells if c["variant"] != "unpruned"):
         plain = _value(by[method, "plain"]["metrics"], head)
+        if (method, "debiased") not in by:  # a baseline that scores nothing: debiasing does not apply
+            lines.append(f"| {method} | {_cell(plain)} | n/a | | not applicable |")
+            continue
         debiased = _value(by[method, "debiased"]["metrics"], head)
         change = None if plain is None or debiased is None else debiased - plain
         lines.append(f"| {method} | {_cell(plain)} | {_cell(debiased)} | "
@@ -101,8 +104,8 @@ def summary_plot(bench: str, cells: list[dict], path: str) -> str:
     the unpruned value as a dashed reference."""
     head = HEADLINE.get(bench, ("accuracy",))[0]
     methods = list(dict.fromkeys(c["method"] for c in cells if c["variant"] != "unpruned"))
-    values = {v: [_value(next(c for c in cells if c["method"] == m and c["variant"] == v)["metrics"], head)
-                  for m in methods] for v in ("plain", "debiased")}
+    values = {v: [_value(next((c for c in cells if c["method"] == m and c["variant"] == v),
+                              {"metrics": {}})["metrics"], head) for m in methods] for v in ("plain", "debiased")}
     values = {k: np.array([np.nan if x is None else x for x in v]) for k, v in values.items()}
     unpruned = [_value(c["metrics"], head) for c in cells if c["variant"] == "unpruned"]
     polar = len(methods) >= 3
@@ -139,7 +142,8 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
                   model: LoadedModel | str | None = None, limit: int | None = None, batch_size: int = 4,
                   max_new_tokens: int = 8, log=print, progress: bool = True, devices=None) -> list[dict]:
     """Every method in ``methods`` at ``keep``, without and with ``debias`` (a method without a released curve
-    gets the padding part only), plus the unpruned model; writes ``summary.csv``, ``summary.md`` and
+    gets the padding part only; a baseline that scores nothing - random, pool - runs plain only), plus the
+    unpruned model; writes ``summary.csv``, ``summary.md`` and
     ``summary.png`` in ``out_dir`` and returns the cells. Every input and every spec is checked before the
     first answer is written."""
     benchmark = benchmarks.get(bench)
@@ -149,7 +153,9 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
     plan = [("unpruned", "unpruned", None)] if unpruned else []
     for method in methods:
         plan.append((method, "plain", check_spec(prune_spec(method, keep), loaded)))
-        plan.append((method, "debiased", check_spec(prune_spec(method, keep, debias_for(method, debias)), loaded)))
+        if jd.methods.get(method).debias:
+            plan.append((method, "debiased", check_spec(prune_spec(method, keep, debias_for(method, debias)),
+                                                        loaded)))
     cells = []
     for method, variant, spec in plan:
         folder = os.path.join(out_dir, method if spec is None else f"{method}-{variant}")

@@ -51,7 +51,8 @@ def _pad_tau(text: str):
 
 
 def _add_debias(p):
-    p.add_argument("--debias", default="pad+curve", help=f"{', '.join(DEBIAS_MODES)} (default pad+curve)")
+    p.add_argument("--debias", default=None, help=f"{', '.join(DEBIAS_MODES)} (default pad+curve; off for the "
+                                                  "baselines that score nothing: random, pool)")
     p.add_argument("--curve", default=None, help="curve.json from `jaxdebias calibrate`, 'online', or "
                                                  "'released' (default: the method's released curve)")
     p.add_argument("--task", default=None, help="benchmark whose released curve to use (default: --bench, "
@@ -160,8 +161,14 @@ def _var(args):
 
 
 def _debias(args) -> jd.Debias:
-    """--debias, --pad-tau, --curve; the released curve of --task, by default the benchmark's (gqa without one)."""
-    return parse_debias(args.debias, args.pad_tau, args.curve, args.task or getattr(args, "bench", None) or "gqa")
+    """--debias, --pad-tau, --curve; the released curve of --task, by default the benchmark's (gqa without one).
+    Without --debias: pad+curve, or off for a --method that scores nothing (random, pool)."""
+    mode = args.debias
+    if mode is None:
+        method = getattr(args, "method", None)
+        mode = "off" if method in jd.METHODS + tuple(jd.METHOD_ALIASES) and not jd.methods.get(method).debias \
+            else "pad+curve"
+    return parse_debias(mode, args.pad_tau, args.curve, args.task or getattr(args, "bench", None) or "gqa")
 
 
 def _command(args) -> None:

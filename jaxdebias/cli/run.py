@@ -39,6 +39,10 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
     ``model``: a ``LoadedModel``, a converted checkpoint's directory, or None for the embedded default.
     ``prompt``: default a question the toy default answers (with it), else "What is in the picture?".
     Returns the summary written to run.json."""
+    if not jd.methods.get(spec.method).debias:
+        raise jd.UserError(f"`jaxdebias run` shows a method pruned and pruned + debiased; {spec.method} scores no "
+                           "token, so there is nothing to debias. Evaluate it with `jaxdebias eval --method "
+                           f"{spec.method}`.")
     picture = load_image(image or default_image_path())  # cheap checks first: nothing is built for a bad request
     loaded = resolve_model(model)
     if isinstance(loaded.model, VideoLlava):

@@ -68,7 +68,7 @@ class EncoderInputs:
     ``with_merges`` as ``jaxdebias.models.clip.ClipVisionTower``); pixels: its input; n: N raster tokens;
     grid: the raster's side; debias: float[B, N] raster scores -> debiased float32[B, N] (the method's debias
     step, identity when off); candidates: bool[B, N] tokens a content-capped selection may keep; limit: int32[]
-    the run-time budget; sample_key: uint32[B] a key per sample from its prompt (seeded baselines)."""
+    the run-time budget; sample_key: uint32[B] a key per image from its pixels (seeded baselines)."""
 
     tower: Any
     pixels: Any

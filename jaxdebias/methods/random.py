@@ -2,8 +2,8 @@
 
 Before the decoder, each sample keeps ``keep`` of its N visual tokens drawn uniformly at random without
 replacement, in raster order, and the decoder sees them at contiguous positions (as every encoder-side method
-here); decoding continues from its caches. The draw is seeded per sample: the key folds the option ``seed`` with a
-hash of the sample's prompt tokens, so a sample keeps the same set whatever batch it is in. Nothing is scored, so
+here); decoding continues from its caches. The draw is seeded per image: the key folds the option ``seed`` with a
+hash of the image's pixels, so an image keeps the same set whatever batch, question or answer it comes with. Nothing is scored, so
 debiasing does not apply (a spec that asks for it is refused).
 
 ``keep`` counts the visual tokens the decoder receives.

@@ -158,11 +158,11 @@ def test_large_budgets_get_their_own_buckets():
     """A video keeps up to 2056 tokens: a CLI budget past 576 is rounded to the next large bucket, not the span."""
     from jaxdebias.cli.inputs import prune_spec
 
-    shape, limits = prune_spec("fastv", 1000).split(2056, 32)
-    assert shape.stages[0].keep == 1024 and limits[0][0] == 1000
-    shape, _ = prune_spec("fastv", 2000).split(2056, 32)
+    shape, limits = prune_spec("fastv", 1000).plan(2056, 32)
+    assert shape.stages[0].keep == 1024 and limits[0] == 1000
+    shape, _ = prune_spec("fastv", 2000).plan(2056, 32)
     assert shape.stages[0].keep == 2048
-    shape, _ = prune_spec("fastv", 500).split(576, 32)
+    shape, _ = prune_spec("fastv", 500).plan(576, 32)
     assert shape.stages[0].keep == 576  # LLaVA-1.5 unchanged
 
 

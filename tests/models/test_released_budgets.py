@@ -75,9 +75,9 @@ def recycled_sets(big, spec):
     """The tokens each SparseVLM stage recycled (indices into its visual span), from the jitted prefill's info."""
     prep = gen.prepare(big["ours"], Batch(big["ids"], big["px"], image_sizes=[[W, H]]), spec)
     graphdef, state = nnx.split(big["ours"])
-    info = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0), spec=prep.shape,
-                            extra=64, temperature=0.0)[2]
-    return [np.sort(np.asarray(idx[0])[np.asarray(slot[0])]) for idx, slot in info["recycled"]]
+    out = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0), plan=prep.plan,
+                           extra=64, temperature=0.0)[1]
+    return [np.sort(np.asarray(idx[0])[np.asarray(slot[0])]) for idx, slot in out.merged]
 
 
 def kept(result, stage):

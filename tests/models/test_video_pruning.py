@@ -9,6 +9,8 @@ import pytest
 
 import jaxdebias as jd
 from jaxdebias.methods import Stage
+from jaxdebias.methods.sparsevlm import RecycleStage
+from jaxdebias.methods.tokencarve import CarveStage
 from jaxdebias.models import generate as gen
 
 torch = pytest.importorskip("torch")
@@ -167,7 +169,7 @@ def test_himap_and_sparsevlm_first_stages_on_video_equal_numpy(tiny):
     w = np_weights("frame")
     himap = run(tiny, jd.PruneSpec("himap", stages=(Stage(2, 16, "text", "tap"), Stage(3, 8, "image", "tap")),
                                    buckets=BUCKETS, debias=jd.Debias(curve=CURVE)))
-    sparse = run(tiny, jd.PruneSpec("sparsevlm", stages=(Stage(2, 12, "raters", "self", recycle=4, clusters=1),),
+    sparse = run(tiny, jd.PruneSpec("sparsevlm", stages=(RecycleStage(2, 12, "raters", "self", recycle=4, clusters=1),),
                                     buckets=BUCKETS, debias=jd.Debias(curve=CURVE)))
     for b in range(2):
         vid = np.nonzero(ids[b] == VIDEO_TOKEN)[0]
@@ -184,7 +186,7 @@ def test_himap_and_sparsevlm_first_stages_on_video_equal_numpy(tiny):
         kept = np_select(raw * w, 12)
         assert kept_sets(sparse)[b] == kept
     assert sparse.stage_lengths[-1][2] == sparse.stage_lengths[0][2] - N + 12 + 1
-    carve = run(tiny, jd.PruneSpec("tokencarve", stages=(Stage(2, 12, "last", "tap", merge=6, info_weight=0.5),),
+    carve = run(tiny, jd.PruneSpec("tokencarve", stages=(CarveStage(2, 12, "last", "tap", info_weight=0.5),),
                                    buckets=BUCKETS, debias=jd.Debias(curve=CURVE)))
     assert carve.scores.shape == (2, N) and carve.stage_lengths[-1][2] == carve.stage_lengths[0][2] - N + 12
 
