@@ -85,7 +85,7 @@ def main():
         specs, settings = {}, {}
         for keep in (64, 128, 192):
             spec, settings[keep] = prune_spec(method, keep, L)
-            specs[keep] = dataclasses.replace(spec, debias=debias)
+            specs[keep] = dataclasses.replace(spec, debias=debias) if jd.methods.get(method).debias else spec
         runs = {keep: runner(spec) for keep, spec in specs.items()}
         times = interleaved_times({"dense": dense_fn, **{keep: fn for keep, (fn, _, _) in runs.items()}},
                                   args.repeats)

@@ -197,7 +197,7 @@ def load(dst, *, dtype=None, mesh=None):
       dtype: compute/parameter dtype (default: the stored one); a different dtype is cast on restore.
       mesh: optional ``jax.sharding.Mesh`` with axes ("data", "model").
     """
-    dst = os.fspath(dst)
+    dst = os.path.abspath(os.fspath(dst))  # Orbax reads absolute paths only; a user passes relative ones
     marker = os.path.join(dst, MARKER)
     if not os.path.isfile(marker):
         raise ConversionError(f"{dst} is not a jaxdebias checkpoint (no {MARKER}). Convert a Hugging Face "

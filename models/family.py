@@ -1,6 +1,6 @@
 """What the prefill and generation need of a LLaVA-style model: the interface ``Llava``, ``LlavaNext`` and
-``VideoLlava`` implement, so that the pruning loop and the command line ask the model instead of checking its
-class.
+``VideoLlava`` implement (``VisualModel``), so that the pruning loop asks the model instead of checking its class,
+and the code they share (``LlavaFamily``: the forward, one decode step, the intervention checks).
 
 Axes: B batch, T prompt slots, N visual tokens of the pruned span, D width.
 """
@@ -8,6 +8,14 @@ Axes: B batch, T prompt slots, N visual tokens of the pruned span, D width.
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
+
+import jax.numpy as jnp
+
+from jaxdebias.models import layers
+from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
+from jaxdebias.models.layers import Output
+from jaxdebias.models.llama import KVCache, Taps
+from jaxdebias.models.rows import slot_mask
 
 
 class ImageViews(NamedTuple):
@@ -61,3 +69,49 @@ class VisualModel(Protocol):
 
     def decode(self, tokens, cache, var=None, reselect=None):
         """One token per sample at each layer's next slot: (logits float32[B, V], cache)."""
+
+
+class LlavaFamily:
+    """What ``Llava``, ``LlavaNext`` and ``VideoLlava`` share, written once: the full forward, one decode step and
+    the intervention checks. A subclass provides ``cfg``, ``language_model``, ``embed``, ``check_inputs``,
+    ``visual_token_id`` and ``num_visual`` (the span VAR edits)."""
+
+    def check_interventions(self, pixel_values, var: VarSpec | None, triangle: TriangleMix | None):
+        """Raises on a VAR spec for a prompt without visual input, or a TriangleMix beyond the decoder's layers."""
+        if var is not None and pixel_values is None:
+            raise ValueError("VAR redistributes attention to visual tokens; this prompt has no image or video. "
+                             "Drop var=... for text-only prompts.")
+        if triangle is not None:
+            triangle.check(self.cfg.text.num_layers)
+
+    def var_context(self, input_ids, real, var: VarSpec | None, pixel_values=None) -> VarContext | None:
+        """VAR's inputs for a prompt batch: the visual span and the query rows after it (a sample without visual
+        tokens has no rows: VAR leaves it untouched)."""
+        if var is None:
+            return None
+        is_visual = (input_ids == self.visual_token_id(pixel_values)) & real
+        return var_context(var, is_visual, real, self.num_visual(pixel_values))
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, position_ids=None, *, taps: Taps = Taps(),
+                var: VarSpec | None = None, triangle: TriangleMix | None = None) -> Output:
+        """Full forward. input_ids int[B, T]; pixel_values: the model's visual input; attention_mask [B, T] (1 =
+        real token; left or right padding); var: VAR on the rows after the visual span; triangle: TriangleMix
+        prefill. Returns Output with logits float32[B, T, V], the visual features and the requested taps."""
+        self.check_inputs(input_ids, pixel_values, attention_mask)
+        self.check_interventions(pixel_values, var, triangle)
+        ids = jnp.asarray(input_ids)
+        real = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = layers.default_positions(real) if position_ids is None else jnp.asarray(position_ids)
+        h, feats = self.embed(ids, pixel_values)
+        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
+        h, _, tapped = self.language_model.run_layers(h, positions, mask, taps=taps, real=real,
+                                                      var=self.var_context(ids, real, var, pixel_values),
+                                                      triangle=triangle)
+        return Output(logits=self.language_model.logits(h), image_features=feats, **tapped)
+
+    def decode(self, tokens, cache: KVCache, var: VarSpec | None = None, reselect=None):
+        """One token per sample (int[B]) at each layer's next slot (``reselect``: mask mode's per-token
+        re-selection, see ``LlamaModel.decode``). Returns (logits float32[B, V], cache)."""
+        lm = self.language_model
+        h, cache = lm.decode(lm.embed_tokens(tokens[:, None]), cache, var=var, reselect=reselect)
+        return lm.logits(h)[:, 0], cache

@@ -51,9 +51,10 @@ class Batch:
 
 @dataclasses.dataclass
 class Result:
-    """tokens int32[B, new]; kept: per stage (raster idx int[B, K] (-1: a merged token), slot mask bool[B, K]) as
-    numpy; kept_span: per stage the same slots as indices int[B, K] into that stage's visual span (kept then merged
-    tokens of the stage before); scores / debiased float32[B, N] first-stage scores (0 without pruning);
+    """tokens int32[B, new]; kept: per stage, the encoder stage first (raster idx int[B, K] (-1: a merged token),
+    kept bool[B, K]: the slots that hold a token of the stage's input) as numpy; kept_span: per stage the same slots
+    as indices int[B, K] into that stage's input span (-1 for new, merged tokens); scores / debiased float32[B, N]
+    first-stage scores (0 without pruning);
     stage_lengths: (first layer, stop layer, slots) per decoder segment; logits float32[B, V] of the prefill at
     the last prompt token."""
 

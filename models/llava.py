@@ -30,7 +30,7 @@ from flax import nnx
 import jaxdebias as jd
 from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
-from jaxdebias.models.family import ImageViews
+from jaxdebias.models.family import ImageViews, LlavaFamily
 from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
 from jaxdebias.models.layers import Output
 from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps
@@ -96,7 +96,7 @@ class Projector(nnx.Module):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
 
 
-class Llava(nnx.Module):
+class Llava(LlavaFamily, nnx.Module):
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision_tower = ClipVisionTower(cfg.vision, rngs=rngs)
@@ -169,42 +169,11 @@ class Llava(nnx.Module):
         """The placeholder id of the visual span that pruning works on (Video-LLaVA: its video's)."""
         return self.cfg.image_token_id
 
-    def check_interventions(self, pixel_values, var: VarSpec | None, triangle: TriangleMix | None):
-        """Raises on a VAR spec for a prompt without an image, or a TriangleMix beyond this decoder's layers."""
-        if var is not None and pixel_values is None:
-            raise ValueError("VAR redistributes attention to image tokens; this prompt has no image. Drop var=... "
-                             "for text-only prompts.")
-        if triangle is not None:
-            triangle.check(self.cfg.text.num_layers)
-
-    def var_context(self, input_ids, real, var: VarSpec | None) -> VarContext | None:
-        """VAR's inputs for a prompt batch: the image span and the query rows after it (a sample without image
-        tokens has no rows: VAR leaves it untouched)."""
-        is_image = (input_ids == self.cfg.image_token_id) & real
-        return var_context(var, is_image, real, self.cfg.vision.num_features)
-
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
                  taps: Taps = Taps(), var: VarSpec | None = None, triangle: TriangleMix | None = None) -> Output:
-        """Full forward. input_ids int[B, T]; pixel_values float[I, 3, H, W]; attention_mask [B, T] (1 = real
-        token; left or right padding); var: VAR on the rows after the image; triangle: TriangleMix prefill.
-        Returns Output with logits float32[B, T, V] and the requested taps."""
-        self.check_inputs(input_ids, pixel_values, attention_mask)
-        self.check_interventions(pixel_values, var, triangle)
-        ids = jnp.asarray(input_ids)
-        real = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        positions = layers.default_positions(real) if position_ids is None else jnp.asarray(position_ids)
-        h, feats = self.embed(ids, pixel_values)
-        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
-        h, _, tapped = self.language_model.run_layers(h, positions, mask, taps=taps, real=real,
-                                                      var=self.var_context(ids, real, var), triangle=triangle)
-        return Output(logits=self.language_model.logits(h), image_features=feats, **tapped)
-
-    def decode(self, tokens, cache: KVCache, var: VarSpec | None = None, reselect=None):
-        """One token per sample (int[B]) at each layer's next slot (``reselect``: FastV's mask mode, see
-        ``LlamaModel.decode``). Returns (logits float32[B, V], cache)."""
-        h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache, var=var,
-                                              reselect=reselect)
-        return self.language_model.logits(h)[:, 0], cache
+        """Full forward (``LlavaFamily.forward``). input_ids int[B, T]; pixel_values float[I, 3, H, W]."""
+        return self.forward(input_ids, pixel_values, attention_mask, position_ids, taps=taps, var=var,
+                            triangle=triangle)
 
 
 @functools.partial(nnx.jit, static_argnames=("layer",))

@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
-from jaxdebias.models.family import ImageViews
+from jaxdebias.models.family import ImageViews, LlavaFamily
 from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
 from jaxdebias.models.layers import Output
 from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps
@@ -148,7 +148,7 @@ def split_pixels(pixels):
                      f"{jnp.shape(pixels)}.")
 
 
-class VideoLlava(nnx.Module):
+class VideoLlava(LlavaFamily, nnx.Module):
     def __init__(self, cfg: VideoLlavaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.image_tower = ClipVisionTower(cfg.vision, rngs=rngs)
@@ -266,18 +266,6 @@ class VideoLlava(nnx.Module):
                                  f"{n_in * per} features ({per} each). Expand each <{name}> placeholder to one "
                                  "token per feature (the HF processor does this).")
 
-    def check_interventions(self, pixels, var: VarSpec | None, triangle: TriangleMix | None):
-        if var is not None and pixels is None:
-            raise ValueError("VAR redistributes attention to visual tokens; this prompt has no image or video. Drop "
-                             "var=... for text-only prompts.")
-        if triangle is not None:
-            triangle.check(self.cfg.text.num_layers)
-
-    def var_context(self, input_ids, real, var: VarSpec | None, pixels=None) -> VarContext | None:
-        """VAR's inputs: the visual span (the video, else the image) and the text rows after it."""
-        is_visual = (input_ids == self.visual_token_id(pixels)) & real
-        return var_context(var, is_visual, real, self.n_visual(pixels))
-
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, *,
                  pixel_values_videos=None, taps: Taps = Taps(), var: VarSpec | None = None,
                  triangle: TriangleMix | None = None) -> Output:
@@ -286,20 +274,4 @@ class VideoLlava(nnx.Module):
         Returns Output with logits float32[B, T, V], the requested taps, and ``image_features`` the features of
         the visual span (videos when given)."""
         pixels = pixel_values if pixel_values_videos is None else (pixel_values, pixel_values_videos)
-        self.check_inputs(input_ids, pixels, attention_mask)
-        self.check_interventions(pixels, var, triangle)
-        ids = jnp.asarray(input_ids)
-        real = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        positions = layers.default_positions(real) if position_ids is None else jnp.asarray(position_ids)
-        h, feats = self.embed(ids, pixels)
-        mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
-        h, _, tapped = self.language_model.run_layers(h, positions, mask, taps=taps, real=real,
-                                                      var=self.var_context(ids, real, var, pixels),
-                                                      triangle=triangle)
-        return Output(logits=self.language_model.logits(h), image_features=feats, **tapped)
-
-    def decode(self, tokens, cache: KVCache, var: VarSpec | None = None, reselect=None):
-        """One token per sample (int[B]); see ``LlamaModel.decode``. Returns (logits float32[B, V], cache)."""
-        h, cache = self.language_model.decode(self.language_model.embed_tokens(tokens[:, None]), cache, var=var,
-                                              reselect=reselect)
-        return self.language_model.logits(h)[:, 0], cache
+        return self.forward(input_ids, pixels, attention_mask, position_ids, taps=taps, var=var, triangle=triangle)

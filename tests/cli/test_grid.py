@@ -16,19 +16,20 @@ def test_eval_grid_writes_one_summary(tmp_path):
     data = write_pope(tmp_path / "pope")
     out = tmp_path / "grid"
     r = subprocess.run([sys.executable, "-m", "jaxdebias", "eval-grid", "--bench", "pope", "--data", str(data),
-                        "--out", str(out), "--methods", "fastv,VisionZip", "--keep", "64", "--limit", "3",
+                        "--out", str(out), "--methods", "fastv,VisionZip,pool", "--keep", "64", "--limit", "3",
                         "--batch", "3", "--max-new-tokens", "2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(x["method"], x["variant"]) for x in rows] == [
         ("unpruned", "unpruned"), ("fastv", "plain"), ("fastv", "debiased"), ("visionzip", "plain"),
-        ("visionzip", "debiased")]
+        ("visionzip", "debiased"), ("pool", "plain")]  # pool scores nothing: no debiased cell
     assert {x["n"] for x in rows} == {"3"} and all(0 <= float(x["f1"]) <= 1 for x in rows)
     assert rows[2]["debias"] == "pad 0.5 + released pope curve"  # the benchmark's own curve by default
     assert rows[4]["debias"] == "pad 0.5"  # VisionZip has no released curve: padding only
     markdown = (out / "summary.md").read_text()
     assert "| fastv |" in markdown and "| visionzip |" in markdown and "| unpruned |" in markdown
+    assert "| pool |" in markdown and "| n/a | | not applicable |" in markdown
     assert os.path.getsize(out / "summary.png") > 5000
     for folder in ("unpruned", "fastv-plain", "fastv-debiased", "visionzip-plain", "visionzip-debiased"):
         assert len((out / folder / "pope_answers.jsonl").read_text().splitlines()) == 3  # resumable cells
@@ -41,7 +42,10 @@ def test_grid_table_plot_and_methods(tmp_path):
         for variant, bonus in (("plain", 0.0), ("debiased", 0.05)):
             cells.append({"method": method, "variant": variant, "keep": 64, "debias": "pad 0.5",
                           "metrics": {"f1": 0.6 + 0.05 * i + bonus, "accuracy": 0.7, "n": 4}})
+    cells.append({"method": "random", "variant": "plain", "keep": 64, "debias": "off",
+                  "metrics": {"f1": 0.5, "accuracy": 0.5, "n": 4}})  # a baseline: plain only
     table, markdown = grid.summary_tables("pope", cells)
+    assert "| random | 0.5000 | n/a | | not applicable |" in markdown
     assert table.splitlines()[0] == "method,variant,keep,debias,f1,accuracy,n"
     assert "| pdrop | 0.6500 | 0.7000 | +0.0500 | pad 0.5 |" in markdown
     assert os.path.getsize(grid.summary_plot("pope", cells, str(tmp_path / "radar.png"))) > 5000

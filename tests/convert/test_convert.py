@@ -176,7 +176,7 @@ def test_configs_that_are_not_llava(t5_dir, tmp_path):
     _convert_fails(src, tmp_path, "No config.json")
 
 
-def test_existing_destination_and_cli(t5_dir, tmp_path):
+def test_existing_destination_and_cli(t5_dir, tmp_path, monkeypatch):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConversionError, match="already exists"):
         convert(t5_dir, tmp_path / "taken", progress=False)
@@ -189,6 +189,9 @@ def test_existing_destination_and_cli(t5_dir, tmp_path):
     assert "layout transformers5" in r.stdout
     with pytest.raises(ConversionError, match="not a jaxdebias checkpoint"):
         load(t5_dir)
+    # a relative path, as the README writes it (`--checkpoint out/llava-7b`): Orbax itself takes absolute ones only
+    monkeypatch.chdir(tmp_path)
+    assert load("ok").cfg.text.num_layers > 0
 
 
 def test_file_list_source_sharded_load_and_torch_free_bin(t5_dir, tmp_path, monkeypatch):

@@ -137,9 +137,9 @@ def test_fastv_mask_mode_reselects_at_every_token_as_released(tiny):
     tokens from its own row,
     debiased: tokens 2+ equal the re-selecting reference on transformers' layers, where the kept set does change
     between forwards (so a fixed selection would not pass)."""
-    spec = jd.PruneSpec("fastv", keep=4, layer=2, buckets=BUCKETS, mode="mask", reselect="every_token",
-                        debias=jd.Debias(curve=WEAK))
-    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=6, stop_at_eos=False)
+    spec = jd.PruneSpec("fastv", keep=4, layer=2, buckets=BUCKETS, decode="released", debias=jd.Debias(curve=WEAK))
+    assert (spec.mode, spec.reselect) == ("mask", "every_token")  # FastV's release decodes so
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     with torch.no_grad():
         x0 = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(tiny["px"]), attention_mask=torch.tensor(am),
@@ -148,7 +148,7 @@ def test_fastv_mask_mode_reselects_at_every_token_as_released(tiny):
         for b in range(2):
             n_valid = am[b].sum()
             img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
-            ref, selections, margins = hf_fastv_mask_mode(hf, x0[b:b + 1, :n_valid], img, 4, 6,
+            ref, selections, margins = hf_fastv_mask_mode(hf, x0[b:b + 1, :n_valid], img, 4, 8,
                                                           np.exp(-WEAK["b"] * np.arange(9)))
             for step, (got, want, margin) in enumerate(zip(r.tokens[b].tolist(), ref, margins)):
                 if margin < 1e-3:  # a near-tie of the two best logits: fp32 rounding may pick either, and the
@@ -158,12 +158,12 @@ def test_fastv_mask_mode_reselects_at_every_token_as_released(tiny):
     assert any(changed)
     assert r.stage_lengths == [(0, 2, 64), (2, 4, 64)]  # no token leaves the sequence
     fixed = gen.generate(tiny["model"], batch(tiny), prune=dataclasses.replace(spec, reselect="prefill"),
-                         max_new_tokens=6, stop_at_eos=False)
+                         max_new_tokens=8, stop_at_eos=False)
     with torch.no_grad():
         for b in range(2):
             n_valid = am[b].sum()
             img = np.nonzero(ids[b] == IMAGE_TOKEN)[0]
-            ref, _, margins = hf_fastv_mask_mode(hf, x0[b:b + 1, :n_valid], img, 4, 6,
+            ref, _, margins = hf_fastv_mask_mode(hf, x0[b:b + 1, :n_valid], img, 4, 8,
                                                  np.exp(-WEAK["b"] * np.arange(9)), fixed=True)
             for step, (got, want, margin) in enumerate(zip(fixed.tokens[b].tolist(), ref, margins)):
                 if margin < 1e-3:
@@ -282,14 +282,15 @@ def test_himap_recomputes_both_stages_at_every_token_as_released(tiny):
     """reselect="every_token" with mode="remove": no KV cache, the whole pruned prefill reruns for each new token,
     which joins the voting rows - tokens equal a step-by-step reference on transformers' layers."""
     spec = jd.PruneSpec("himap", stages=(Stage(2, 5, "text", "tap"), Stage(3, 3, "image", "tap")), buckets=BUCKETS,
-                        reselect="every_token")
-    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=4, stop_at_eos=False)
+                        decode="released")
+    assert (spec.mode, spec.reselect) == ("remove", "every_token")  # HiMAP's release decodes so
+    r = gen.generate(tiny["model"], batch(tiny), prune=spec, max_new_tokens=8, stop_at_eos=False)
     hf, ids, am = tiny["hf"], tiny["ids"], tiny["am"]
     with torch.no_grad():
         for b in range(2):
             seq = ids[b][:am[b].sum()].tolist()
             img0 = int(np.nonzero(ids[b] == IMAGE_TOKEN)[0][0])
-            for step in range(4):
+            for step in range(8):
                 out = hf(input_ids=torch.tensor([seq]), pixel_values=torch.tensor(tiny["px"][b:b + 1]),
                          output_hidden_states=True)
                 logits = hf_himap_logits(hf, out.hidden_states[0], img0, 5, 3)

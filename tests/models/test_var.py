@@ -145,7 +145,7 @@ def test_var_bad_input(pair):
     ids, am, _ = prompts()
     text_only = np.where(ids == IMAGE_TOKEN, 7, ids)
     for run in (ours, lambda ids, pixel_values, mask, **k: generate(ours, Batch(ids, pixel_values, mask), max_new_tokens=2, **k)):  # forward and generation
-        with pytest.raises(ValueError, match="has no image. Drop var="):
+        with pytest.raises(ValueError, match="has no image or video. Drop var="):
             run(text_only, None, am, var=VarSpec(sink_dims=(1, 2)))
     with pytest.raises(ValueError, match="VAR needs sink dimensions"):
         VarSpec(sink_dims=())
