@@ -85,6 +85,11 @@ def main():
         specs, settings = {}, {}
         for keep in (64, 128, 192):
             spec, settings[keep] = prune_spec(method, keep, L)
+            if jd.canonical_method(method) == "illava":  # its encoder layers 5-8 (of 23) on this shallower tower:
+                run = model.cfg.vision.layers_run  # the last min(4, run) layers, merging 288 tokens in all
+                k = min(4, run)
+                spec = dataclasses.replace(spec, options={"vit_layers": tuple(range(run - k, run)), "vit_r": 288 // k})
+                settings[keep] += f", encoder merges in CLIP layers {run - k}..{run - 1} (r = {288 // k})"
             specs[keep] = dataclasses.replace(spec, debias=debias) if jd.methods.get(method).debias else spec
         runs = {keep: runner(spec) for keep, spec in specs.items()}
         times = interleaved_times({"dense": dense_fn, **{keep: fn for keep, (fn, _, _) in runs.items()}},
