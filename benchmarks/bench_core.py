@@ -71,7 +71,7 @@ def main():
     print(f"one 7B-shaped decoder layer, batch 1, {args.tokens} tokens: {t_layer * 1e3:.1f} ms")
     print(f"debias + select, batch {args.batch} x 576 scores, keep {k}:")
     for name, kw in variants.items():
-        fn = lambda s, kw=kw: jd.debias_and_select(s, k, pad_mask=pad, **kw)  # noqa: E731
+        fn = lambda s, kw=kw: jd.debias_and_select(s, k, content=pad, **kw)  # noqa: E731
         t = median_time(lambda fn=fn: fn(scores), args.repeats * 5)
         print(f"  {name:22s} {t * 1e6:8.1f} us   = {100 * t / t_layer:.3f}% of one layer")
 

@@ -105,7 +105,7 @@ def main():
             f = decoder_flops(sequence.segments(Tb, shape, 576, L))
             curve = spec.debias.curve_for(spec.method)
             k = shape.stages[0].keep if shape.stages else shape.encoder.size
-            sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, pad_mask=pad), args.repeats * 10)
+            sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, content=pad), args.repeats * 10)
             xr = x / x_dense if x and x_dense else float("nan")
             print(f"| {keep} | {t * 1e3:.1f} | {t / t_dense:.3f} | {xr:.3f} | {f / f_dense:.3f} | "
                   f"{t / t_dense / xr:.2f} | {100 * sel / t:.3f}% |")

@@ -73,7 +73,7 @@ calibration = jd.Calibration.init(loaded.n_visual)
 for row in rows[:LIMIT]:
     request = loaded.request(inputs.load_image(os.path.join(image_dir, row["image"])), row["text"])
     result = generate(loaded.model, loaded.batch([request]), prune=keep_all, max_new_tokens=1)
-    calibration = calibration.update(result.scores, loaded.pad_mask(request.size)[None])
+    calibration = calibration.update(result.scores, loaded.content_mask(request.size)[None])
 curve = calibration.fit("exp")
 mean = np.asarray(calibration.mean())
 with open(os.path.join(OUT, "curve.json"), "w") as f:

@@ -82,7 +82,7 @@ import os
 from IPython.display import Image, display
 
 os.makedirs(OUT, exist_ok=True)
-content = loaded.pad_mask(request.size, tau=0.5)  # bool[N], True = image content, False = letterbox padding
+content = loaded.content_mask(request.size, tau=0.5)  # bool[N], True = image content, False = letterbox padding
 kept = {f"{name}, keep {KEEP}": np.asarray(jd.kept_mask(*results[name].kept[0], loaded.n_visual))[0]
         for name in ("pruned", "pruned + debiased")}
 scores, debiased = results["pruned + debiased"].scores[0], results["pruned + debiased"].debiased[0]
@@ -90,6 +90,6 @@ display(Image(filename=figures.figure_kept(request.letterboxed, kept, os.path.jo
 display(Image(filename=figures.figure_curve({"scores": scores, "debiased": np.where(debiased > 0, debiased, np.nan)},
                                             os.path.join(OUT, "curve.png"), f"{METHOD}: first-stage scores")))
 print("padding patches kept:", {name: int((mask & ~content).sum()) for name, mask in kept.items()})
-print("bias before:", {k: round(float(v), 5) for k, v in jd.bias_strength(scores, pad_mask=content).items()})
+print("bias before:", {k: round(float(v), 5) for k, v in jd.bias_strength(scores, content=content).items()})
 print("bias after: ", {k: round(float(v), 5) for k, v in jd.bias_strength(np.where(content, debiased, 0.0),
-                                                                       pad_mask=content).items()})
+                                                                       content=content).items()})

@@ -213,31 +213,31 @@ def _fit_rows(scores, valid, side):
     return slope
 
 
-def bias_strength(scores, valid=None, pad_mask=None) -> dict[str, jax.Array]:
+def bias_strength(scores, valid=None, content=None) -> dict[str, jax.Array]:
     """Numbers that show the bias (call it before and after debiasing).
 
     Args:
-      scores: float[..., N]; valid: bool[..., N]; pad_mask: bool[..., N], True = content (as from
+      scores: float[..., N]; valid: bool[..., N]; content: bool[..., N], True = content (as from
         ``pad_mask_expand2square``).
 
     Returns:
       dict of float[...] arrays:
         "slope": fitted log-slope b per token (0 = no positional trend),
         "trend_ratio": fitted trend at the last index over the first, exp(b (N - 1)),
-        "pad_ratio": mean score on padding patches over mean score on content (NaN without a pad_mask or
+        "pad_ratio": mean score on padding patches over mean score on content (NaN without a content or
           when a sample has no padding patch).
     """
     scores, valid = _prepare(scores, valid)
-    content = valid if pad_mask is None else valid & jnp.asarray(pad_mask, bool)
-    slope = fit_exp_curve(scores, content).b
+    fit = valid if content is None else valid & jnp.asarray(content, bool)
+    slope = fit_exp_curve(scores, fit).b
     n = scores.shape[-1]
     out = {"slope": slope, "trend_ratio": jnp.exp(slope * (n - 1))}
-    if pad_mask is None:
+    if content is None:
         out["pad_ratio"] = jnp.full(slope.shape, jnp.nan)
     else:
-        pad = valid & ~jnp.asarray(pad_mask, bool)
+        pad = valid & ~jnp.asarray(content, bool)
         mean_pad = jnp.sum(scores * pad, -1) / jnp.sum(pad, -1)
-        mean_content = jnp.sum(scores * content, -1) / jnp.maximum(jnp.sum(content, -1), 1)
+        mean_content = jnp.sum(scores * fit, -1) / jnp.maximum(jnp.sum(fit, -1), 1)
         out["pad_ratio"] = jnp.where(jnp.any(pad, -1), mean_pad / mean_content, jnp.nan)
     return out
 

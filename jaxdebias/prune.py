@@ -111,7 +111,7 @@ def gather_tokens(x, idx):
     return jnp.take_along_axis(x, expand, axis=1)
 
 
-def debias(scores, *, curve: Curve | str | None = None, pad_mask=None, valid=None, grid: int | None = None):
+def debias(scores, *, curve: Curve | str | None = None, content=None, valid=None, grid: int | None = None):
     """``s * w * m``: positional weights and padding suppression, multiplicative as published.
 
     Args:
@@ -119,7 +119,7 @@ def debias(scores, *, curve: Curve | str | None = None, pad_mask=None, valid=Non
       curve: None (no positional correction), a curve (``ExpCurve``, ``PolyInverseCurve``, ``ExpConstCurve``,
         e.g. ``released_curve(...)`` or a ``Calibration`` fit) or "online" (fit this sample's trend on the
         grid's row means, see ``fit_online``, and divide it out).
-      pad_mask: bool[..., N], True = content (``pad_mask_expand2square``); padding scores become 0.
+      content: bool[..., N], True = content (``pad_mask_expand2square``); padding scores become 0.
       valid: bool[..., N] positions the online fit may use (default all); padding is excluded automatically.
       grid: grid side for the online fit (default sqrt(N)).
 
@@ -129,28 +129,28 @@ def debias(scores, *, curve: Curve | str | None = None, pad_mask=None, valid=Non
     _checks.check_rank("scores", scores, tuple(range(1, 8)), "float[..., N]")
     s = jnp.asarray(scores, jnp.float32)
     n = s.shape[-1]
-    if pad_mask is not None:
-        pad_mask = jnp.asarray(pad_mask, bool)
-        if pad_mask.shape[-1] != n:
-            raise ValueError(f"pad_mask has {pad_mask.shape[-1]} positions but scores have N={n}.")
+    if content is not None:
+        content = jnp.asarray(content, bool)
+        if content.shape[-1] != n:
+            raise ValueError(f"content has {content.shape[-1]} positions but scores have N={n}.")
     if isinstance(curve, str):
         if curve != "online":
             raise ValueError(f"curve must be None, a curve object or 'online', got {curve!r}. For a published "
                              "curve use jaxdebias.released_curve(method, task).")
         fit_valid = jnp.ones(s.shape, bool) if valid is None else jnp.asarray(valid, bool)
-        if pad_mask is not None:
-            fit_valid = fit_valid & pad_mask
+        if content is not None:
+            fit_valid = fit_valid & content
         curve = fit_online(s, fit_valid, grid=grid)
     if curve is not None:
         if not hasattr(curve, "weights"):
             raise TypeError(f"curve must have .weights(n), got {type(curve).__name__}.")
         s = s * curve.weights(n)
-    if pad_mask is not None:
-        s = jnp.where(pad_mask, s, 0.0)
+    if content is not None:
+        s = jnp.where(content, s, 0.0)
     return s
 
 
-def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, grid: int | None = None,
+def debias_and_select(scores, k: int, *, curve=None, content=None, valid=None, grid: int | None = None,
                       raster=None, limit=None, pad_candidates: bool = False, views=None, view_sizes=()):
     """The whole per-stage step, jitted once per (k, shapes): ``select_topk(debias(scores, ...), k)``. The
     decoder's pruning stages call exactly this, so a selection made here on tapped attention is the model's.
@@ -158,7 +158,7 @@ def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, 
     Args:
       scores: float[B, M] scores of M tokens: the N-token grid itself, or (with ``raster``) any subset of it.
       k: static slot count (from ``bucket``); limit: optional run-time budget <= k (int or int[B]).
-      curve: None, a curve pytree or "online"; pad_mask: bool[B, N] over the grid, True = content; valid:
+      curve: None, a curve pytree or "online"; content: bool[B, N] over the grid, True = content; valid:
         bool[B, M] tokens that exist (default all); grid: grid side for the online fit (default sqrt(N)).
       raster: int[B, M] grid index of each scored token, -1 for a merged token (never padding; its score passes
         unchanged). Default: the scores are the grid (M = N).
@@ -176,29 +176,29 @@ def debias_and_select(scores, k: int, *, curve=None, pad_mask=None, valid=None, 
     online = isinstance(curve, str) and curve == "online"
     if isinstance(curve, str) and not online:
         raise ValueError(f"curve must be None, a curve object or 'online', got {curve!r}.")
-    if raster is not None and pad_mask is None and grid is None and views is None and (curve is not None):
-        raise ValueError("With raster indices, give pad_mask (bool[B, N]) or grid so the grid size N is known.")
+    if raster is not None and content is None and grid is None and views is None and (curve is not None):
+        raise ValueError("With raster indices, give content (bool[B, N]) or grid so the grid size N is known.")
     _checks.check_no_nan("scores", scores)
     if views is not None and raster is None:
         raster = jnp.broadcast_to(jnp.arange(jnp.shape(scores)[1]), jnp.shape(scores))
-    return _debias_and_select(scores, None if online else curve, pad_mask, valid, raster, limit, views, k=k,
+    return _debias_and_select(scores, None if online else curve, content, valid, raster, limit, views, k=k,
                               grid=grid, online=online, pad_candidates=pad_candidates, view_sizes=tuple(view_sizes))
 
 
 @partial(jax.jit, static_argnames=("k", "grid", "online", "pad_candidates", "view_sizes"))
-def _debias_and_select(scores, curve, pad_mask, valid, raster, limit, views, *, k, grid, online, pad_candidates,
+def _debias_and_select(scores, curve, content, valid, raster, limit, views, *, k, grid, online, pad_candidates,
                        view_sizes):
     curve = "online" if online else curve
     valid = jnp.ones(scores.shape, bool) if valid is None else jnp.asarray(valid, bool)
     if raster is None:
-        content = pad_mask
-        d = debias(scores, curve=curve, pad_mask=pad_mask, valid=valid, grid=grid)
+        here = content
+        d = debias(scores, curve=curve, content=content, valid=valid, grid=grid)
     else:
-        n = pad_mask.shape[-1] if pad_mask is not None else views[0].shape[-1] if views is not None else grid * grid
-        content = None if pad_mask is None else (
-            jnp.take_along_axis(jnp.asarray(pad_mask, bool), jnp.clip(raster, 0), axis=1) | (raster < 0))
-        d = debias_scores(scores, raster, valid, content, curve, n, views, view_sizes)
-    idx, slot = _select_topk(d, candidates(valid, content, pad_candidates), k, limit)
+        n = content.shape[-1] if content is not None else views[0].shape[-1] if views is not None else grid * grid
+        here = None if content is None else (
+            jnp.take_along_axis(jnp.asarray(content, bool), jnp.clip(raster, 0), axis=1) | (raster < 0))
+        d = debias_scores(scores, raster, valid, here, curve, n, views, view_sizes)
+    idx, slot = _select_topk(d, candidates(valid, here, pad_candidates), k, limit)
     return idx, slot, d
 
 
@@ -230,14 +230,14 @@ def debias_scores(scores, raster_idx, valid, content, curve, n_raster: int, view
     pad = None if content is None else on_grid(jnp.asarray(content, bool), True)
     ok = on_grid(jnp.ones(s.shape, bool), False)
     if views is None:
-        d = debias(on_grid(s, 0.0), curve=curve, pad_mask=pad, valid=ok)
+        d = debias(on_grid(s, 0.0), curve=curve, content=pad, valid=ok)
     else:
-        d = debias_views(on_grid(s, 0.0), *views, view_sizes, curve=curve, pad_mask=pad, valid=ok)
+        d = debias_views(on_grid(s, 0.0), *views, view_sizes, curve=curve, content=pad, valid=ok)
     mine = jnp.take_along_axis(d, jnp.clip(raster_idx, 0), axis=1)
     return jnp.where(own, jnp.where(valid, mine, 0.0), s)
 
 
-def debias_views(scores, view, local, view_sizes, *, curve=None, pad_mask=None, valid=None):
+def debias_views(scores, view, local, view_sizes, *, curve=None, content=None, valid=None):
     """``debias`` on each view of an anyres image separately (LLaVA-NeXT: the base view, then the tile grid).
 
     Each view's tokens are laid out on their own raster (``local``) and debiased there: the curve's index restarts
@@ -250,7 +250,7 @@ def debias_views(scores, view, local, view_sizes, *, curve=None, pad_mask=None, 
         - 1; -1 for tokens of no view, e.g. newlines and empty slots, which score 0); local: int[B, N] index in
         its view's raster; view_sizes: static raster length of each view.
       curve: as ``debias``, or a tuple of curves, one per view (e.g. each fitted by a ``Calibration`` fed by
-        ``view_rasters``); pad_mask (bool[B, N], True = content), valid (bool[B, N]): as ``debias``.
+        ``view_rasters``); content (bool[B, N], True = content), valid (bool[B, N]): as ``debias``.
 
     Returns:
       float32[B, N].
@@ -260,8 +260,8 @@ def debias_views(scores, view, local, view_sizes, *, curve=None, pad_mask=None, 
     valid = jnp.ones(s.shape, bool) if valid is None else jnp.asarray(valid, bool)
     if isinstance(curve, (tuple, list)) and len(curve) != len(view_sizes):
         raise ValueError(f"{len(curve)} curves for {len(view_sizes)} views: give one curve, or one per view.")
-    pads = (None,) * len(view_sizes) if pad_mask is None else view_rasters(
-        jnp.asarray(pad_mask, bool), view, local, view_sizes, fill=True)
+    pads = (None,) * len(view_sizes) if content is None else view_rasters(
+        jnp.asarray(content, bool), view, local, view_sizes, fill=True)
     out = jnp.zeros_like(s)
     for v, (size, (here, ok), pad) in enumerate(zip(view_sizes, view_rasters(s, view, local, view_sizes, valid),
                                                    pads)):
@@ -271,7 +271,7 @@ def debias_views(scores, view, local, view_sizes, *, curve=None, pad_mask=None, 
         if isinstance(curve, str) and curve == "online":
             fit_ok = ok if pad is None else ok & pad
             c = fit_online(here, fit_ok) if v == 0 else fit_exp_curve(here, fit_ok)
-        d = debias(here, curve=c, pad_mask=pad)
+        d = debias(here, curve=c, content=pad)
         out = jnp.where(mine, jnp.take_along_axis(d, jnp.clip(local, 0, size - 1), axis=1), out)
     return out
 

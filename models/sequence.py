@@ -138,7 +138,7 @@ class MaskReselect:
         B, S = probs.shape[0], probs.shape[-1]
         scores = jnp.take_along_axis(jnp.mean(probs[:, :, 0], axis=1), self.image_slots, axis=1)
         curve = "online" if self.online else self.curve
-        scores = jd.debias(scores, curve=curve, pad_mask=self.content if self.padding else None)
+        scores = jd.debias(scores, curve=curve, content=self.content if self.padding else None)
         idx, slot = jd.select_topk(scores, self.keep, valid=self.content, limit=self.limit)
         kept = jd.kept_mask(idx, slot, scores.shape[1])
         return jnp.ones((B, S), bool).at[jnp.arange(B)[:, None], self.image_slots].set(kept)

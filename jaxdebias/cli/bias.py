@@ -18,7 +18,7 @@ from jaxdebias.models.llava import layer_input
 
 
 def _numbers(scores, pads, grid: int) -> dict:
-    strength = jd.bias_strength(scores, pad_mask=pads)
+    strength = jd.bias_strength(scores, content=pads)
     by_grid = scores.reshape(-1, grid, grid)
     return {"slope": float(np.mean(strength["slope"])), "trend_ratio": float(np.mean(strength["trend_ratio"])),
             "pad_ratio": float(np.nanmean(np.asarray(strength["pad_ratio"]))),
@@ -48,10 +48,10 @@ def bias_report(data_dir: str, out_dir: str, *, method: str = "fastv", model: Lo
     curve = jd.released_curve(spec.method, "gqa") if spec.method in released else None
     before, after, pads, sinks = [], [], [], []
     for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="bias", disable=not progress):
-        pad = loaded.pad_mask(request.size, pad_tau)[:g * g]
+        pad = loaded.content_mask(request.size, pad_tau)[:g * g]
         scores = result.scores[i][:g * g]
         before.append(scores)
-        after.append(np.asarray(jd.debias(scores, curve=curve, pad_mask=pad)))
+        after.append(np.asarray(jd.debias(scores, curve=curve, content=pad)))
         pads.append(pad)
         one = loaded.batch([request])  # the request alone (LLaVA-NeXT: its span padded to its tile bucket)
         real = np.asarray(one.attention_mask, bool)

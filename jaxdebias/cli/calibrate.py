@@ -46,7 +46,7 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
     for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating",
                                       disable=not progress):
         calibration = calibration.update(result.scores[i].reshape(-1, n),
-                                         loaded.pad_mask(request.size, pad_tau).reshape(-1, n))
+                                         loaded.content_mask(request.size, pad_tau).reshape(-1, n))
     curve = calibration.fit(form)
     mean = np.asarray(calibration.mean())
     stats = {k: float(v) for k, v in jd.bias_strength(mean, np.asarray(calibration.count) > 0).items()

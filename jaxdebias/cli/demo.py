@@ -20,7 +20,7 @@ N = GRID * GRID
 def synthetic_batch(seed: int = 0, trend_b: float = 0.004):
     """Attention rows float[B, H, Q, T] with a planted object, a recency trend and a padding sink.
 
-    Returns (attn, visual_mask bool[B, T], pad_mask bool[B, N], object_mask bool[B, N], sizes [(w, h)]).
+    Returns (attn, visual_mask bool[B, T], content bool[B, N], object_mask bool[B, N], sizes [(w, h)]).
     """
     sizes = [(640, 480), (480, 640), (500, 500), (1024, 512)]
     B, H, Q, prefix, suffix = len(sizes), 8, 4, 35, 24
@@ -63,10 +63,10 @@ def run(k: int = 64, seed: int = 0, show: bool = True) -> dict:
     attn, visual, pad, obj, sizes = synthetic_batch(seed)
     scores = jd.visual_scores(attn, visual, n=N)
     variants = {
-        "no debias": dict(curve=None, pad_mask=None),
-        "padding only": dict(curve=None, pad_mask=pad),
-        "padding + released FastV curve": dict(curve=jd.released_curve("fastv"), pad_mask=pad),
-        "padding + online per-sample fit": dict(curve="online", pad_mask=pad),
+        "no debias": dict(curve=None, content=None),
+        "padding only": dict(curve=None, content=pad),
+        "padding + released FastV curve": dict(curve=jd.released_curve("fastv"), content=pad),
+        "padding + online per-sample fit": dict(curve="online", content=pad),
     }
     results, pictures = {}, {}
     k_bucket = jd.bucket(k)
@@ -75,7 +75,7 @@ def run(k: int = 64, seed: int = 0, show: bool = True) -> dict:
         keep = np.zeros((len(sizes), N), bool)
         for b in range(len(sizes)):
             keep[b, np.asarray(idx[b])[np.asarray(slot[b])]] = True
-        stats = jd.bias_strength(deb, pad_mask=pad)
+        stats = jd.bias_strength(deb, content=pad)
         results[name] = {
             "object_recall": float((keep & obj).sum() / obj.sum()),
             "padding_kept": int((keep & ~np.asarray(pad)).sum()),

@@ -31,9 +31,9 @@ def _save(fig: Figure, path: str):
         fig.savefig(f, dpi=110, format="png")
 
 
-def figure_kept(letterboxed, kept_by_name: dict, path: str, pad_mask=None) -> str:
+def figure_kept(letterboxed, kept_by_name: dict, path: str, content=None) -> str:
     """The letterboxed image with the kept patches clear and the rest shaded, one panel per entry of
-    ``kept_by_name`` (name -> bool[N]); with ``pad_mask`` (bool[N], True = content) kept padding patches are
+    ``kept_by_name`` (name -> bool[N]); with ``content`` (bool[N], True = content) kept padding patches are
     outlined in red. Returns ``path``."""
     fig = Figure(figsize=(4.2 * len(kept_by_name), 4.4))
     axes = np.atleast_1d(fig.subplots(1, len(kept_by_name)))
@@ -46,8 +46,8 @@ def figure_kept(letterboxed, kept_by_name: dict, path: str, pad_mask=None) -> st
         shade = np.ones((grid, grid, 4)) * np.array([0, 0, 0, 0.6])
         shade[kept.reshape(grid, grid)] = (0, 0, 0, 0)
         ax.imshow(shade, extent=(0, side_px, side_px, 0), interpolation="nearest")
-        if pad_mask is not None:
-            padding_kept = kept.reshape(grid, grid) & ~np.asarray(pad_mask, bool).reshape(grid, grid)
+        if content is not None:
+            padding_kept = kept.reshape(grid, grid) & ~np.asarray(content, bool).reshape(grid, grid)
             for row, col in zip(*np.nonzero(padding_kept)):
                 ax.add_patch(Rectangle((col * cell, row * cell), cell, cell, fill=False, ec="red", lw=1))
         ax.set_title(f"{name}: {int(kept.sum())} kept", fontsize=10)

@@ -197,7 +197,7 @@ class LoadedModel:
                             "and figures need one.")
         return side
 
-    def pad_mask(self, size, tau: float = 0.5) -> np.ndarray:
+    def content_mask(self, size, tau: float = 0.5) -> np.ndarray:
         """bool[N], True = content: the patches of the letterboxed image that are not padding (size: the
         original (width, height)); LLaVA-NeXT: over the image's span (``anyres.content_mask``)."""
         if isinstance(self.model, LlavaNext):

@@ -61,7 +61,7 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
     if loaded.embedded:
         log(EMBEDDED_NOTE)
     n = results["pruned"].scores.shape[1]  # the image's visual span (LLaVA-NeXT: its tile bucket's slots)
-    pad = loaded.pad_mask(request.size, spec.debias.tau_for(spec.method) or 0.5)
+    pad = loaded.content_mask(request.size, spec.debias.tau_for(spec.method) or 0.5)
     kept = {name: np.asarray(jd.kept_mask(*results[name].kept[0], n))[0] for name in ("pruned", "pruned + debiased")}
     g = loaded.model.cfg.vision.grid ** 2  # the figures draw the square grid of the (base) view: the first g tokens
     os.makedirs(out_dir, exist_ok=True)
@@ -71,8 +71,8 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
     before, after = results["pruned + debiased"].scores[0], results["pruned + debiased"].debiased[0]
     figures.append(figure_curve({"scores": before[:g], "debiased": np.where(after > 0, after, np.nan)[:g]},
                                 os.path.join(out_dir, "curve.png"), f"{spec.method} first-stage scores by position"))
-    bias_before = {k: float(v) for k, v in jd.bias_strength(before, pad_mask=pad).items()}
-    bias_after = {k: float(v) for k, v in jd.bias_strength(np.where(pad, after, 0.0), pad_mask=pad).items()}
+    bias_before = {k: float(v) for k, v in jd.bias_strength(before, content=pad).items()}
+    bias_after = {k: float(v) for k, v in jd.bias_strength(np.where(pad, after, 0.0), content=pad).items()}
     summary = {
         "answers": {k: loaded.decode(r.tokens[0]) for k, r in results.items()},
         "kept": {k: int(v.sum()) for k, v in kept.items()},

@@ -60,7 +60,7 @@ class VideoLoadedModel(LoadedModel):
     def grid(self) -> int:
         return self.model.cfg.vision.grid
 
-    def pad_mask(self, size=None, tau: float = 0.5) -> np.ndarray:
+    def content_mask(self, size=None, tau: float = 0.5) -> np.ndarray:
         """Every token is content: frames are centre-cropped, never letterboxed."""
         return np.ones(self.n_visual, bool)
 

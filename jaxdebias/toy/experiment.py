@@ -81,7 +81,7 @@ def calibrate(model, tok, qs, method: str, batch_size: int, keep: int) -> dict:
     content = content_masks(sizes, grid)
     cal = jd.Calibration.init(scores.shape[1]).update(scores, content)
     curve = cal.fit("exp")
-    strength = jd.bias_strength(scores, pad_mask=content)
+    strength = jd.bias_strength(scores, content=content)
     mean = np.asarray(cal.mean())
     rows = np.nanmean(np.where(content, scores / scores.mean(1, keepdims=True), np.nan).reshape(-1, grid, grid),
                       axis=(0, 2))

@@ -117,7 +117,7 @@ def test_bias_strength_numbers():
     pad = np.ones((2, 16), bool)
     pad[:, :4] = False
     s[1, :4] = 3.0
-    out = jd.bias_strength(s, pad_mask=pad)
+    out = jd.bias_strength(s, content=pad)
     np.testing.assert_allclose(out["slope"], [0.1, 0.0], atol=1e-5)
     np.testing.assert_allclose(out["trend_ratio"], [np.exp(1.5), 1.0], rtol=1e-4)
     expect0 = s[0, :4].mean() / s[0, 4:].mean()
@@ -139,11 +139,11 @@ def test_debias_is_multiplicative_and_checks_inputs():
     s = rng.random((2, 576))
     pad = rng.random((2, 576)) > 0.3
     curve = jd.released_curve("himap", "gqa")
-    np.testing.assert_allclose(jd.debias(s, curve=curve, pad_mask=pad),
+    np.testing.assert_allclose(jd.debias(s, curve=curve, content=pad),
                                s * np.exp(-jd.RELEASED_EXP_B["himap"]["gqa"] * I) * pad, rtol=1e-5)
     np.testing.assert_allclose(jd.debias(s), s, rtol=1e-7)
-    with pytest.raises(ValueError, match="pad_mask has 575"):
-        jd.debias(s, pad_mask=pad[:, :575])
+    with pytest.raises(ValueError, match="content has 575"):
+        jd.debias(s, content=pad[:, :575])
     with pytest.raises(ValueError, match="released_curve"):
         jd.debias(s, curve="released")
     with pytest.raises(ValueError, match="grid=20 does not tile"):

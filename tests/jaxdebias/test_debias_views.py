@@ -37,8 +37,8 @@ class DebiasViewsTest(chex.TestCase):
         one = jd.ExpCurve(0.2)
         two = (jd.ExpCurve(0.3), jd.PolyInverseCurve(jnp.array([1.0, 0.1, 0.0, 0.0])))
         V, Lc = np.broadcast_to(view, s.shape), np.broadcast_to(local, s.shape)
-        got1 = self.variant(lambda s, p: jd.debias_views(s, V, Lc, SIZES, curve=one, pad_mask=p))(s, pad)
-        got2 = self.variant(lambda s, p: jd.debias_views(s, V, Lc, SIZES, curve=two, pad_mask=p))(s, pad)
+        got1 = self.variant(lambda s, p: jd.debias_views(s, V, Lc, SIZES, curve=one, content=p))(s, pad)
+        got2 = self.variant(lambda s, p: jd.debias_views(s, V, Lc, SIZES, curve=two, content=p))(s, pad)
         w1 = [np.exp(-0.2 * np.arange(n)) for n in SIZES]
         w2 = [np.exp(-0.3 * np.arange(9)), 1 / (1 + 0.1 * np.arange(12))]
         for b in range(2):

@@ -58,12 +58,12 @@ class SelectTest(chex.TestCase):
         scores = rng.random((2, 576)).astype(np.float32)
         pad = np.asarray(jd.pad_mask_expand2square(np.array([640, 1000]), np.array([480, 300])))
         scores[~pad] += 10.0  # the padding sink
-        fn = self.variant(lambda s, p: jd.debias_and_select(s, 128, pad_mask=p), )
+        fn = self.variant(lambda s, p: jd.debias_and_select(s, 128, content=p), )
         idx, slot, deb = fn(scores, pad)
         assert np.asarray(slot).all()
         assert pad[0, np.asarray(idx[0])].all() and pad[1, np.asarray(idx[1])].all()
         # 1000x300: only ~7 content rows (168 tokens) -> ask for more than exist: empty slots, not padding
-        idx, slot, _ = jd.debias_and_select(scores, 192, pad_mask=pad)
+        idx, slot, _ = jd.debias_and_select(scores, 192, content=pad)
         n_content = pad.sum(1)
         assert np.asarray(slot).sum(1).tolist() == np.minimum(n_content, 192).tolist()
         kept = np.asarray(idx)[np.asarray(slot)]
@@ -128,10 +128,10 @@ def test_one_compile_per_bucket():
     requested = [50, 52, 64, 70, 90, 96, 49, 61]  # -> buckets 64 and 96
     for trial, k in enumerate(requested * 3):
         scores = rng.random((4, 576)).astype(np.float32) * (trial + 1)
-        jd.debias_and_select(scores, jd.bucket(k), curve=curve, pad_mask=pad)
+        jd.debias_and_select(scores, jd.bucket(k), curve=curve, content=pad)
     assert prune._debias_and_select._cache_size() - before == len({jd.bucket(k) for k in requested}) == 2
     for trial in range(5):  # the online fit is its own program, again once per bucket
-        jd.debias_and_select(rng.random((4, 576)).astype(np.float32), jd.bucket(50), curve="online", pad_mask=pad)
+        jd.debias_and_select(rng.random((4, 576)).astype(np.float32), jd.bucket(50), curve="online", content=pad)
     assert prune._debias_and_select._cache_size() - before == 3
 
 
