@@ -90,7 +90,11 @@ class LlavaFamily:
         if var is None:
             return None
         is_visual = (input_ids == self.visual_token_id(pixel_values)) & real
-        return var_context(var, is_visual, real, self.num_visual(pixel_values))
+        return var_context(var, is_visual, real, self.var_span(pixel_values))
+
+    def var_span(self, pixel_values) -> int:
+        """The fewest real visual tokens a prompt's span holds: VAR reads the T - span rows after them."""
+        return self.num_visual(pixel_values)
 
     def forward(self, input_ids, pixel_values, attention_mask=None, position_ids=None, *, taps: Taps = Taps(),
                 var: VarSpec | None = None, triangle: TriangleMix | None = None) -> Output:

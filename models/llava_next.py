@@ -232,6 +232,10 @@ class LlavaNext(Llava):
         """N, the static visual slots of one image span."""
         return images.num_slots
 
+    def var_span(self, images) -> int:
+        """Every image has at least its base view's tokens (the span's empty slots are not real)."""
+        return self.cfg.vision.num_features
+
     def visual_capacity(self) -> int:
         """The most visual tokens a pruning stage can keep from every image (what ``--keep`` is checked against):
         base view + the largest grid of the smallest tile bucket (1728 for llava-v1.6). A larger static budget
