@@ -218,6 +218,10 @@ class PruneSpec:
     def schedule(self, n_visual: int, num_layers: int) -> tuple[Stage, ...]:
         """The decoder stages, checked against the model: layers in 1..L-1 increasing, keeps decreasing and
         within what remains."""
+        return self._checked(n_visual, num_layers)[1]
+
+    def _checked(self, n_visual: int, num_layers: int) -> tuple[EncoderStage | None, tuple[Stage, ...]]:
+        """(the encoder stage or None, the decoder stages), both checked against the model."""
         m = methods.get(self.method)
         stages = tuple(self.stages) if self.stages is not None else m.stages(
             self.keep, self.layer, n_visual, num_layers, dict(self.options))
@@ -232,7 +236,7 @@ class PruneSpec:
                                     or enc is not None):
             raise ValueError(f"{self.method}: mode='mask' (FastV's mask mode) needs one plain 'tap' stage; use "
                              "method 'fastv' or mode='remove'.")
-        return stages
+        return enc, stages
 
     def bucketed(self, keep: int, most: int) -> int:
         return min(bucket(keep, self.buckets + (most,)), most)
@@ -241,8 +245,7 @@ class PruneSpec:
         """(the static ``Plan``, the real budget of each stage: the encoder stage's first if any). The plan has
         every bucketed count rounded up, so requests whose budgets share buckets share one compiled program; the
         real counts are passed at run time and mask the surplus slots."""
-        stages = self.schedule(n_visual, num_layers)
-        enc = self.encoder(n_visual)
+        enc, stages = self._checked(n_visual, num_layers)
         limits = () if enc is None else (enc.budget,)
         if enc is not None:
             enc = enc.shaped(lambda k, most: self.bucketed(k, most or n_visual))

@@ -196,9 +196,8 @@ def prepare(model: VisualModel, batch: Batch, prune: jd.PruneSpec | None = None,
         if prune.debias.pad_tau is not None and batch.image_sizes is None:
             raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original "
                              "(width, height) of each image.")
-        tau = prune.debias.tau_for(prune.method)
-        if tau is not None:  # LLaVA-NeXT's images carry their padding mask: at the spec's threshold
-            batch = dataclasses.replace(batch, pixel_values=model.at_tau(batch.pixel_values, tau))
+        if plan.pad_tau is not None:  # LLaVA-NeXT's images carry their padding mask: at the plan's threshold
+            batch = dataclasses.replace(batch, pixel_values=model.at_tau(batch.pixel_values, plan.pad_tau))
     sizes = np.ones((B, 2), np.int32) if batch.image_sizes is None else np.asarray(batch.image_sizes,
                                                                                    np.int32).reshape(B, 2)
     arrays = [jnp.asarray(input_ids), jax.tree.map(jnp.asarray, batch.pixel_values),  # pixels or AnyresImages

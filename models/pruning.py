@@ -84,9 +84,8 @@ class _DebiasStep:
         """float32[B, M] debiased scores of stage i (``raw`` where it does not apply); stage 0's are recorded."""
         debiased = jnp.where(valid, raw, 0.0)
         if self.applies(i):
-            debiased = jd.debias_scores(raw, raster, valid, self.content_of(i, raster, valid),
-                                        self.curve if self.applies(i) else None, self.n, self.views,
-                                        self.view_sizes)
+            debiased = jd.debias_scores(raw, raster, valid, self.content_of(i, raster, valid), self.curve, self.n,
+                                        self.views, self.view_sizes)
         if i == 0 and self.recorded is None:
             B = raw.shape[0]
             at = jnp.arange(B)[:, None], jnp.clip(raster, 0)

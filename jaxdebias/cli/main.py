@@ -165,9 +165,11 @@ def _debias(args) -> jd.Debias:
     Without --debias: pad+curve, or off for a --method that scores nothing (random, pool)."""
     mode = args.debias
     if mode is None:
-        method = getattr(args, "method", None)
-        mode = "off" if method in jd.METHODS + tuple(jd.METHOD_ALIASES) and not jd.methods.get(method).debias \
-            else "pad+curve"
+        try:
+            scores = jd.methods.get(getattr(args, "method", None) or "fastv").debias
+        except ValueError:  # an unknown --method: prune_spec names it
+            scores = True
+        mode = "pad+curve" if scores else "off"
     return parse_debias(mode, args.pad_tau, args.curve, args.task or getattr(args, "bench", None) or "gqa")
 
 

@@ -12,6 +12,7 @@ step), the hidden states and the candidates, and the stage returns a ``Block``. 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -138,7 +139,7 @@ class Stage:
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderStage:
+class EncoderStage(abc.ABC):
     """A stage before the decoder: ``encode`` returns a block of ``size`` tower-space features (the prefill
     projects them) whose ``span`` indexes the N raster tokens (-1 for merged ones). ``budget`` is the run-time
     limit the prefill passes (``EncoderInputs.limit``); ``shaped`` the stage with its counts rounded up to
@@ -154,8 +155,9 @@ class EncoderStage:
         """This stage with its counts rounded by ``bucketed(count, most)``."""
         return self
 
+    @abc.abstractmethod
     def encode(self, inp: EncoderInputs) -> Block:
-        raise NotImplementedError
+        """The block the decoder receives in place of the image (each method's own rule)."""
 
     def check(self, n: int, method: str) -> None:
         """Raises a ValueError when the stage cannot run on an image of ``n`` tokens."""
