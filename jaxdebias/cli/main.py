@@ -4,6 +4,7 @@ those objects, calls it, and turns a ``jd.UserError`` into a message and exit co
 
   run        one image unpruned, pruned and pruned + debiased, with figures       (jaxdebias.cli.run)
   eval       a benchmark in the LLaVA layout, with the official files and metric (jaxdebias.cli.evaluate)
+  grade-mmvet  MM-Vet's official GPT-4 grading of eval's MM-Vet answers        (jaxdebias.cli.grade)
   eval-grid  eval over methods x {plain, debiased}: one summary table and plot   (jaxdebias.cli.grid)
   calibrate  fit a positional-debiasing curve over a data set                    (jaxdebias.cli.calibrate)
   bias       the bias report of a method's scores over a data set                (jaxdebias.cli.bias)
@@ -23,6 +24,7 @@ from jaxdebias.cli import demo, grid, video
 from jaxdebias.cli.bias import bias_report
 from jaxdebias.cli.calibrate import FORMS, calibrate
 from jaxdebias.cli.evaluate import evaluate
+from jaxdebias.cli.grade import grade_mmvet
 from jaxdebias.cli.inputs import DEBIAS_MODES, parse_debias, prune_spec, var_spec
 from jaxdebias.cli.run import run
 from jaxdebias.eval.benchmarks import BENCHES
@@ -149,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="questions per benchmark")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bench", nargs="+", default=["pope", "gqa"], choices=["pope", "gqa"])
+    p = sub.add_parser("grade-mmvet", help="MM-Vet's official GPT-4 grading of `eval --bench mmvet` answers")
+    p.add_argument("--out", required=True, help="the folder `jaxdebias eval --bench mmvet` wrote (mmvet_results.json)")
+    p.add_argument("--data", required=True, help="MM-Vet's folder, with mm-vet.json (from mm-vet.zip)")
+    p.add_argument("--model", default="gpt-4-0613", help="grader model (default: the official gpt-4-0613)")
+    p.add_argument("--runs", type=int, default=1, help="grading runs (official default 1; the paper 5)")
+    p.add_argument("--api-key", help="default: OPENAI_API_KEY")
+    p.add_argument("--url", default="https://api.openai.com/v1", help="OpenAI-compatible base URL")
     return parser
 
 
@@ -194,6 +203,8 @@ def _command(args) -> None:
                  batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var)
         if args.gpt_judge:
             video.judge(args.bench, args.out, model=args.judge_model, base_url=args.judge_url)
+    elif args.command == "grade-mmvet":
+        grade_mmvet(args.out, args.data, model=args.model, runs=args.runs, api_key=args.api_key, base_url=args.url)
     elif args.video is not None:
         video.run_video(prune_spec(args.method, args.keep, _debias(args)), model=_model(args), video=args.video,
                         prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))

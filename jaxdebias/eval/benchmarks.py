@@ -13,6 +13,8 @@ folder) or ``image_b64`` (encoded bytes), and the benchmark's ground-truth field
   textvqa    llava_textvqa_val_v051_ocr.jsonl       TextVQA_0.5.1_val.json                   VQA accuracy
   scienceqa  llava_test_CQM-A.json                  problems.json                            accuracy (image set)
   mmbench    mmbench_dev_20230712.tsv (base64)      the TSV's answer column                  accuracy
+  mmbench_cn mmbench_dev_cn_20231003.tsv (base64)   the TSV's answer column                  accuracy
+  mmvet      llava-mm-vet.jsonl, images/            mm-vet.json (for the GPT grader)         none (GPT-4 graded)
   vqav2      llava_vqav2_mscoco_test-dev2015.jsonl  v2_mscoco_val2014_annotations.json (val) VQA accuracy
   vizwiz     llava_test.jsonl                       val.json (val)                           VQA accuracy
 
@@ -20,7 +22,8 @@ The video benchmarks (msvd, msrvtt, tgif, activitynet: Video-LLaVA's layout, exa
 in ``jaxdebias.eval.video``; their rows carry ``video`` instead of ``image``.
 
 Every reader except ScienceQA's and MMBench's also takes ``questions.jsonl``. Test splits without local answers
-produce the submission files and no metric.
+produce the submission files and no metric. MM-Vet is graded by GPT-4 only (``jaxdebias.eval.mmvet``, the command
+``jaxdebias grade-mmvet``): ``eval`` writes its results file and no metric.
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ from jaxdebias.eval.readers import (
     jsonl,
     mme_key,
     read_gqa,
+    mmvet_key,
     read_mmbench,
     read_mme,
+    read_mmvet,
     read_pope,
     read_scienceqa,
     read_textvqa,
@@ -130,6 +135,11 @@ def _mmbench(rows, answers):
             "accuracy_per_row": sum(hits) / len(hits), "n": len(rows)}
 
 
+def _mmvet(rows, answers):
+    """MM-Vet has no local metric: GPT-4 grades each answer against the ground truth."""
+    return {"metric": None, "n": len(rows), "grade_with": "jaxdebias grade-mmvet (GPT-4, your API key)"}
+
+
 # --- exports (the files the official scorers / servers take) -----------------------------------------------------
 
 
@@ -146,15 +156,27 @@ def _export_mme(rows, answers, out_dir):
     return [folder]
 
 
-def _export_mmbench(rows, answers, out_dir):
+def _export_mmbench(name):
     """The TSV's columns (without the image) plus ``prediction``, as LLaVA's convert_mmbench_for_submission."""
-    path = os.path.join(out_dir, "mmbench_predictions.tsv")
-    with atomic_open(path, newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]["record"]) + ["prediction"], delimiter="\t")
-        writer.writeheader()
-        for r, a in zip(rows, answers):
-            writer.writerow({**r["record"], "prediction": a})
-    return [path]
+    def export(rows, answers, out_dir):
+        path = os.path.join(out_dir, name)
+        with atomic_open(path, newline="") as f:
+            writer = csv.DictWriter(f, list(rows[0]["record"]) + ["prediction"], delimiter="\t")
+            writer.writeheader()
+            for r, a in zip(rows, answers):
+                writer.writerow({**r["record"], "prediction": a})
+        return [path]
+    return export
+
+
+MMVET_RESULTS = "mmvet_results.json"
+
+
+def _export_mmvet(rows, answers, out_dir):
+    """{"v1_<n>": answer} in question order, as LLaVA's scripts/convert_mmvet_for_eval.py writes it (indent 2):
+    the file MM-Vet's evaluator (mm-vet_evaluator.py, its online grader) and ``jaxdebias grade-mmvet`` take."""
+    return [write_json(os.path.join(out_dir, MMVET_RESULTS),
+                       {mmvet_key(r["question_id"]): a for r, a in zip(rows, answers)}, indent=2)]
 
 
 def _export_gqa(rows, answers, out_dir):
@@ -189,7 +211,10 @@ BENCHES = {b.name: b for b in (
     Bench("gqa", read_gqa, _gqa, "answer", _export_gqa),
     Bench("textvqa", read_textvqa, _textvqa, "answers", _submission("textvqa_submission.json", _QUESTION_ID)),
     Bench("scienceqa", read_scienceqa, _scienceqa, "answer", _export_scienceqa),
-    Bench("mmbench", read_mmbench, _mmbench, "answer", _export_mmbench),
+    Bench("mmbench", read_mmbench, _mmbench, "answer", _export_mmbench("mmbench_predictions.tsv")),
+    Bench("mmbench_cn", lambda data_dir: read_mmbench(data_dir, "cn"), _mmbench, "answer",
+          _export_mmbench("mmbench_cn_predictions.tsv")),
+    Bench("mmvet", read_mmvet, _mmvet, "answer", _export_mmvet),
     Bench("vqav2", read_vqav2, _vqa, "answers", _submission("vqav2_submission.json", _QUESTION_ID)),
     Bench("vizwiz", read_vizwiz, _vqa, "answers",
           _submission("vizwiz_submission.json", {"image": lambda r: os.path.basename(r["image"])})),

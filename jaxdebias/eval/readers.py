@@ -9,11 +9,13 @@ import csv
 import glob
 import json
 import os
+import re
 
 from jaxdebias import UserError
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
+LETTER_CN = "请直接回答选项字母。"  # model_vqa_mmbench.py --lang cn
 QUESTION_FIELDS = ("question_id", "image", "text")
 MME_RELEASE = "MME_Benchmark_release_version"
 
@@ -187,11 +189,36 @@ def _blank(value) -> bool:
     return value is None or value in _NA or value.lower() == "none"
 
 
-def read_mmbench(data_dir):
-    """An MMBench TSV (index, question, hint, A-D, answer, category, image as base64, ...). The prompt is LLaVA's
-    model_vqa_mmbench: hint, question, "A. option" lines for A-D up to the first empty one, then the
-    single-letter instruction. ``choices`` (every non-empty letter column) is what VLMEvalKit matches against."""
-    path = _find(data_dir, ["mmbench_dev_20230712.tsv", "*.tsv"], "MMBench TSV")
+# language -> (the TSV LLaVA's mmbench.sh / mmbench_cn.sh read, the single-letter instruction). Any other *.tsv
+# is taken when that one is absent, the Chinese ones (named with a "cn" part: mmbench_test_cn_20231003.tsv,
+# VLMEvalKit's MMBench_DEV_CN.tsv) only for cn: LLaVA's docs put both languages' files in one folder.
+MMBENCH_FILES = {"en": ("mmbench_dev_20230712.tsv", LETTER), "cn": ("mmbench_dev_cn_20231003.tsv", LETTER_CN)}
+
+
+def _is_cn(path) -> bool:
+    return re.search(r"(^|[_.-])cn([_.-]|$)", os.path.basename(path), re.IGNORECASE) is not None
+
+
+def mmbench_tsv(data_dir, lang: str = "en") -> str:
+    """The MMBench TSV of ``lang`` ("en" or "cn") in ``data_dir``, or NotFound naming what was expected."""
+    name, cn = MMBENCH_FILES[lang][0], lang == "cn"
+    for pattern in (name, "*.tsv"):
+        for path in sorted(glob.glob(os.path.join(data_dir, pattern))):
+            if os.path.isfile(path) and _is_cn(path) == cn:
+                return path
+    other = optional_file(data_dir, ["*.tsv"])
+    hint = f" ({os.path.basename(other)} is there: --bench {'mmbench' if cn else 'mmbench_cn'})" if other else ""
+    raise NotFound(f"No MMBench{'-CN' if cn else ''} TSV in {data_dir}: expected {name} or another .tsv "
+                   f"{'named' if cn else 'not named'} as Chinese (a _cn_ part){hint}.")
+
+
+def read_mmbench(data_dir, lang: str = "en"):
+    """An MMBench TSV (index, question, hint, A-D, answer, category, image as base64, ...); ``lang`` "cn" reads
+    MMBench-CN's (same columns, Chinese text). The prompt is LLaVA's model_vqa_mmbench (``--lang``): hint,
+    question, "A. option" lines for A-D up to the first empty one, then the single-letter instruction (English,
+    or "请直接回答选项字母。" for cn; haotian-liu/LLaVA@c121f04:llava/eval/model_vqa_mmbench.py). ``choices``
+    (every non-empty letter column) is what VLMEvalKit matches against."""
+    path, instruction = mmbench_tsv(data_dir, lang), MMBENCH_FILES[lang][1]
     csv.field_size_limit(1 << 30)
     rows = []
     with open(path, newline="") as f:
@@ -216,7 +243,7 @@ def read_mmbench(data_dir):
             index = record["index"]
             numeric = index.strip().isdigit()
             row = {"question_id": int(index) if numeric else index, "image_b64": raw,
-                   "text": question + "".join(prompt_options) + f"\n{LETTER}",
+                   "text": question + "".join(prompt_options) + f"\n{instruction}",
                    "choices": [(c, record[c]) for c in letters if not _blank(record[c])],
                    "circular_group": int(index) % 1_000_000 if numeric else index,
                    "record": {k: v for k, v in record.items() if k != "image"}}
@@ -260,3 +287,47 @@ def read_mme(data_dir):
                 raise UserError(f"No MME ground truth for {r['question_id']} ({r['text']!r}) under {release}.")
             r["answer"] = answer
     return rows, release
+
+
+MMVET_TRUTH = ("mm-vet.json", "mm-vet/mm-vet.json")  # in mm-vet.zip (github.com/yuweihao/MM-Vet, release v1)
+
+
+def mmvet_key(question_id) -> str:
+    """The mm-vet.json key of a question: LLaVA's convert_mmvet_for_eval.py writes ``f"v1_{question_id}"`` (its
+    llava-mm-vet.jsonl numbers the questions 0..217); an id already of that form ("v1_12") is kept."""
+    text = str(question_id)
+    return text if text.startswith("v1_") else f"v1_{text}"
+
+
+def read_mmvet_truth(path) -> dict:
+    """MM-Vet's ``mm-vet.json``: {"v1_0": {"imagename", "question", "answer", "capability": ["rec", ...]}, ...},
+    checked for the fields the grader needs."""
+    truth = _json(path, "MM-Vet ground truth")
+    if not isinstance(truth, dict):
+        raise UserError(f"{path}: expected MM-Vet's mm-vet.json, a JSON object keyed v1_0, v1_1, ...")
+    for key, item in truth.items():
+        missing = [k for k in ("question", "answer", "capability") if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise UserError(f"{path}, {key}: missing field(s) {', '.join(missing)}.")
+        if not isinstance(item["capability"], list) or not item["capability"]:
+            raise UserError(f"{path}, {key}: capability must be a non-empty list (e.g. [\"rec\", \"ocr\"]).")
+    return truth
+
+
+def read_mmvet(data_dir):
+    """LLaVA's ``llava-mm-vet.jsonl`` (question_id, image, text: the question as asked, no suffix; mmvet.sh runs
+    model_vqa.py on it) with images in ``images/`` (``mm-vet/images/`` as mm-vet.zip unpacks). Where MM-Vet's
+    ``mm-vet.json`` is there, each row also gets its ``answer`` and ``capability`` list (for the GPT grader,
+    ``jaxdebias grade-mmvet``; there is no local metric)."""
+    path = _find(data_dir, ["questions.jsonl", "llava-mm-vet.jsonl"], "MM-Vet question file")
+    rows = jsonl(path, QUESTION_FIELDS)
+    truth_path = optional_file(data_dir, MMVET_TRUTH)
+    if truth_path:
+        truth = read_mmvet_truth(truth_path)
+        for r in rows:
+            item = truth.get(mmvet_key(r["question_id"]))
+            if item is None:
+                raise UserError(f"{truth_path}: no entry {mmvet_key(r['question_id'])} for question "
+                                f"{r['question_id']} of {path}.")
+            r["answer"], r["capability"] = item["answer"], item["capability"]
+    return rows, image_folder(data_dir, ["images", "mm-vet/images"])

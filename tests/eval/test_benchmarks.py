@@ -110,19 +110,48 @@ def _b64_png(size, colour):
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_mmbench(root):
-    root.mkdir(parents=True, exist_ok=True)
+def _write_tsv(path, recs):
+    path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source", "l2-category",
             "comment", "split"]
-    recs = [[0, "What is the main colour?", "nan", "blue", "red", "green", "nan", "A", "colour",
-             _b64_png((400, 300), (20, 60, 220)), "x", "attr", "nan", "dev"],
-            [1, "Which shape?", "Look closely.", "circle", "square", "triangle", "star", "C", "shape",
-             _b64_png((300, 400), (200, 60, 20)), "y", "attr", "nan", "dev"]]
-    with open(root / "mmbench_dev_20230712.tsv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t")
         w.writerow(cols)
         w.writerows(recs)
+
+
+def write_mmbench(root):
+    _write_tsv(root / "mmbench_dev_20230712.tsv", [
+        [0, "What is the main colour?", "nan", "blue", "red", "green", "nan", "A", "colour",
+         _b64_png((400, 300), (20, 60, 220)), "x", "attr", "nan", "dev"],
+        [1, "Which shape?", "Look closely.", "circle", "square", "triangle", "star", "C", "shape",
+         _b64_png((300, 400), (200, 60, 20)), "y", "attr", "nan", "dev"]])
     return root, ["A.", "The answer is B."], {"accuracy": 0.5}
+
+
+def write_mmbench_cn(root):
+    """MMBench-CN's file: the same columns, Chinese text (LLaVA's mmbench_cn.sh reads mmbench_dev_cn_20231003.tsv)."""
+    _write_tsv(root / "mmbench_dev_cn_20231003.tsv", [
+        [0, "图中主要是什么颜色？", "nan", "蓝色", "红色", "绿色", "nan", "A", "colour",
+         _b64_png((400, 300), (20, 60, 220)), "x", "attr", "nan", "dev"],
+        [1, "这是什么形状？", "仔细看。", "圆形", "正方形", "三角形", "星形", "C", "shape",
+         _b64_png((300, 400), (200, 60, 20)), "y", "attr", "nan", "dev"],
+        [2, "这是什么形状？", "仔细看。", "圆形", "正方形", "三角形", "星形", "C", "shape",
+         _b64_png((300, 400), (200, 60, 20)), "y", "attr", "nan", "dev"]])
+    # "A" by its letter, "三角形" by the option text it contains, "D" a wrong letter
+    return root, ["A", "三角形", "D"], {"accuracy": 2 / 3}
+
+
+def write_mmvet(root):
+    """LLaVA's llava-mm-vet.jsonl (question ids 0, 1, ...), images/, and MM-Vet's mm-vet.json keyed v1_<id>."""
+    qs = [(0, "v1_0.png", "What is x in the equation?", "-1<AND>-5", ["ocr", "math"]),
+          (1, "v1_1.jpg", "What is the colour of the car?", "red", ["rec"])]
+    _jsonl(root / "llava-mm-vet.jsonl", [{"question_id": q, "image": i, "text": t} for q, i, t, _, _ in qs])
+    (root / "mm-vet.json").write_text(json.dumps({f"v1_{q}": {"imagename": i, "question": t, "answer": a,
+                                                              "capability": c} for q, i, t, a, c in qs}))
+    for _, i, _, _, _ in qs:
+        _img(root / "images" / i, (300, 200))
+    return root, ["x = -1 or x = -5", "It is red."], {"metric": None}  # graded by GPT-4 only
 
 
 def write_mme(root):
@@ -160,7 +189,8 @@ def write_pope(root):
 
 
 WRITERS = {"pope": write_pope, "mme": write_mme, "gqa": write_gqa, "textvqa": write_textvqa,
-           "scienceqa": write_scienceqa, "mmbench": write_mmbench, "vqav2": write_vqav2, "vizwiz": write_vizwiz}
+           "scienceqa": write_scienceqa, "mmbench": write_mmbench, "mmbench_cn": write_mmbench_cn,
+           "mmvet": write_mmvet, "vqav2": write_vqav2, "vizwiz": write_vizwiz}
 SPEC = jd.PruneSpec("fastv", keep=64, debias=jd.Debias(pad_tau=0.5))
 
 
@@ -213,10 +243,13 @@ def _check_export(bench, out, rows):
     elif bench == "scienceqa":
         got = json.load(open(out / "scienceqa_predictions.json"))
         assert sorted(got) == sorted(ids) == ["4", "6"]
-    elif bench == "mmbench":
-        with open(out / "mmbench_predictions.tsv") as f:
+    elif bench in ("mmbench", "mmbench_cn"):
+        with open(out / f"{bench}_predictions.tsv") as f:
             got = list(csv.DictReader(f, delimiter="\t"))
         assert [int(g["index"]) for g in got] == ids and "image" not in got[0] and "prediction" in got[0]
+    elif bench == "mmvet":
+        got = json.load(open(out / "mmvet_results.json"))
+        assert list(got) == [f"v1_{i}" for i in ids] and all(isinstance(v, str) for v in got.values())
     elif bench == "mme":
         lines = [x.split("\t") for p in sorted((out / "mme_eval_tool").glob("*.txt")) for x in p.read_text().splitlines()]
         assert sorted(p.name for p in (out / "mme_eval_tool").glob("*.txt")) == [
