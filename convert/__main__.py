@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from jaxdebias.convert import tables
 from jaxdebias.convert.source import ConversionError
@@ -26,11 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     src = args.src[0] if len(args.src) == 1 and not os.path.isfile(args.src[0]) else args.src
     try:
-        summary = convert(src, args.dst, dtype=args.dtype, layout=args.layout, vision=args.vision,
-                          progress=not args.quiet)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            summary = convert(src, args.dst, dtype=args.dtype, layout=args.layout, vision=args.vision,
+                              progress=not args.quiet)
     except ConversionError as e:
         print(f"jaxdebias-convert: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        done = "it was complete before the interrupt" if os.path.isdir(args.dst) else "nothing was written there"
+        print(f"jaxdebias-convert: interrupted converting to {args.dst}; {done}.", file=sys.stderr)
+        return 130
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            print(f"jaxdebias-convert: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"wrote {args.dst}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
           f"{summary['dtype']}, layout {summary['layout']}")
     return 0

@@ -3,22 +3,25 @@ converted in memory (``from_hf``). The command line, the notebooks and the conve
 converter (``jaxdebias.convert.write``) only writes.
 
 The on-disk format: ``params/`` (Orbax, parameter paths as nested string keys), ``config.json`` (normalised to the
-transformers layout), ``jaxdebias.json`` (the marker: format version, dtype, source), and the tokenizer and
-processor files copied beside them.
+transformers layout), ``jaxdebias.json`` (the marker: format version, dtype, source, and a ``checksum`` of every
+parameter, see ``checksum``), and the tokenizer and processor files copied beside them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
+from jax import lax
 
-from jaxdebias.convert.source import ConversionError, Source, detect_layout, list_weight_files, plan, stream
+from jaxdebias.convert.source import (ConversionError, Source, detect_layout, list_weight_files, plan, require_dir,
+                                      stream, warn_overflow)
 from jaxdebias.models import llama, llava, llava_next, video_llava
 
 
@@ -29,17 +32,22 @@ def config_path(src) -> str:
 
 
 def read_config(src) -> dict:
-    if not isinstance(src, (list, tuple)) and not os.path.isdir(src):
-        raise ConversionError(f"{src} is not a checkpoint directory (expected config.json and *.safetensors).")
+    """The config.json of a checkpoint directory (or beside an explicit list of weight files), as a dict."""
+    if not isinstance(src, (list, tuple)):
+        require_dir(os.fspath(src), "a checkpoint directory", "config.json and *.safetensors")
     path = config_path(src)
     if not os.path.isfile(path):
         raise ConversionError(f"No config.json at {path}; a Hugging Face checkpoint directory holds config.json "
                               "beside its weights.")
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            config = json.loads(f.read())
+        except (ValueError, RecursionError) as e:
             raise ConversionError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} holds a JSON {type(config).__name__}; expected an object (a transformers "
+                              "config).")
+    return config
 
 
 ORIGINAL_IMAGE_TOKEN = -200  # IMAGE_TOKEN_INDEX of the original LLaVA code: placeholder ids below the vocab
@@ -140,9 +148,11 @@ def from_hf(src, *, dtype=jnp.float32, layout="auto", vision=None, sharding=None
     """
     cfg, cls, source, steps, _, _ = prepare(src, layout=layout, vision=vision, dtype=dtype)
     model = abstract(cls, cfg)
-    values = {}
-    for path, arr, _ in stream(source, steps, np.dtype(jnp.dtype(dtype))):
-        values[path] = jax.device_put(arr) if sharding is None else jax.device_put(arr, sharding(path))
+    values, overflow = {}, {}
+    for t in stream(source, steps, np.dtype(jnp.dtype(dtype))):
+        values[t.path] = jax.device_put(t.array) if sharding is None else jax.device_put(t.array, sharding(t.path))
+        overflow[dotted(t.path)] = t.overflow
+    warn_overflow(overflow, dtype)
     return fill(model, values)
 
 
@@ -160,6 +170,13 @@ def fill(model, values: dict):
 
 MARKER = "jaxdebias.json"
 FORMAT_VERSION = 1
+CHECKSUM = "jaxdebias-sum64-v1"  # the algorithm of ``checksum``, recorded in the marker beside the digests
+_SMALL = 1 << 20  # elements: arrays up to this size are summed and cast on the host (no compilation per shape)
+
+
+def dotted(path: tuple) -> str:
+    """("language_model", "layers", 0, "norm") -> "language_model.layers.0.norm" (the marker's and messages' name)."""
+    return ".".join(map(str, path))
 
 
 def nest(flat: dict[tuple, object]) -> dict:
@@ -171,6 +188,69 @@ def nest(flat: dict[tuple, object]) -> dict:
             node = node.setdefault(str(p), {})
         node[str(path[-1])] = value
     return out
+
+
+def _mix(h):
+    """murmur3's 32-bit finaliser on uint32 arrays (numpy or jax: unsigned arithmetic wraps the same in both)."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _sums(bits, index, xp):
+    """Two 32-bit lanes over h = bits ^ (index * golden ratio): the sums of mix(h) and of mix(h + sqrt(2)'s bits)."""
+    h = bits ^ (index * np.uint32(0x9E3779B9))
+    return xp.sum(_mix(h), dtype=xp.uint32), xp.sum(_mix(h + np.uint32(0x6A09E667)), dtype=xp.uint32)
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+@jax.jit
+def _device_sums(x):
+    bits = lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1  # row-major flat index mod 2**32, with no reshape of x
+    for axis in reversed(range(x.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, x.shape, axis) * np.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    return jnp.stack(_sums(bits, index, jnp))
+
+
+def _lanes(x):
+    """``checksum``'s two sums: numpy uint32[2] for small or host arrays, or a device array not yet waited for."""
+    if x.size <= _SMALL and (isinstance(x, np.ndarray) or x.is_fully_addressable):
+        x = np.asarray(x).reshape(-1)  # 1-d: numpy's 0-d arithmetic would warn on the (intended) wrap-around
+        return np.array(_sums(x.view(_UINT[x.dtype.itemsize]).astype(np.uint32), np.arange(x.size, dtype=np.uint32),
+                              np))
+    if isinstance(x, np.ndarray):  # a large host array (the converter's): summed by XLA on the host CPU
+        x = jax.device_put(x, jax.devices("cpu")[0])
+    return _device_sums(x)
+
+
+def _cast(x, dtype):
+    """A device array cast to ``dtype`` in place of it (same sharding); small ones on the host, like ``_lanes``."""
+    if x.size <= _SMALL and x.is_fully_addressable:
+        return jax.device_put(np.asarray(x).astype(dtype), x.sharding)
+    return x.astype(dtype)
+
+
+def _hex(lanes) -> str:
+    return "".join(f"{int(v):08x}" for v in np.asarray(lanes))
+
+
+def checksum(x) -> str:
+    """A 64-bit digest (16 hex digits) of an array's bits and their positions, computed where the array lives.
+
+    Each element's bit pattern, xor-ed with its flat index times an odd constant, goes through murmur3's finaliser
+    (two lanes with different offsets), and the results are summed modulo 2**32. A sum is associative, so a sharded
+    array gives the same digest as a host copy, and large arrays are summed on their device(s) without a transfer.
+    One changed element always changes the digest (the mix is a bijection); more changes escape with probability
+    ~2**-64. It detects corruption, not tampering: it is not a cryptographic hash. Arrays of up to 2**20 elements
+    are summed on the host with numpy (no compilation per shape); both paths give identical digests.
+    """
+    return _hex(_lanes(x))
 
 
 def _placement(mesh):
@@ -187,40 +267,125 @@ def _placement(mesh):
     return on_mesh
 
 
-def load(dst, *, dtype=None, mesh=None):
+def _shown(value) -> str:
+    """A marker value for a message, with its JSON type when that is what is wrong ("'1' (a string)")."""
+    if value is None:
+        return "missing"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = {str: "a string", bool: "a boolean", float: "a number with a fraction", list: "a list", dict: "an object"}
+    return f"{value!r} ({kind.get(type(value), type(value).__name__)})"
+
+
+def read_marker(dst: str) -> dict:
+    """The checked marker of a converted checkpoint directory (``jaxdebias.json``)."""
+    require_dir(dst, "a checkpoint directory", f"{MARKER}, config.json and params/ (written by jaxdebias-convert)")
+    marker = os.path.join(dst, MARKER)
+    redo = f"Convert the checkpoint again: jaxdebias-convert SRC {dst}."
+    if not os.path.isfile(marker):
+        raise ConversionError(f"{dst} is not a jaxdebias checkpoint (no {MARKER}). Convert a Hugging Face "
+                              "checkpoint first: jaxdebias-convert SRC DST.")
+    try:
+        with open(marker, "rb") as f:
+            meta = json.loads(f.read())
+    except (ValueError, RecursionError) as e:
+        raise ConversionError(f"{marker} is not valid JSON ({e}); the checkpoint is damaged. {redo}") from None
+    if not isinstance(meta, dict):
+        raise ConversionError(f"{marker} holds a JSON {type(meta).__name__}, expected an object; the checkpoint is "
+                              f"damaged. {redo}")
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ConversionError(f"{dst} has checkpoint format {_shown(version)}; this version reads format "
+                              f"{FORMAT_VERSION} (an integer). {redo}")
+    try:
+        if not isinstance(meta.get("dtype"), str):
+            raise TypeError
+        jnp.dtype(meta["dtype"])
+    except TypeError:
+        raise ConversionError(f"{marker} names dtype {_shown(meta.get('dtype'))}, not a dtype; the checkpoint is "
+                              f"damaged. {redo}") from None
+    digests = meta.get("digests")
+    if digests is not None and (meta.get("checksum") != CHECKSUM or not isinstance(digests, dict)):
+        raise ConversionError(f"{marker} holds checksums of kind {_shown(meta.get('checksum'))}; this version checks "
+                              f"{CHECKSUM!r}. Update jaxdebias, convert the checkpoint again, or load with "
+                              "verify=False.")
+    return meta
+
+
+def _orbax_error(dst: str, meta: dict, e: Exception) -> ConversionError:
+    """One message for an Orbax/TensorStore read failure: the parameter (when the error names it) and the cause,
+    without TensorStore's spec dump."""
+    text = f"{e} {e.__cause__ or ''}"
+    param = re.findall(r"([A-Za-z_][\w.]*)/(?:c/|zarr\.json)", text) or re.findall(r"'path': '([^'/][^']*)/'", text)
+    cause = str(e.__cause__ or e).strip().splitlines()[0].split(" [tensorstore_spec")[0]
+    cause = cause if len(cause) <= 300 else cause[:300] + " ..."
+    what = f"parameter {param[0]}" if param else "the parameters"
+    return ConversionError(f"{dst}: {what} could not be read from params/ ({cause}). A params file is missing, "
+                           "truncated or damaged; convert the checkpoint again: jaxdebias-convert "
+                           f"{meta.get('source', 'SRC')} {dst}.")
+
+
+def load(dst, *, dtype=None, mesh=None, verify=True):
     """Restores a converted checkpoint straight to device(s): an abstract model gives the target shapes and
     shardings (from the parameters' partition specs when ``mesh`` is given), so no host copy of the model and
     no random initialisation is ever made.
+
+    Every parameter is checked against the digest the converter stored in the marker (``checksum``, computed on the
+    device(s) where the array lands, so it costs about one extra read of the weights in device memory); a mismatch
+    raises ConversionError naming the corrupt parameters. Checkpoints written before digests existed (no "digests"
+    in the marker) still load, unchecked. When checking, parameters are restored in the stored dtype and cast to
+    ``dtype`` afterwards, one at a time.
 
     Args:
       dst: directory written by ``convert``.
       dtype: compute/parameter dtype (default: the stored one); a different dtype is cast on restore.
       mesh: optional ``jax.sharding.Mesh`` with axes ("data", "model").
+      verify: check the digests (default); False skips the check.
+
+    Raises:
+      ConversionError: not a checkpoint, a damaged marker or config, a params file Orbax cannot read, or a parameter
+        whose digest does not match.
     """
     dst = os.path.abspath(os.fspath(dst))  # Orbax reads absolute paths only; a user passes relative ones
-    marker = os.path.join(dst, MARKER)
-    if not os.path.isfile(marker):
-        raise ConversionError(f"{dst} is not a jaxdebias checkpoint (no {MARKER}). Convert a Hugging Face "
-                              "checkpoint first: jaxdebias-convert SRC DST.")
-    with open(marker) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ConversionError(f"{dst} has checkpoint format {meta.get('format_version')}, this version reads "
-                              f"{FORMAT_VERSION}; convert it again.")
-    dtype = jnp.dtype(dtype or meta["dtype"])
+    meta = read_marker(dst)
+    stored = jnp.dtype(meta["dtype"])
+    dtype = jnp.dtype(dtype or stored)
+    digests = meta.get("digests") if verify else None
     cfg, cls, _ = model_for(read_config(dst), dtype)
     model = abstract(cls, cfg)
     place = _placement(mesh)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     specs = {tuple(p): v.get_metadata().get("out_sharding") for p, v in flat.items()}
-    target = nest({p: jax.ShapeDtypeStruct(v.get_value().shape, dtype, sharding=place(v.get_value().shape, specs[p]))
-                    for p, v in flat.items()})
-    restored = ocp.load(os.path.join(dst, "params"), target)
+    restore = stored if digests is not None else dtype
+    target = nest({p: jax.ShapeDtypeStruct(v.get_value().shape, restore,
+                                           sharding=place(v.get_value().shape, specs[p]))
+                   for p, v in flat.items()})
+    params = os.path.join(dst, "params")
+    require_dir(params, "a complete checkpoint's params/", "the Orbax parameter files; convert the checkpoint again")
+    try:
+        restored = ocp.load(params, target)
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions and ValueErrors with long specs
+        raise _orbax_error(dst, meta, e) from None
 
-    def get(path):
+    values = {}
+    for path in flat:
         node = restored
         for p in path:
             node = node[str(p)]
-        return node
-
-    return fill(model, {p: get(p) for p in flat})
+        values[path] = node
+    del restored, node  # the casts below free each stored-dtype array as they replace it
+    if digests is not None:
+        missing = [dotted(p) for p in flat if dotted(p) not in digests]
+        lanes = {p: _lanes(v) for p, v in values.items()}  # dispatched together, then waited for
+        bad = [dotted(p) for p in flat if dotted(p) in digests and _hex(lanes[p]) != digests[dotted(p)]]
+        if missing or bad:
+            why = (f"{len(bad)} parameter(s) do not match the checksums written at conversion: "
+                   f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else
+                   f"its marker has no checksum for {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            raise ConversionError(f"{dst} is corrupt: {why}. The files changed on disk after conversion (a bad disk "
+                                  "or copy?); convert the checkpoint again: jaxdebias-convert "
+                                  f"{meta.get('source', 'SRC')} {dst}.")
+        if dtype != stored:
+            for p in values:  # one at a time
+                values[p] = _cast(values[p], dtype)
+    return fill(model, values)

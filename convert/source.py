@@ -1,28 +1,41 @@
 """A generic, streaming, strict loader: source tensors -> our parameter paths, one tensor at a time.
 
 Safetensors files are read through their header and a read-only ``np.memmap``: opening a 10 GB shard costs
-nothing, and a tensor is only paged in when it is converted (bf16 via ml_dtypes, no torch). Every check names
-what is wrong: the key, the layout assumed, the shapes, the file.
+nothing, and a tensor is only paged in when it is converted (bf16 via ml_dtypes, no torch). Every header entry is
+checked before a byte of data is read (``check_header``: dtype, shape, offsets inside the file and consistent with
+both, no overlaps), every converted weight must be floating point, and pickles (``.bin``) are refused, never
+unpickled. Every check names what is wrong: the key, the layout assumed, the shapes, the file.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from jaxdebias.convert import tables
 
+# safetensors dtype name -> numpy dtype (https://github.com/huggingface/safetensors, format.md)
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+           "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a converted weight may be stored as
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class ConversionError(ValueError):
@@ -32,7 +45,7 @@ class ConversionError(ValueError):
 @dataclass(frozen=True)
 class TensorRef:
     file: str
-    dtype: str
+    dtype: str  # a safetensors dtype name (checked by check_header)
     shape: tuple[int, ...]
     start: int  # absolute byte offsets in the file
     end: int
@@ -42,45 +55,139 @@ class TensorRef:
         return self.end - self.start
 
     def load(self) -> np.ndarray:
-        if self.dtype not in _DTYPES:
-            raise ConversionError(f"{self.file}: tensor dtype {self.dtype} is not supported.")
         mm = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.start, shape=(self.nbytes,))
         return mm.view(_DTYPES[self.dtype]).reshape(self.shape)
 
 
-def read_safetensors_header(path: str) -> dict[str, TensorRef]:
-    """Key -> TensorRef for one safetensors file, checking that every tensor lies inside the file."""
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path} is not a valid safetensors file (truncated or corrupt: {e}). "
-                              "Download it again.") from None
-    base = 8 + n
+def require_dir(path: str, kind: str, holds: str) -> None:
+    """Raises ConversionError unless ``path`` is a directory, saying whether nothing is there or a file is."""
+    if os.path.isdir(path):
+        return
+    state = "it is a file, not a directory" if os.path.exists(path) else "nothing exists at that path"
+    raise ConversionError(f"{path} is not {kind}: {state}. Expected a directory holding {holds}.")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_header(header, data_size: int, path: str, base: int = 0) -> dict[str, TensorRef]:
+    """Key -> TensorRef for a parsed safetensors header, every entry checked before a byte of data is read.
+
+    Each entry must be an object with a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets``
+    [start, end] with 0 <= start <= end <= data_size and end - start = prod(shape) x itemsize; entries must not
+    overlap. ``__metadata__`` is skipped. Raises ConversionError naming the file and the tensor otherwise.
+
+    Args:
+      header: the parsed JSON header (anything: a hostile file may hold a list, a string ...).
+      data_size: bytes after the header (the data section).
+      base: the data section's offset in the file (8 + header length), added to the TensorRefs' offsets.
+    """
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path} is not a valid safetensors file (its header is a JSON "
+                              f"{type(header).__name__}, expected an object of tensor name -> "
+                              "{dtype, shape, data_offsets}). Download it again.")
+
+    def bad(key, what):
+        return ConversionError(f"{path}: tensor {key!r} {what}. The file is corrupt or not a safetensors file; "
+                               "download it again.")
+
     refs = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        start, end = meta["data_offsets"]
-        if base + end > size:
+        if not isinstance(meta, dict):
+            raise bad(key, f"is described by a JSON {type(meta).__name__}, not an object of dtype, shape and "
+                           "data_offsets")
+        lacking = [f for f in ("dtype", "shape", "data_offsets") if f not in meta]
+        if lacking:
+            raise bad(key, f"has no {' and no '.join(lacking)} in the header")
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(key, f"has dtype {dtype!r}, expected one of {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(map(_is_count, shape)):
+            raise bad(key, f"has shape {shape!r}, expected a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) and
+                                                                         not isinstance(o, bool) for o in offsets):
+            raise bad(key, f"has data_offsets {offsets!r}, expected [start, end] (two integers)")
+        start, end = offsets
+        if not 0 <= start <= end:
+            raise bad(key, f"has data_offsets [{start}, {end}], expected 0 <= start <= end")
+        if end > data_size:
             raise ConversionError(f"{path} is truncated: tensor {key!r} ends at byte {base + end} but the file has "
-                                  f"{size} bytes. Download it again.")
-        refs[key] = TensorRef(path, meta["dtype"], tuple(meta["shape"]), base + start, base + end)
+                                  f"{base + data_size} bytes. Download it again.")
+        need = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if end - start != need:
+            raise bad(key, f"has data_offsets [{start}, {end}] ({end - start} bytes), but dtype {dtype} and shape "
+                           f"{tuple(shape)} take {need} bytes")
+        refs[key] = TensorRef(path, dtype, tuple(shape), base + start, base + end)
+    previous = None
+    for key, ref in sorted(((k, r) for k, r in refs.items() if r.nbytes), key=lambda kv: kv[1].start):
+        if previous is not None and ref.start < previous[1].end:
+            raise bad(key, f"overlaps tensor {previous[0]!r} (its bytes start at {ref.start - base}, before the "
+                           f"other's end at {previous[1].end - base})")
+        previous = key, ref
     return refs
 
 
-def _torch_bin(path: str) -> dict[str, np.ndarray]:
+def read_safetensors_header(path: str) -> dict[str, TensorRef]:
+    """Key -> TensorRef for one safetensors file, every header entry checked (``check_header``); reads the header
+    only."""
+    size = os.path.getsize(path)
+
+    def invalid(why):
+        return ConversionError(f"{path} is not a valid safetensors file ({why}). Download it again.")
+
     try:
-        import torch
-    except ImportError:
-        raise ConversionError(f"{path} is a PyTorch .bin checkpoint, which needs torch to read. Install torch "
-                              "(pip install torch) or convert the checkpoint to safetensors first.") from None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
+        f = open(path, "rb")
+    except OSError as e:
+        raise ConversionError(f"Cannot read {path}: {e.strerror}.") from None
+    with f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise invalid(f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER or 8 + n > size:
+            if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save) or a raw pickle
+                raise pickle_refusal(path)
+            raise invalid(f"its header length field says {n} bytes, but the file has {size - 8} bytes after it"
+                          if 8 + n > size else f"header length {n} is outside 1..{MAX_HEADER}")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise invalid(f"its header is not JSON: {e}") from None
+    return check_header(header, size - 8 - n, path, base=8 + n)
+
+
+def pickle_refusal(path: str) -> ConversionError:
+    """The error for a PyTorch pickle checkpoint, which is never unpickled."""
+    return ConversionError(
+        f"{path} is a PyTorch pickle checkpoint; jaxdebias never unpickles weights (loading a pickle can run "
+        "arbitrary code). Convert it to safetensors first, once, in an environment you trust; that step needs torch "
+        "to read. Install torch and transformers, then run in Python: `from transformers import "
+        "AutoModelForImageTextToText as M; M.from_pretrained(SRC).save_pretrained(OUT, safe_serialization=True)` "
+        "(AutoModelForCausalLM for a text model), and convert OUT.")
+
+
+def _read_index(path: str) -> list[str]:
+    """The shard file names a ``model.safetensors.index.json`` names, checked."""
+    try:
+        with open(path, "rb") as f:
+            index = json.loads(f.read())
+    except (ValueError, RecursionError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}). Download it again.") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = (f"a JSON {type(index).__name__}" if not isinstance(index, dict) else
+                 "no \"weight_map\"" if "weight_map" not in index else
+                 f"a \"weight_map\" that is {'empty' if weight_map == {} else 'a JSON ' + type(weight_map).__name__}")
+        raise ConversionError(f"{path} holds {found}; expected an object whose \"weight_map\" maps tensor names to "
+                              "shard file names. Download it again.")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.split("/") or not shard:
+            raise ConversionError(f"{path} maps tensor {key!r} to {shard!r}; expected the name of a shard file in "
+                                  "the same directory. Download the index again.")
+    return sorted(set(weight_map.values()))
 
 
 def list_weight_files(src: str | os.PathLike | list) -> list[str]:
@@ -89,16 +196,18 @@ def list_weight_files(src: str | os.PathLike | list) -> list[str]:
         files = [os.fspath(f) for f in src]
         for f in files:
             if not os.path.isfile(f):
-                raise ConversionError(f"Weight file {f} does not exist.")
+                raise ConversionError(f"Weight file {f} does not exist." if not os.path.exists(f) else
+                                      f"{f} is a directory, not a weight file; pass the directory alone, or its "
+                                      "*.safetensors files.")
         return files
     src = os.fspath(src)
-    if not os.path.isdir(src):
-        raise ConversionError(f"{src} is not a checkpoint directory (expected config.json and *.safetensors).")
-    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+    require_dir(src, "a checkpoint directory", "config.json and *.safetensors")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(src, index_name)
         if os.path.exists(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            if index_name.startswith("pytorch_model"):
+                raise pickle_refusal(index)
+            shards = _read_index(index)
             missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
             if missing:
                 raise ConversionError(f"{index_name} in {src} lists shard(s) that are missing: {', '.join(missing)}. "
@@ -120,8 +229,9 @@ class Source:
     def __init__(self, files: list[str]):
         self.refs: dict[str, TensorRef | np.ndarray] = {}
         for f in files:
-            part = _torch_bin(f) if f.endswith(".bin") else read_safetensors_header(f)
-            for k, v in part.items():
+            if f.endswith(PICKLE_SUFFIXES):
+                raise pickle_refusal(f)
+            for k, v in read_safetensors_header(f).items():
                 if k in self.refs:
                     raise ConversionError(f"Tensor {k!r} appears in two files (second: {f}).")
                 self.refs[k] = v
@@ -130,8 +240,12 @@ class Source:
         return tuple(self.refs[key].shape)
 
     def nbytes(self, key) -> int:
+        return self.refs[key].nbytes
+
+    def dtype(self, key) -> str:
+        """The safetensors dtype name (F32, BF16, ...) of a tensor."""
         r = self.refs[key]
-        return r.nbytes if isinstance(r, TensorRef) else r.nbytes
+        return r.dtype if isinstance(r, TensorRef) else _NAMES.get(np.dtype(r.dtype), str(r.dtype))
 
     def load(self, key) -> np.ndarray:
         r = self.refs[key]
@@ -241,32 +355,74 @@ def plan(source: Source, layout: str, target: dict[tuple, tuple], *, text_prefix
         raise ConversionError(f"{len(missing)} parameter(s) have no tensor in the checkpoint (layout {layout!r}): "
                               f"{names}{' ...' if len(missing) > 12 else ''}. The checkpoint is incomplete (a "
                               "shard not fully downloaded?) or its config does not match its weights.")
-    for s in steps:  # shapes, checked before any data is read
-        found = source.shape(s.key)
-        if s.transform is tables.transpose:
-            found = found[::-1]
-        elif s.transform is tables.conv_to_hwio:
-            found = (found[2], found[3], found[1], found[0]) if len(found) == 4 else found
-        if tuple(found) != tuple(target[s.path]):
-            raise ConversionError(f"Tensor {s.key!r} has shape {source.shape(s.key)}; parameter "
-                                  f"{'.'.join(map(str, s.path))} expects {tuple(target[s.path])} (after "
-                                  f"{'transposing' if s.transform else 'no transform'}). The config does not match "
-                                  "the weights.")
+    for s in steps:  # dtypes and shapes, checked before any data is read
+        name, want = ".".join(map(str, s.path)), tuple(target[s.path])
+        where = f" in {source.refs[s.key].file}" if isinstance(source.refs[s.key], TensorRef) else ""
+        if source.dtype(s.key) not in FLOAT_DTYPES:
+            raise ConversionError(f"Tensor {s.key!r}{where} has dtype {source.dtype(s.key)}; parameter {name} takes "
+                                  f"floating-point weights ({', '.join(FLOAT_DTYPES)}). The file's header is corrupt "
+                                  "or the checkpoint is quantised; use an unquantised safetensors checkpoint.")
+        shape = tuple(source.shape(s.key))
+        found = _after(s.transform, shape)
+        if found != want:
+            how = tables.DESCRIBE.get(s.transform, getattr(s.transform, "__name__", "its transform"))
+            gives = "cannot apply to it" if found is None else f"turns {shape} into {found}"
+            hint = ("The checkpoint stores this tensor already in our layout, or the config does not match the "
+                    "weights." if shape == want else "The config does not match the weights.")
+            raise ConversionError(f"Tensor {s.key!r} has shape {shape}; parameter {name} expects {want}"
+                                  + ("" if s.transform is None else f" after {how}, which {gives}")
+                                  + (f" (the tensor is{where})" if where else "") + f". {hint}")
     return steps
+
+
+def _after(transform, shape: tuple) -> tuple | None:
+    """The shape ``transform`` gives a tensor of ``shape`` (None if it cannot apply), computed on a zero-stride view:
+    no data is read or allocated."""
+    if transform is None:
+        return shape
+    try:
+        return tuple(transform(np.broadcast_to(np.zeros((), np.uint8), shape)).shape)
+    except ValueError:
+        return None
+
+
+class Converted(NamedTuple):
+    """One converted tensor: its parameter path, the host array (our layout, target dtype), the bytes it took in the
+    source, and how many finite source values became +-inf in the target dtype (float16 overflow)."""
+    path: tuple
+    array: np.ndarray
+    source_bytes: int
+    overflow: int
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted(transform, dtype):
-    return jax.jit(lambda x: (x if transform is None else transform(x)).astype(dtype))
+    def run(x):
+        y = x.astype(dtype)
+        return (y if transform is None else transform(y)), jnp.sum(jnp.isfinite(x) & ~jnp.isfinite(y))
+    return jax.jit(run)
 
 
-def stream(source: Source, steps: list[Step], dtype) -> Iterator[tuple[tuple, np.ndarray, int]]:
-    """Yields (path, host array in our layout cast to dtype, source bytes) one tensor at a time.
+def stream(source: Source, steps: list[Step], dtype) -> Iterator[Converted]:
+    """Yields each step's tensor converted (``Converted``), one tensor at a time.
 
-    Transform and cast run as one jitted XLA program on the host CPU (a tiled transpose, ~3x numpy's), never on
-    an accelerator, so converting on a TPU host does not touch device memory."""
+    Transform, cast and overflow count run as one jitted XLA program on the host CPU (a tiled transpose, ~3x
+    numpy's), never on an accelerator, so converting on a TPU host does not touch device memory."""
     cpu = jax.devices("cpu")[0]
     for s in steps:
         with jax.default_device(cpu):
-            x = np.asarray(_jitted(s.transform, np.dtype(dtype))(source.load(s.key)))
-        yield s.path, x, source.nbytes(s.key)
+            x, overflow = _jitted(s.transform, np.dtype(dtype))(source.load(s.key))
+            x = np.asarray(x)
+        yield Converted(s.path, x, source.nbytes(s.key), int(overflow))
+
+
+def warn_overflow(counts: dict[str, int], dtype) -> None:
+    """Warns (RuntimeWarning) when a conversion turned finite values into inf: how many, and in which tensors."""
+    counts = {k: n for k, n in counts.items() if n}
+    if not counts:
+        return
+    top = sorted(counts, key=counts.get, reverse=True)[:5]
+    warnings.warn(f"{sum(counts.values()):,} value(s) in {len(counts)} tensor(s) exceed the {np.dtype(dtype).name} "
+                  f"range (largest finite {float(jnp.finfo(dtype).max):.6g}) and became inf: "
+                  f"{', '.join(f'{k} ({counts[k]:,})' for k in top)}{' ...' if len(counts) > 5 else ''}. "
+                  "Convert with --dtype bfloat16 (float32's range) or float32 instead.", RuntimeWarning, stacklevel=3)

@@ -8,8 +8,9 @@ Two steps, each a table of regular expressions:
 2. ``LLAVA``: (canonical pattern, our parameter path template, transform). A path template of ``None`` marks a
    tensor the port knows and deliberately does not use (CLIP's post-layernorm, position-id buffers ...).
 
-Transforms receive an array (numpy or jax; the loader runs them jitted on the host CPU) and return it in our layout: Linear weights [out, in] become kernels [in, out];
-the CLIP patch convolution [D, C, p, p] becomes [p, p, C, D].
+Transforms receive an array (numpy or jax; the loader runs them jitted on the host CPU) and return it in our
+layout: Linear weights [out, in] become kernels [in, out]; the CLIP patch convolution [D, C, p, p] becomes
+[p, p, C, D]. ``DESCRIBE`` names each transform in error messages.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def transpose(x):
 
 def conv_to_hwio(x):
     return x.transpose(2, 3, 1, 0)
+
+
+# How error messages name each transform ("... expects (a, b) after transposing, which turns ...").
+DESCRIBE = {transpose: "transposing (a Linear weight [out, in] becomes a kernel [in, out])",
+            conv_to_hwio: "reordering the convolution weight [out, in, h, w] to [h, w, in, out]"}
 
 
 LAYOUTS: dict[str, list[tuple[str, str]]] = {
