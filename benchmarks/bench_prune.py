@@ -104,7 +104,7 @@ def main():
             shape, t, x = runs[keep][1], times[keep], runs[keep][2]
             f = decoder_flops(sequence.segments(Tb, shape, 576, L))
             curve = spec.debias.curve_for(spec.method)
-            k = shape.stages[0].keep if shape.stages else shape.encoder.size
+            k = shape.stages[0].slots if shape.stages else shape.encoder.size
             sel = median_time(lambda: jd.debias_and_select(scores, k, curve=curve, content=pad), args.repeats * 10)
             xr = x / x_dense if x and x_dense else float("nan")
             print(f"| {keep} | {t * 1e3:.1f} | {t / t_dense:.3f} | {xr:.3f} | {f / f_dense:.3f} | "

@@ -62,11 +62,11 @@ if DATA is None:  # a tiny POPE-style sample: letterboxed images of three aspect
 import numpy as np
 
 import jaxdebias as jd
-from jaxdebias.cli import figures
+from jaxdebias.cli import families, figures
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.models.generate import generate
 
-loaded = inputs.load_model(CHECKPOINT)  # None: the embedded toy model (jaxdebias.toy)
+loaded = families.load_model(CHECKPOINT)  # None: the embedded toy model (jaxdebias.toy)
 rows, image_dir = read_any(DATA, "pope")
 keep_all = jd.PruneSpec("fastv", keep=loaded.n_visual)
 calibration = jd.Calibration.init(loaded.n_visual)

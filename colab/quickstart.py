@@ -56,11 +56,11 @@ import jax
 import numpy as np
 
 import jaxdebias as jd
-from jaxdebias.cli import figures, inputs
+from jaxdebias.cli import families, figures, inputs
 from jaxdebias.models.generate import generate
 
 print("devices:", jax.devices())
-loaded = inputs.load_model(CHECKPOINT)  # onto the device in bf16; None: the embedded toy model
+loaded = families.load_model(CHECKPOINT)  # onto the device in bf16; None: the embedded toy model
 request = loaded.request(inputs.load_image(IMAGE or inputs.default_image_path()), PROMPT)
 batch = loaded.batch([request])
 debias = jd.Debias(curve="released", pad_tau=0.5, task="gqa")

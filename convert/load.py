@@ -4,7 +4,7 @@ converter (``jaxdebias.convert.write``) only writes.
 
 The on-disk format: ``params/`` (Orbax, parameter paths as nested string keys), ``config.json`` (normalised to the
 transformers layout), ``jaxdebias.json`` (the marker: format version, dtype, source, and a ``checksum`` of every
-parameter, see ``checksum``), and the tokenizer and processor files copied beside them.
+parameter, see ``digest.checksum``), and the tokenizer and processor files copied beside them.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
-from jax import lax
 
-from jaxdebias.convert.source import (ConversionError, Source, detect_layout, list_weight_files, plan, require_dir,
-                                      stream, warn_overflow)
+from jaxdebias.convert import digest
+from jaxdebias.convert.files import ConversionError, Source, list_weight_files, require_dir
+from jaxdebias.convert.source import detect_layout, plan, stream, warn_overflow
 from jaxdebias.models import llama, llava, llava_next, video_llava
 
 
@@ -170,8 +170,6 @@ def fill(model, values: dict):
 
 MARKER = "jaxdebias.json"
 FORMAT_VERSION = 1
-CHECKSUM = "jaxdebias-sum64-v1"  # the algorithm of ``checksum``, recorded in the marker beside the digests
-_SMALL = 1 << 20  # elements: arrays up to this size are summed and cast on the host (no compilation per shape)
 
 
 def dotted(path: tuple) -> str:
@@ -188,69 +186,6 @@ def nest(flat: dict[tuple, object]) -> dict:
             node = node.setdefault(str(p), {})
         node[str(path[-1])] = value
     return out
-
-
-def _mix(h):
-    """murmur3's 32-bit finaliser on uint32 arrays (numpy or jax: unsigned arithmetic wraps the same in both)."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _sums(bits, index, xp):
-    """Two 32-bit lanes over h = bits ^ (index * golden ratio): the sums of mix(h) and of mix(h + sqrt(2)'s bits)."""
-    h = bits ^ (index * np.uint32(0x9E3779B9))
-    return xp.sum(_mix(h), dtype=xp.uint32), xp.sum(_mix(h + np.uint32(0x6A09E667)), dtype=xp.uint32)
-
-
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-
-
-@jax.jit
-def _device_sums(x):
-    bits = lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
-    index, stride = jnp.zeros(x.shape, jnp.uint32), 1  # row-major flat index mod 2**32, with no reshape of x
-    for axis in reversed(range(x.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, x.shape, axis) * np.uint32(stride % 2**32)
-        stride *= x.shape[axis]
-    return jnp.stack(_sums(bits, index, jnp))
-
-
-def _lanes(x):
-    """``checksum``'s two sums: numpy uint32[2] for small or host arrays, or a device array not yet waited for."""
-    if x.size <= _SMALL and (isinstance(x, np.ndarray) or x.is_fully_addressable):
-        x = np.asarray(x).reshape(-1)  # 1-d: numpy's 0-d arithmetic would warn on the (intended) wrap-around
-        return np.array(_sums(x.view(_UINT[x.dtype.itemsize]).astype(np.uint32), np.arange(x.size, dtype=np.uint32),
-                              np))
-    if isinstance(x, np.ndarray):  # a large host array (the converter's): summed by XLA on the host CPU
-        x = jax.device_put(x, jax.devices("cpu")[0])
-    return _device_sums(x)
-
-
-def _cast(x, dtype):
-    """A device array cast to ``dtype`` in place of it (same sharding); small ones on the host, like ``_lanes``."""
-    if x.size <= _SMALL and x.is_fully_addressable:
-        return jax.device_put(np.asarray(x).astype(dtype), x.sharding)
-    return x.astype(dtype)
-
-
-def _hex(lanes) -> str:
-    return "".join(f"{int(v):08x}" for v in np.asarray(lanes))
-
-
-def checksum(x) -> str:
-    """A 64-bit digest (16 hex digits) of an array's bits and their positions, computed where the array lives.
-
-    Each element's bit pattern, xor-ed with its flat index times an odd constant, goes through murmur3's finaliser
-    (two lanes with different offsets), and the results are summed modulo 2**32. A sum is associative, so a sharded
-    array gives the same digest as a host copy, and large arrays are summed on their device(s) without a transfer.
-    One changed element always changes the digest (the mix is a bijection); more changes escape with probability
-    ~2**-64. It detects corruption, not tampering: it is not a cryptographic hash. Arrays of up to 2**20 elements
-    are summed on the host with numpy (no compilation per shape); both paths give identical digests.
-    """
-    return _hex(_lanes(x))
 
 
 def _placement(mesh):
@@ -305,9 +240,9 @@ def read_marker(dst: str) -> dict:
         raise ConversionError(f"{marker} names dtype {_shown(meta.get('dtype'))}, not a dtype; the checkpoint is "
                               f"damaged. {redo}") from None
     digests = meta.get("digests")
-    if digests is not None and (meta.get("checksum") != CHECKSUM or not isinstance(digests, dict)):
+    if digests is not None and (meta.get("checksum") != digest.CHECKSUM or not isinstance(digests, dict)):
         raise ConversionError(f"{marker} holds checksums of kind {_shown(meta.get('checksum'))}; this version checks "
-                              f"{CHECKSUM!r}. Update jaxdebias, convert the checkpoint again, or load with "
+                              f"{digest.CHECKSUM!r}. Update jaxdebias, convert the checkpoint again, or load with "
                               "verify=False.")
     return meta
 
@@ -330,7 +265,7 @@ def load(dst, *, dtype=None, mesh=None, verify=True):
     shardings (from the parameters' partition specs when ``mesh`` is given), so no host copy of the model and
     no random initialisation is ever made.
 
-    Every parameter is checked against the digest the converter stored in the marker (``checksum``, computed on the
+    Every parameter is checked against the digest the converter stored in the marker (``digest.checksum``, computed on the
     device(s) where the array lands, so it costs about one extra read of the weights in device memory); a mismatch
     raises ConversionError naming the corrupt parameters. Checkpoints written before digests existed (no "digests"
     in the marker) still load, unchecked. When checking, parameters are restored in the stored dtype and cast to
@@ -376,8 +311,8 @@ def load(dst, *, dtype=None, mesh=None, verify=True):
     del restored, node  # the casts below free each stored-dtype array as they replace it
     if digests is not None:
         missing = [dotted(p) for p in flat if dotted(p) not in digests]
-        lanes = {p: _lanes(v) for p, v in values.items()}  # dispatched together, then waited for
-        bad = [dotted(p) for p in flat if dotted(p) in digests and _hex(lanes[p]) != digests[dotted(p)]]
+        lanes = {p: digest.lanes(v) for p, v in values.items()}  # dispatched together, then waited for
+        bad = [dotted(p) for p in flat if dotted(p) in digests and digest.hexdigest(lanes[p]) != digests[dotted(p)]]
         if missing or bad:
             why = (f"{len(bad)} parameter(s) do not match the checksums written at conversion: "
                    f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else
@@ -387,5 +322,5 @@ def load(dst, *, dtype=None, mesh=None, verify=True):
                                   f"{meta.get('source', 'SRC')} {dst}.")
         if dtype != stored:
             for p in values:  # one at a time
-                values[p] = _cast(values[p], dtype)
+                values[p] = digest.cast(values[p], dtype)
     return fill(model, values)

@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from tqdm.auto import tqdm
 
-from jaxdebias.convert.load import CHECKSUM, FORMAT_VERSION, MARKER, checksum, config_path, dotted, nest, prepare
+from jaxdebias.convert.digest import CHECKSUM, checksum
+from jaxdebias.convert.load import FORMAT_VERSION, MARKER, config_path, dotted, nest, prepare
 from jaxdebias.convert.source import ConversionError, stream, warn_overflow
 
 # Files copied beside the weights so that the checkpoint directory is all a user needs at inference.
@@ -100,7 +101,7 @@ def convert(src, dst, *, dtype="bfloat16", layout="auto", vision=None, progress=
     """Converts a HF checkpoint to an Orbax checkpoint at ``dst``, streaming, and returns a summary dict.
 
     Every check runs before anything is written. Tensors are read one at a time from memory-mapped files, cast,
-    digested (``load.checksum``, stored in the marker for ``load`` to check) and appended to a partial Orbax
+    digested (``digest.checksum``, stored in the marker for ``load`` to check) and appended to a partial Orbax
     checkpoint in a temporary sibling directory, flushed whenever the buffered tensors reach the size of the largest
     tensor; the directory is renamed to ``dst`` only when complete, so an interrupted run never leaves a checkpoint
     that looks valid. Ctrl-C (SIGINT) or SIGTERM stops at the next tensor boundary and removes the temporary;

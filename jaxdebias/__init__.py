@@ -18,7 +18,7 @@ from jaxdebias.curves import (
 from jaxdebias.fitting import Calibration, bias_strength, fit_curve, fit_exp_curve, fit_online
 from jaxdebias import methods
 from jaxdebias.methods import METHOD_ALIASES, METHODS, Stage, canonical_method
-from jaxdebias.spec import Debias, Plan, PruneSpec, released_curve
+from jaxdebias.spec import DECODES, PRESETS, Debias, Plan, PruneSpec, released_curve
 from jaxdebias.masks import AnyresMask, pad_mask_anyres, pad_mask_expand2square, pad_mask_resized
 from jaxdebias.prune import (
     DEFAULT_BUCKETS,
@@ -46,11 +46,12 @@ from jaxdebias.sinks import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "METHOD_ALIASES", "UserError", "canonical_method", "debias_scores", "debias_views", "view_rasters",
-    "AnyresMask", "Calibration", "Debias", "Plan", "PruneSpec", "Stage", "methods", "text_raters", "voting_rows", "DEFAULT_BUCKETS", "ExpConstCurve", "ExpCurve", "KNOWN_SINK_DIMS",
-    "PolyInverseCurve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "bias_strength", "bucket", "curve_from_dict",
-    "curve_to_dict", "debias", "debias_and_select", "discover_sink_dims", "fit_curve", "fit_exp_curve",
-    "fit_online", "gather_tokens", "image_centric_heads", "kept_mask", "known_sink_dims", "pad_mask_anyres",
-    "pad_mask_expand2square", "pad_mask_resized", "query_mask", "released_curve", "select_topk", "sink_dim_value", "sink_tokens",
-    "var_redistribute", "visual_positions", "visual_scores",
+    "AnyresMask", "bias_strength", "bucket", "Calibration", "canonical_method", "curve_from_dict", "curve_to_dict",
+    "Debias", "debias", "debias_and_select", "debias_scores", "debias_views", "DECODES", "DEFAULT_BUCKETS",
+    "discover_sink_dims", "ExpConstCurve", "ExpCurve", "fit_curve", "fit_exp_curve", "fit_online", "gather_tokens",
+    "image_centric_heads", "kept_mask", "known_sink_dims", "KNOWN_SINK_DIMS", "METHOD_ALIASES", "METHODS", "methods",
+    "pad_mask_anyres", "pad_mask_expand2square", "pad_mask_resized", "Plan", "PolyInverseCurve", "PRESETS",
+    "PruneSpec", "query_mask", "released_curve", "RELEASED_EXP_B", "RELEASED_POLY3_INVERSE", "select_topk",
+    "sink_dim_value", "sink_tokens", "Stage", "text_raters", "UserError", "var_redistribute", "view_rasters",
+    "visual_positions", "visual_scores", "voting_rows",
 ]

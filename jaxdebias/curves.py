@@ -16,6 +16,7 @@ The released curves (arXiv 2508.17807, LLaVA-1.5-7B, 576 tokens) are in ``RELEAS
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -142,8 +143,19 @@ def curve_to_dict(curve: Curve) -> dict:
 
 
 def curve_from_dict(d: dict) -> Curve:
-    """Builds a curve from ``curve_to_dict`` output (e.g. a calibrated ``curve.json``)."""
+    """Builds a curve from ``curve_to_dict`` output (e.g. a calibrated ``curve.json``). Raises ValueError for an
+    unknown form, a missing field, or a parameter that is not a finite number (a NaN curve would zero every
+    score and keep nothing)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"A curve is a JSON object with a 'form' field, got {type(d).__name__}.")
     form = d.get("form")
+    for name, value in d.items():
+        if name in ("form", "views"):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                 for v in values):
+            raise ValueError(f"Curve parameter {name!r} must be a finite number (or a list of them), got {value!r}.")
     try:
         if form == "exp":
             return ExpCurve(jnp.float32(d["b"]))

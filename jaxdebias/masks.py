@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxdebias import _checks
 
-GEOMETRIES = ("continuous", "pil", "bilinear")
+GEOMETRIES = ("continuous", "pil", "bilinear", "unpad")
 _RESIZED_MAX_SIDE = 80_000  # pad_mask_resized's int32 long division needs its weight sums below 2**30
 
 
@@ -81,7 +81,10 @@ def pad_mask_expand2square(width, height, *, grid: int = 24, canvas: int = 336, 
       geometry: "continuous" (default): offset (S - s) / 2 unfloored, the released ``generate_pad_mask`` of
         intcomp/attention-bias@e75ebe7 (patches/FastV.patch L505-557); "pil": offset (S - s) // 2 as PIL's
         ``paste`` places the pixels (the project's earlier default); "bilinear": SparseVLM's resized mask,
-        ``pad_mask_resized`` (only tau = 0.5, its fixed threshold).
+        ``pad_mask_resized`` (only tau = 0.5, its fixed threshold); "unpad": the debias code's FastV ``before``
+        mask (``unpad_mask``, patches/FastV.patch ~L605), built as LLaVA-NeXT unpads a feature grid: along the
+        short side ``new = floor(G * s / S)`` patches and ``pad = (G - new) // 2``, patches [pad, G - pad) are
+        content; no threshold (``tau`` is ignored).
 
     Returns:
       bool[..., G * G] in raster order, True = content.
@@ -103,6 +106,10 @@ def pad_mask_expand2square(width, height, *, grid: int = 24, canvas: int = 336, 
     h = jnp.asarray(height, jnp.int32)
     side = jnp.maximum(w, h)[..., None]
     short = jnp.minimum(w, h)[..., None]
+    if geometry == "unpad":  # int(short * (G / side)) as the release computes it in floats, exactly for sides < 2**26
+        pad = (grid - short * grid // side) // 2
+        k = jnp.arange(grid, dtype=jnp.int32)
+        return _short_axis_to_mask(w, h, (k >= pad) & (k < grid - pad), grid)
     # Units of 1 / (2G) px: patch k spans [2kS, 2(k+1)S], the content [lo, lo + 2G s].
     lo = grid * (side - short) if geometry == "continuous" else 2 * grid * ((side - short) // 2)
     k = jnp.arange(grid, dtype=jnp.int32)

@@ -17,11 +17,13 @@ from typing import Any
 
 from jaxdebias import _checks, methods
 from jaxdebias.curves import Curve, curve_from_dict, curve_to_dict, published_curve
+from jaxdebias.masks import GEOMETRIES
 from jaxdebias.methods import EncoderStage, Stage
 from jaxdebias.prune import DEFAULT_BUCKETS, bucket
 
 POSITIONS = ("original", "reindex")
 DECODES = ("fast", "released")
+PRESETS = ("paper", "before", "after")
 
 
 def released_curve(method: str, task: str = "default") -> Curve:
@@ -49,12 +51,17 @@ class Debias:
       "released" (each method's released threshold and mask geometry), or None for no padding suppression.
     task: benchmark whose released curve is used with curve="released".
     every_stage: also debias later stages (published: first stage only).
+    pad_geometry: the padding-mask geometry (``jd.pad_mask_expand2square``), None: the method's released one with
+      ``pad_tau="released"``, else "continuous".
+
+    ``Debias.preset(name, method)`` gives the debias code's three settings by name (``PRESETS``).
     """
 
     curve: Any = None
     pad_tau: float | str | None = None
     task: str = "gqa"
     every_stage: bool = False
+    pad_geometry: str | None = None
 
     def __post_init__(self):
         c = self.curve
@@ -73,7 +80,32 @@ class Debias:
                 raise ValueError(f"Debias pad_tau must be a fraction, 'released' or None, got {self.pad_tau!r}.")
         elif self.pad_tau is not None:
             _checks.check_fraction("pad_tau", self.pad_tau)
+        if self.pad_geometry is not None and self.pad_geometry not in GEOMETRIES:
+            raise ValueError(f"Debias pad_geometry must be one of {', '.join(GEOMETRIES)} or None, got "
+                             f"{self.pad_geometry!r}.")
         object.__setattr__(self, "curve", c)
+
+    @classmethod
+    def preset(cls, name: str, method: str, task: str = "gqa") -> Debias:
+        """The debias code's three settings for ``method`` (intcomp/attention-bias@e75ebe7, the eval scripts'
+        ``--tag``): "paper" - nothing, the method as its authors released it; "before" - padding suppressed as the
+        method's patch does it (FastV: the ``unpad_mask`` geometry, its budget capped at the content; the others:
+        their released threshold and geometry), no curve; "after" - padding as released and the method's released
+        curve for ``task`` (the padding alone where no curve was published: VisionZip, iLLaVA). A baseline that
+        scores nothing (random, pool) gets "paper" whatever the name."""
+        if name not in PRESETS:
+            raise ValueError(f"Debias preset must be one of {', '.join(PRESETS)}, got {name!r}.")
+        m = methods.get(method)
+        if name == "paper" or not m.debias:
+            return cls()
+        if name == "before":
+            return cls(pad_tau="released", task=task, pad_geometry=m.before_geometry)
+        after = cls(curve="released", pad_tau="released", task=task)
+        try:
+            after.curve_for(m.name)
+        except KeyError:  # no published curve for this method and task
+            return cls(pad_tau="released", task=task)
+        return after
 
     @classmethod
     def off(cls) -> Debias:
@@ -96,8 +128,10 @@ class Debias:
         return methods.get(method).pad_tau if self.pad_tau == "released" else self.pad_tau
 
     def geometry_for(self, method: str) -> str:
-        """The padding-mask geometry: the method's released one with ``pad_tau="released"`` (SparseVLM: a
-        bilinearly resized mask), else the released letterbox geometry ("continuous")."""
+        """The padding-mask geometry: ``pad_geometry`` if set, else the method's released one with
+        ``pad_tau="released"`` (SparseVLM: a bilinearly resized mask), else the letterbox overlap ("continuous")."""
+        if self.pad_geometry is not None:
+            return self.pad_geometry
         return methods.get(method).pad_geometry if self.pad_tau == "released" else "continuous"
 
     def curve_for(self, method: str) -> Curve | str | None:
@@ -251,10 +285,10 @@ class PruneSpec:
             enc = enc.shaped(lambda k, most: self.bucketed(k, most or n_visual))
         shaped, prev = [], n_visual if enc is None else enc.size
         for s in stages:
-            keep = self.bucketed(s.keep, prev) if s.bucketed else s.keep
-            shaped.append(dataclasses.replace(s, keep=keep))
+            shaped.append(dataclasses.replace(s, keep=None, slots=self.bucketed(s.keep, prev)) if s.bucketed
+                          else dataclasses.replace(s, slots=s.keep))
             limits += (s.keep,)
-            prev = keep + s.extra
+            prev = shaped[-1].slots + s.extra
         m = methods.get(self.method)
         tau = self.debias.tau_for(self.method)
         plan = Plan(self.method, enc, tuple(shaped), self.positions, self.mode, self.reselect, self.debias, tau,
@@ -262,4 +296,4 @@ class PruneSpec:
         return plan, limits
 
 
-__all__ = ["DECODES", "Debias", "POSITIONS", "Plan", "PruneSpec", "released_curve"]
+__all__ = ["DECODES", "Debias", "POSITIONS", "PRESETS", "Plan", "PruneSpec", "released_curve"]

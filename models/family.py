@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from jaxdebias.models import layers
 from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
-from jaxdebias.models.layers import Output
-from jaxdebias.models.llama import KVCache, Taps
+from jaxdebias.models.layers import Output, Taps
+from jaxdebias.models.llama import KVCache
 from jaxdebias.models.rows import slot_mask
 
 
@@ -31,10 +31,12 @@ class ImageViews(NamedTuple):
 class VisualModel(Protocol):
     """A LLaVA-style model as the prefill (``pruning.prefill``) and ``generate`` use it.
 
-    Attributes: ``cfg`` (``.text`` the decoder config, ``.vision`` the tower config, ``pad_token_id``,
+    Attributes: ``model_type`` (the transformers ``model_type`` it ports: what the command line picks its input
+    processing by), ``cfg`` (``.text`` the decoder config, ``.vision`` the tower config, ``pad_token_id``,
     ``eos_token_id``), ``language_model`` (``run_layers``, ``layers``, ``logits``, ``decode``), ``vision_tower``
     and ``multi_modal_projector`` (encoder stages run the tower and project its block)."""
 
+    model_type: str
     cfg: Any
     language_model: Any
     vision_tower: Any
@@ -108,10 +110,9 @@ class LlavaFamily:
         positions = layers.default_positions(real) if position_ids is None else jnp.asarray(position_ids)
         h, feats = self.embed(ids, pixel_values)
         mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
-        h, _, tapped = self.language_model.run_layers(h, positions, mask, taps=taps, real=real,
-                                                      var=self.var_context(ids, real, var, pixel_values),
-                                                      triangle=triangle)
-        return Output(logits=self.language_model.logits(h), image_features=feats, **tapped)
+        run = self.language_model.run_layers(h, positions, mask, taps=taps, real=real,
+                                             var=self.var_context(ids, real, var, pixel_values), triangle=triangle)
+        return Output(logits=self.language_model.logits(run.h), image_features=feats, **run.tapped.fields())
 
     def decode(self, tokens, cache: KVCache, var: VarSpec | None = None, reselect=None):
         """One token per sample (int[B]) at each layer's next slot (``reselect``: mask mode's per-token

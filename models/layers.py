@@ -1,4 +1,5 @@
-"""Small pieces shared by the model files: sharded linear/embedding layers, RMSNorm, positions, the output record.
+"""Small pieces shared by the model files: sharded linear/embedding layers, RMSNorm, positions, the output
+records (``Output``; ``Taps`` what to tap, ``Tapped`` what was tapped, ``LayerRun`` what ``run_layers`` returns).
 
 Axes (the project's legend, README "How the code is laid out"): B batch, T sequence slots, D width, V vocab.
 """
@@ -71,3 +72,52 @@ class Output:
     image_features: Any = None
     attn_outputs: dict = dataclasses.field(default_factory=dict)
     sinks: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+    """What to return beside the logits (each into the ``Output`` field of the same meaning).
+
+    attn_layers: decoder layers whose attention rows go to ``Output.attentions`` (static);
+    rows: int[B, Q] query slots of those rows in the current sequence (traced);
+    hidden_layers: layers whose residual-stream *input* goes to ``Output.hidden_states`` ([B, T, D], fp32);
+    out_layers: layers whose attention block output (after o_proj, before the residual add) goes to
+      ``Output.attn_outputs`` ([B, T, D], fp32).
+    """
+
+    attn_layers: tuple[int, ...] = ()
+    rows: Any = None
+    hidden_layers: tuple[int, ...] = ()
+    out_layers: tuple[int, ...] = ()
+
+
+jax.tree_util.register_dataclass(Taps, data_fields=["rows"], meta_fields=["attn_layers", "hidden_layers",
+                                                                         "out_layers"])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Tapped:
+    """What ``Taps`` asked for, by layer (the ``layers.Output`` fields of the same names): attentions {layer:
+    float32[B, H, Q, S]}, hidden_states {layer: float32[B, T, D]} (the layer's input), attn_outputs {layer:
+    float32[B, T, D]}, sinks {layer: bool[B, T]} (VAR's sink tokens on its layers)."""
+
+    attentions: dict = dataclasses.field(default_factory=dict)
+    hidden_states: dict = dataclasses.field(default_factory=dict)
+    attn_outputs: dict = dataclasses.field(default_factory=dict)
+    sinks: dict = dataclasses.field(default_factory=dict)
+
+    def fields(self) -> dict:
+        """The four dicts by name (to spread into ``layers.Output``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerRun:
+    """What ``run_layers`` returns: h [B, T, D] the last run layer's output, cache (a KVCache, or None without
+    one), tapped (``Tapped``)."""
+
+    h: Any
+    cache: Any
+    tapped: Tapped

@@ -276,27 +276,6 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv, probs, a
 
 
-@dataclasses.dataclass(frozen=True)
-class Taps:
-    """What to return beside the logits (each into the ``Output`` field of the same meaning).
-
-    attn_layers: decoder layers whose attention rows go to ``Output.attentions`` (static);
-    rows: int[B, Q] query slots of those rows in the current sequence (traced);
-    hidden_layers: layers whose residual-stream *input* goes to ``Output.hidden_states`` ([B, T, D], fp32);
-    out_layers: layers whose attention block output (after o_proj, before the residual add) goes to
-      ``Output.attn_outputs`` ([B, T, D], fp32).
-    """
-
-    attn_layers: tuple[int, ...] = ()
-    rows: Any = None
-    hidden_layers: tuple[int, ...] = ()
-    out_layers: tuple[int, ...] = ()
-
-
-jax.tree_util.register_dataclass(Taps, data_fields=["rows"], meta_fields=["attn_layers", "hidden_layers",
-                                                                         "out_layers"])
-
-
 def _widen(x, num_slots: int):
     """bool[B, T] prompt flags at slots [0, T) of a cache with ``num_slots`` slots -> bool[B, num_slots]."""
     B, T = x.shape
@@ -323,23 +302,22 @@ class LlamaModel(nnx.Module):
                 jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
-    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, taps=Taps(), real=None,
+    def run_layers(self, h, positions, mask, *, start=0, stop=None, cache=None, taps=layers.Taps(), real=None,
                    var: VarContext | None = None, triangle: TriangleMix | None = None):
         """Runs layers [start, stop) over a prompt. h: [B, T, D]; positions int[B, T]; mask bool[B, T, S].
 
         With ``cache`` (a KVCache) each layer writes its keys/values at slots [0, T) and attends over its cache
         (S = that layer's cache size; ``mask`` must cover it). ``real``: bool[B, T] real-token slots (default
         all). ``var``: VAR on its layers (sinks measured on each layer's input, the context's rows edited);
-        ``triangle``: sparse prefill from its starting layer. Returns (h, cache or None, taps) with taps keyed
-        as the ``layers.Output`` fields: {"attentions": {layer: float32[B, H, Q, S]}, "hidden_states": {layer:
-        float32[B, T, D]}, "attn_outputs": {layer: float32[B, T, D]}, "sinks": {layer: bool[B, T]}}.
+        ``triangle``: sparse prefill from its starting layer. Returns a ``layers.LayerRun`` (h, the cache or None, the
+        ``Tapped`` arrays).
         """
         stop = self.cfg.num_layers if stop is None else stop
         B, T, _ = h.shape
         S = mask.shape[2]
         real = jnp.ones((B, T), bool) if real is None else real
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))  # a constant of the config, not a parameter
-        tapped = {"attentions": {}, "hidden_states": {}, "attn_outputs": {}, "sinks": {}}
+        tapped = layers.Tapped()
         new = {name: list(getattr(cache, name)) for name in ("k", "v", "sink", "visual")} if cache is not None else {}
         var_layers = () if var is None else var.spec.layer_set(self.cfg.num_layers)
         dims = None if var is None or var.spec.sink_dims == "discover" else var.dims
@@ -347,13 +325,13 @@ class LlamaModel(nnx.Module):
         sparse_from = self.cfg.num_layers if triangle is None else triangle.starting_layer
         for i in range(start, stop):
             if i in taps.hidden_layers:
-                tapped["hidden_states"][i] = h.astype(jnp.float32)
+                tapped.hidden_states[i] = h.astype(jnp.float32)
             edit = None
             if i in var_layers:
                 if dims is None:  # discover the sink dims once, on the first VAR layer's input
                     dims = jd.discover_sink_dims(h, top=var.spec.n_discover, valid=real)[0]
                 sink = jd.sink_tokens(h, dims, var.spec.tau) & real
-                tapped["sinks"][i] = sink
+                tapped.sinks[i] = sink
                 edit = VarRows(var.rows, var.row_valid, _widen(var.visual, S), _widen(sink, S), var.spec)
                 if cache is not None:
                     new["sink"][i], new["visual"][i] = edit.sink, edit.visual
@@ -362,14 +340,14 @@ class LlamaModel(nnx.Module):
                 tap_rows=taps.rows if i in taps.attn_layers else None, attend=attend if i >= sparse_from else None,
                 var=edit)
             if probs is not None:
-                tapped["attentions"][i] = probs
+                tapped.attentions[i] = probs
             if i in taps.out_layers:
-                tapped["attn_outputs"][i] = attn_out.astype(jnp.float32)
+                tapped.attn_outputs[i] = attn_out.astype(jnp.float32)
             if cache is not None:
                 new["k"][i], new["v"][i] = k, v
         if cache is not None:
             cache = dataclasses.replace(cache, **{name: tuple(x) for name, x in new.items()})
-        return h, cache, tapped
+        return layers.LayerRun(h, cache, tapped)
 
     def decode(self, h, cache: KVCache, var: VarSpec | None = None, reselect=None):
         """One new token per sample. h: [B, 1, D] embeddings. Each layer writes at its own next slot and uses its
@@ -406,7 +384,7 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.model = LlamaModel(cfg, rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, taps: Taps = Taps(),
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, taps: layers.Taps = layers.Taps(),
                  triangle: TriangleMix | None = None):
         """input_ids int[B, T]; attention_mask [B, T]. Returns Output with logits float32[B, T, V]."""
         ids = jnp.asarray(input_ids)
@@ -416,5 +394,5 @@ class LlamaForCausalLM(nnx.Module):
         h = self.model.embed_tokens(ids)
         if triangle is not None:
             triangle.check(self.model.cfg.num_layers)
-        h, _, tapped = self.model.run_layers(h, positions, mask, taps=taps, real=real, triangle=triangle)
-        return layers.Output(logits=self.model.logits(h), **tapped)
+        run = self.model.run_layers(h, positions, mask, taps=taps, real=real, triangle=triangle)
+        return layers.Output(logits=self.model.logits(run.h), **run.tapped.fields())

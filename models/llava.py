@@ -31,9 +31,9 @@ import jaxdebias as jd
 from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
 from jaxdebias.models.family import ImageViews, LlavaFamily
-from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
-from jaxdebias.models.layers import Output
-from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps
+from jaxdebias.models.interventions import TriangleMix, VarSpec
+from jaxdebias.models.layers import Output, Taps
+from jaxdebias.models.llama import LlamaConfig, LlamaModel
 from jaxdebias.models.rows import slot_mask
 
 
@@ -97,6 +97,8 @@ class Projector(nnx.Module):
 
 
 class Llava(LlavaFamily, nnx.Module):
+    model_type = "llava"  # the transformers config it ports
+
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision_tower = ClipVisionTower(cfg.vision, rngs=rngs)
@@ -185,7 +187,7 @@ def layer_input(model: Llava, input_ids, pixel_values, attention_mask, layer: in
     real = jnp.asarray(attention_mask).astype(bool)
     h, _ = model.embed(ids, pixel_values)
     mask = slot_mask(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), real)
-    return model.language_model.run_layers(h, layers.default_positions(real), mask, stop=layer, real=real)[0]
+    return model.language_model.run_layers(h, layers.default_positions(real), mask, stop=layer, real=real).h
 
 
 def abstract_model(cfg: LlavaConfig) -> Llava:

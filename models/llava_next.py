@@ -158,6 +158,8 @@ class LlavaNext(Llava):
     """LLaVA-1.5's pieces (CLIP tower, projector, decoder, decode) plus the anyres image block and
     ``image_newline``. Takes ``AnyresImages`` where LLaVA-1.5 takes pixel values."""
 
+    model_type = "llava_next"
+
     def __init__(self, cfg: LlavaNextConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         d = cfg.text.hidden_size

@@ -28,7 +28,8 @@ from jaxdebias.methods import EncoderInputs, StageInputs
 from jaxdebias.models import layers
 from jaxdebias.models.family import VisualModel
 from jaxdebias.models.interventions import TriangleMix, VarSpec
-from jaxdebias.models.llama import KVCache, Taps, rope_inv_freq
+from jaxdebias.models.layers import Taps
+from jaxdebias.models.llama import KVCache, rope_inv_freq
 from jaxdebias.models.rows import slot_mask
 from jaxdebias.models.sequence import (MaskReselect, Seq, block_positions, keep_in_caches, masked_keys,
                                        next_positions, replace_visual, segments, seq_var_context, stage_rows)
@@ -168,16 +169,16 @@ def prefill(model: VisualModel, input_ids, pixel_values, real, image_sizes, inst
             if stage.source != "probe":  # "tap": layer boundary - 1 = layer - 1; "self": the stage layer itself
                 taps = Taps(attn_layers=(stage.boundary - 1,), rows=rows)
         with jax.named_scope(f"layers_{start}_{stop}"):
-            h, cache, tapped = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps,
-                                             real=seq.valid, var=seq_var_context(seq, var), triangle=triangle)
-        seq = dataclasses.replace(seq, h=h)
+            run = lm.run_layers(seq.h, seq.pos, mask, start=start, stop=stop, cache=cache, taps=taps,
+                                real=seq.valid, var=seq_var_context(seq, var), triangle=triangle)
+        seq, cache = dataclasses.replace(seq, h=run.h), run.cache
         if stage is None:
             break
         with jax.named_scope(f"stage_{i}_{type(stage).__name__}"):
             if stage.source == "probe":
                 probs = lm.layers[stage.layer].probe(seq.h, seq.pos, inv_freq, mask, rows)
             else:
-                probs = tapped["attentions"][stage.boundary - 1]
+                probs = run.tapped.attentions[stage.boundary - 1]
             span = seq.first[:, None] + jnp.arange(seq.nv)
             valid = jnp.take_along_axis(seq.valid, span, axis=1)
             span_raster = jnp.take_along_axis(seq.raster, span, axis=1)
@@ -196,13 +197,12 @@ def prefill(model: VisualModel, input_ids, pixel_values, real, image_sizes, inst
             kept_slots = jnp.zeros(seq.valid.shape, bool).at[jnp.arange(B)[:, None], span].set(kept_in_span)
             key_keep = ~seq.vis | kept_slots
             if plan.reselect == "every_token":
-                if views is not None:
-                    raise ValueError("Per-token re-selection in mask mode (reselect='every_token') is not available "
-                                     "on LLaVA-NeXT; use reselect='prefill' or mode='remove'.")
-                online = isinstance(debias.curve, str)
-                reselect = MaskReselect(span, debias.candidates(i, span_raster, valid), limits[offset + i],
-                                        None if online or not debias.on else debias.curve, stage.boundary,
-                                        stage.keep, online and debias.on, debias.on and content is not None)
+                curve = debias.curve if debias.applies(i) else None
+                online = isinstance(curve, str)
+                reselect = MaskReselect(span, span_raster, valid, debias.content_of(i, span_raster, valid),
+                                        debias.candidates(i, span_raster, valid), limits[offset + i],
+                                        None if online else curve, views, stage.boundary, stage.slots, n,
+                                        tuple(view_sizes), online)
             else:  # the prefill's selection serves every generated token: the caches drop the pruned keys once
                 fixed_keep = (stage.boundary, key_keep)  # the last segment has written its prompt flags
             continue

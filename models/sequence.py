@@ -109,7 +109,7 @@ def segments(T: int, plan: Plan | None, n: int, L: int):
     for s in plan.stages:
         segs.append((cur, s.boundary, S))
         if plan.mode != "mask":  # in mask mode nothing leaves the sequence
-            S, nv = S - nv + s.keep + s.extra, s.keep + s.extra
+            S, nv = S - nv + s.slots + s.extra, s.slots + s.extra
         cur = s.boundary
     segs.append((cur, L, S))
     return segs
@@ -119,35 +119,45 @@ def segments(T: int, plan: Plan | None, n: int, L: int):
 @dataclasses.dataclass
 class MaskReselect:
     """FastV's released mask mode at decode: each new token's attention row in layer ``layer - 1`` re-selects the
-    ``keep`` image tokens that layers >= ``layer`` may attend to (debiased as the prefill's selection).
+    ``slots`` image tokens that layers >= ``layer`` may attend to, debiased as the prefill's selection was (the
+    same ``jd.debias_scores`` call, so LLaVA-NeXT's per-view curves apply too).
 
-    image_slots: int[B, N] cache slot of each image token (raster order); content: bool[B, N] candidates (padding
-    excluded when debiasing); limit: int[] the real budget (<= keep); curve: a curve pytree or None."""
+    image_slots: int[B, N] cache slot of each image token (span order); raster: int[B, N] their raster index;
+    valid: bool[B, N] tokens that exist; content: bool[B, N] or None (padding suppression); candidates: bool[B, N]
+    the tokens a selection may keep; limit: int[] the real budget (<= slots); curve: a curve pytree or None
+    (``online``: the per-sample fit instead); views: (view, local) int[B, N] each, or None; n: the raster length;
+    view_sizes: static view sizes."""
 
     image_slots: jax.Array
-    content: jax.Array
+    raster: jax.Array
+    valid: jax.Array
+    content: Any
+    candidates: jax.Array
     limit: jax.Array
     curve: Any
+    views: Any
     layer: int = dataclasses.field(metadata={"static": True})
-    keep: int = dataclasses.field(metadata={"static": True})
+    slots: int = dataclasses.field(metadata={"static": True})
+    n: int = dataclasses.field(metadata={"static": True})
+    view_sizes: tuple = dataclasses.field(default=(), metadata={"static": True})
     online: bool = dataclasses.field(default=False, metadata={"static": True})
-    padding: bool = dataclasses.field(default=False, metadata={"static": True})
 
     def __call__(self, probs):
         """probs float32[B, H, 1, S] (the new token's row in layer ``layer - 1``) -> keys allowed bool[B, S]."""
         B, S = probs.shape[0], probs.shape[-1]
-        scores = jnp.take_along_axis(jnp.mean(probs[:, :, 0], axis=1), self.image_slots, axis=1)
-        curve = "online" if self.online else self.curve
-        scores = jd.debias(scores, curve=curve, content=self.content if self.padding else None)
-        idx, slot = jd.select_topk(scores, self.keep, valid=self.content, limit=self.limit)
+        raw = jnp.take_along_axis(jnp.mean(probs[:, :, 0], axis=1), self.image_slots, axis=1)
+        scores = jd.debias_scores(raw, self.raster, self.valid, self.content, "online" if self.online else self.curve,
+                                  self.n, self.views,
+                                  self.view_sizes)
+        idx, slot = jd.select_topk(scores, self.slots, valid=self.candidates, limit=self.limit)
         kept = jd.kept_mask(idx, slot, scores.shape[1])
         return jnp.ones((B, S), bool).at[jnp.arange(B)[:, None], self.image_slots].set(kept)
 
 
 def masked_keys(mask, key_keep):
-    """Mask mode's one helper: a slot mask bool[B, T, S] whose keys where ``key_keep`` bool[B, S] is False are masked for every query,
-    their own rows included (a pruned image token's row still sees the text before it); a row left empty (a
-    padding slot) keeps its diagonal."""
+    """Mask mode's one helper: a slot mask bool[B, T, S] whose keys where ``key_keep`` bool[B, S] is False are
+    masked for every query, their own rows included (a pruned image token's row still sees the text before it); a
+    row left empty (a padding slot) keeps its diagonal."""
     kept = mask & key_keep[:, None, :]
     own = jnp.arange(mask.shape[1])[:, None] == jnp.arange(mask.shape[2])[None, :]
     return kept | (own[None] & ~jnp.any(kept, -1, keepdims=True))

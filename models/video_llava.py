@@ -31,14 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdebias.models import layers
 from jaxdebias.models.clip import ClipVisionConfig, ClipVisionTower
 from jaxdebias.models.family import ImageViews, LlavaFamily
-from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
-from jaxdebias.models.layers import Output
-from jaxdebias.models.llama import KVCache, LlamaConfig, LlamaModel, Taps
+from jaxdebias.models.interventions import TriangleMix, VarSpec
+from jaxdebias.models.layers import Output, Taps
+from jaxdebias.models.llama import LlamaConfig, LlamaModel
 from jaxdebias.models.llava import Projector
-from jaxdebias.models.rows import slot_mask
 
 
 FRAME_TRENDS = ("frame", "video")
@@ -149,6 +147,8 @@ def split_pixels(pixels):
 
 
 class VideoLlava(LlavaFamily, nnx.Module):
+    model_type = "video_llava"
+
     def __init__(self, cfg: VideoLlavaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.image_tower = ClipVisionTower(cfg.vision, rngs=rngs)

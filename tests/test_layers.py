@@ -170,3 +170,16 @@ def test_the_models_name_no_method(module):
     code = ast.unparse(tree)
     found = sorted(set(m.group(0) for m in METHOD_NAMES.finditer(code)))
     assert not found, f"{MODULES[module]} names {found} outside docstrings and comments"
+
+
+FAMILY_CLASSES = re.compile(r"isinstance\([^)]*\b(Llava\w*|VideoLlava|\w+LoadedModel)\b")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("jaxdebias.cli")))
+def test_the_commands_ask_the_model(module):
+    """The commands ask the loaded model (``loaded.check``, ``loaded.media``, ``loaded.request`` ...: its family's
+    ``LoadedModel``, picked by ``model_type``) instead of testing its class; only ``resolve_model`` tells a loaded
+    model from a path."""
+    found = [m.group(0) for m in FAMILY_CLASSES.finditer(open(MODULES[module]).read())
+             if not m.group(0).startswith("isinstance(model, LoadedModel")]
+    assert not found, f"{MODULES[module]} picks a model family with {found}"

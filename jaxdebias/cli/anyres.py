@@ -12,12 +12,14 @@ expands ``<image>``); ``make_batch`` pads each span to its bucket with masked pl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 from PIL import Image
 
 import jaxdebias as jd
+from jaxdebias.cli.inputs import LoadedModel, Request, build_prompt
 from jaxdebias.models.generate import Batch
 from jaxdebias.models.llava_next import LlavaNext, LlavaNextConfig, expand_prompt, image_layout
 
@@ -91,3 +93,36 @@ def image_views(model: LlavaNext, size, slots: int, tau: float = 0.5):
     N, at least its own bucket's), as ``AnyresImages`` holds them."""
     _, view, local, content = image_layout(model.cfg, int(size[0]), int(size[1]), slots, tau)
     return view, local, content
+
+
+@dataclasses.dataclass
+class NextLoadedModel(LoadedModel):
+    """A LLaVA-NeXT checkpoint: anyres requests (base view + tiles), batches padded to a tile bucket, content
+    masks over the image's span, one positional curve per view."""
+
+    view_curves = True
+
+    @property
+    def keep_scope(self) -> str:
+        return ("every LLaVA-NeXT image: its base view + the tile grid of the smallest tile bucket, newlines "
+                "excluded, so that each image's span holds the budget")
+
+    @property
+    def calibration_keep(self) -> int:
+        return self.model.cfg.vision.grid ** 2  # any budget: only the first stage's scores are wanted
+
+    @property
+    def trend_length(self) -> int:
+        return self.model.cfg.vision.grid ** 2  # the base view's raster (the tiles have their own curve)
+
+    def content_mask(self, size, tau: float = 0.5) -> np.ndarray:
+        return content_mask(self.model, size, tau)
+
+    def request(self, image, question: str) -> Request:
+        """Base view + tiles; ``letterboxed`` holds the base view (for figures)."""
+        pixels, base, size, count = preprocess(image, self.model.cfg, self.image_mean, self.image_std)
+        ids, instruction = build_prompt(self.tokenizer, question, count)
+        return Request(ids, pixels, size, instruction, base)
+
+    def batch(self, requests: list[Request]) -> Batch:
+        return make_batch(self.model, requests, self.tokenizer.pad)

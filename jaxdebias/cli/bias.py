@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 import jaxdebias as jd
 from jaxdebias.cli.figures import figure_curve
-from jaxdebias.cli.inputs import LoadedModel, check_rows, check_spec, prune_spec, resolve_model
+from jaxdebias.cli.families import resolve_model
+from jaxdebias.cli.inputs import LoadedModel, check_rows, prune_spec
 from jaxdebias.cli.runner import Runner
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.eval.files import write_json
@@ -42,7 +43,7 @@ def bias_report(data_dir: str, out_dir: str, *, method: str = "fastv", model: Lo
     check_rows(rows, image_dir)
     loaded = resolve_model(model)
     g = loaded.model.cfg.vision.grid  # the square grid reported: LLaVA-1.5's image, LLaVA-NeXT's base view
-    spec = check_spec(prune_spec(method, g * g), loaded.model)
+    spec = loaded.check(prune_spec(method, g * g))
     runner = Runner(loaded, spec, batch_size, devices=devices)
     released = {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE}
     curve = jd.released_curve(spec.method, "gqa") if spec.method in released else None

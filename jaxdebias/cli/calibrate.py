@@ -13,10 +13,10 @@ from jaxdebias.cli import anyres
 from jaxdebias.cli.figures import figure_curve
 from jaxdebias.cli.inputs import LoadedModel, prune_spec
 from jaxdebias.cli.runner import Runner
-from jaxdebias.cli.video import VideoLoadedModel, check_rows, check_spec, figure_by_index, resolve_model
+from jaxdebias.cli.families import resolve_model
+from jaxdebias.cli.video import check_rows, figure_by_index
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.eval.files import write_json
-from jaxdebias.models.llava_next import LlavaNext
 
 FORMS = ("exp", "exp+c", "poly3_inverse")
 
@@ -34,14 +34,11 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
     rows = rows[:limit]
     check_rows(rows, image_dir)
     loaded = resolve_model(model)
-    n = loaded.n_visual
-    keep = loaded.model.cfg.vision.grid ** 2 if isinstance(loaded.model, LlavaNext) else n  # NeXT: any budget
-    spec = check_spec(prune_spec(method, keep), loaded)  # keep everything (or any): only the scores are wanted
+    spec = loaded.check(prune_spec(method, loaded.calibration_keep))  # only the first stage's scores are wanted
     runner = Runner(loaded, spec, batch_size, devices=devices)
-    if isinstance(loaded.model, LlavaNext):
+    if loaded.view_curves:
         return _calibrate_views(loaded, runner, rows, image_dir, out, spec, form, pad_tau, log, progress)
-    if isinstance(loaded, VideoLoadedModel) and loaded.model.cfg.frame_trend == "frame":
-        n = loaded.model.cfg.frame_tokens  # Video-LLaVA, trend per frame: each frame is a sample of the trend
+    n = loaded.trend_length  # Video-LLaVA, trend per frame: one frame's tokens, each frame a sample of the trend
     calibration = jd.Calibration.init(n)
     for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating",
                                       disable=not progress):
@@ -53,8 +50,7 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
              if k != "pad_ratio"}
     record = {"curve": jd.curve_to_dict(curve), "method": spec.method, "form": form,
               "samples": int(calibration.n_samples), "fit_of_mean": stats}
-    if isinstance(loaded, VideoLoadedModel):  # "frame": over one frame's CLS + patches, each frame a sample
-        record |= {"frame_trend": loaded.model.cfg.frame_trend, "positions": n}
+    record |= loaded.trend_record()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, record)
     trend = np.asarray(1.0 / curve.weights(n)) * mean[mean > 0].mean()  # the fit, on the mean's scale

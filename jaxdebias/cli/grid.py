@@ -1,9 +1,10 @@
-"""``jaxdebias eval-grid``: one benchmark evaluated for several pruning methods, each plain and debiased (and
-unpruned as the reference), summarised in one table (CSV + Markdown) and one plot, in the layout of the paper's
-comparison: a row per method, the metric without and with debiasing, and the change.
+"""``jaxdebias eval-grid``: one benchmark evaluated for several pruning methods, each under the debias code's
+three settings (``jd.Debias.preset``: paper, before, after) and unpruned as the reference, summarised in one
+table (CSV + Markdown) and one plot in the layout of the paper's comparison: a row per method, the metric per
+setting, and the changes.
 
-Each cell is an ordinary ``evaluate`` run in its own folder (``<method>-plain/``, ``<method>-debiased/``,
-``unpruned/``), so an interrupted grid resumes where it stopped.
+Each cell is an ordinary ``evaluate`` run in its own folder (``<method>-<setting>/``, ``unpruned/``), so an
+interrupted grid resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from matplotlib.figure import Figure
 import jaxdebias as jd
 from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.inputs import LoadedModel, prune_spec
-from jaxdebias.cli.video import check_rows, check_spec, resolve_model
+from jaxdebias.cli.families import resolve_model
+from jaxdebias.cli.video import check_rows
 from jaxdebias.eval import benchmarks
 from jaxdebias.eval.files import atomic_open, write_text
 
@@ -41,20 +43,16 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return methods
 
 
-def debias_for(method: str, debias: jd.Debias) -> jd.Debias:
-    """``debias`` for ``method``; a method without a released curve keeps the rest of it (padding) only."""
-    if debias.curve == "released":
-        try:
-            debias.curve_for(method)
-        except KeyError:
-            return dataclasses.replace(debias, curve=None)
-    return debias
-
-
 def describe(spec: jd.PruneSpec) -> str:
     """What debiasing ``spec`` applies, in words."""
     debias, tau = spec.debias, spec.debias.tau_for(spec.method)
-    parts = [] if tau is None else [f"pad {tau:g}"]
+    parts = []
+    if tau is not None:
+        geometry = debias.geometry_for(spec.method)
+        parts.append("unpad mask" if geometry == "unpad" else f"pad {tau:g}" + (" bilinear" if geometry == "bilinear"
+                                                                                 else ""))
+        if not spec.pad_candidates:
+            parts[-1] += ", budget capped at the content"
     if debias.curve == "released":
         parts.append(f"released {debias.task} curve")
     elif debias.curve is not None:
@@ -71,42 +69,62 @@ def _cell(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+LEGEND = ("paper: the method as its authors released it (no debiasing); before: letterbox padding suppressed as "
+          "the debias code's patch does it, no positional curve; after: padding and the released positional curve "
+          "(intcomp/attention-bias@e75ebe7, the eval scripts' --tag). Which of paper and before gave the paper's "
+          "'Original' bars is not published.")
+
+
 def summary_tables(bench: str, cells: list[dict]) -> tuple[str, str]:
-    """(CSV, Markdown) of the grid. ``cells``: {"method", "variant" (unpruned / plain / debiased), "debias",
-    "keep", "metrics"}."""
+    """(CSV, Markdown) of the grid. ``cells``: {"method", "variant" (unpruned / paper / before / after),
+    "debias", "keep", "decode", "metrics"}; a variant missing for a method is not applicable to it (a baseline
+    that scores nothing) or the same setting as an earlier one (``"same_as"``)."""
     names = HEADLINE.get(bench, ("accuracy",))
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["method", "variant", "keep", "debias", *names, "n"])
+    writer.writerow(["method", "variant", "keep", "decode", "debias", *names, "n"])
     for c in cells:
-        writer.writerow([c["method"], c["variant"], c["keep"], c["debias"],
+        writer.writerow([c["method"], c["variant"], c["keep"], c.get("decode", ""), c["debias"],
                          *[_cell(_value(c["metrics"], k)) for k in names], c["metrics"].get("n")])
     head = names[0]
     by = {(c["method"], c["variant"]): c for c in cells}
-    lines = [f"{bench} ({head}), keep {cells[-1]['keep']} visual tokens", "",
-             "| method | plain | debiased | change | debias |", "|---|---|---|---|---|"]
+    lines = [f"{bench} ({head}), keep {cells[-1]['keep']} visual tokens, decode {cells[-1].get('decode', '-')}", "",
+             "| method | paper | before | after | after - paper | after - before | after's debias |",
+             "|---|---|---|---|---|---|---|"]
     if ("unpruned", "unpruned") in by:
-        lines.append(f"| unpruned | {_cell(_value(by['unpruned', 'unpruned']['metrics'], head))} | | | |")
+        lines.append(f"| unpruned | {_cell(_value(by['unpruned', 'unpruned']['metrics'], head))} | | | | | |")
     for method in dict.fromkeys(c["method"] for c in cells if c["variant"] != "unpruned"):
-        plain = _value(by[method, "plain"]["metrics"], head)
-        if (method, "debiased") not in by:  # a baseline that scores nothing: debiasing does not apply
-            lines.append(f"| {method} | {_cell(plain)} | n/a | | not applicable |")
+        value = {}
+        for v in jd.PRESETS:
+            cell = by.get((method, v))
+            value[v] = None if cell is None else _value(by.get((method, cell.get("same_as", v)), cell)["metrics"],
+                                                         head)
+        if (method, "after") not in by:  # a baseline that scores nothing: debiasing does not apply
+            lines.append(f"| {method} | {_cell(value['paper'])} | n/a | n/a | | | not applicable |")
             continue
-        debiased = _value(by[method, "debiased"]["metrics"], head)
-        change = None if plain is None or debiased is None else debiased - plain
-        lines.append(f"| {method} | {_cell(plain)} | {_cell(debiased)} | "
-                     f"{'-' if change is None else f'{change:+.4f}'} | {by[method, 'debiased']['debias']} |")
-    return out.getvalue(), "\n".join(lines) + "\n"
+        def change(a, b):
+            return "-" if a is None or b is None else f"{a - b:+.4f}"
+        lines.append(f"| {method} | {_cell(value['paper'])} | {_cell(value['before'])} | {_cell(value['after'])} | "
+                     f"{change(value['after'], value['paper'])} | {change(value['after'], value['before'])} | "
+                     f"{by[method, 'after']['debias']} |")
+    return out.getvalue(), "\n".join(lines + ["", LEGEND]) + "\n"
 
 
 def summary_plot(bench: str, cells: list[dict], path: str) -> str:
-    """A radar over the methods (three or more) or grouped bars: the headline metric plain and debiased, with
-    the unpruned value as a dashed reference."""
+    """A radar over the methods (three or more) or grouped bars: the headline metric per setting (paper, before,
+    after), with the unpruned value as a dashed reference."""
     head = HEADLINE.get(bench, ("accuracy",))[0]
     methods = list(dict.fromkeys(c["method"] for c in cells if c["variant"] != "unpruned"))
-    values = {v: [_value(next((c for c in cells if c["method"] == m and c["variant"] == v),
-                              {"metrics": {}})["metrics"], head) for m in methods] for v in ("plain", "debiased")}
-    values = {k: np.array([np.nan if x is None else x for x in v]) for k, v in values.items()}
+    by = {(c["method"], c["variant"]): c for c in cells}
+    values = {}
+    for v in jd.PRESETS:
+        row = []
+        for m in methods:
+            cell = by.get((m, v))
+            cell = None if cell is None else by.get((m, cell.get("same_as", v)), cell)
+            row.append(np.nan if cell is None or _value(cell["metrics"], head) is None
+                       else _value(cell["metrics"], head))
+        values[v] = np.array(row)
     unpruned = [_value(c["metrics"], head) for c in cells if c["variant"] == "unpruned"]
     polar = len(methods) >= 3
     fig = Figure(figsize=(5.6, 5.2) if polar else (6.0, 3.6))
@@ -114,7 +132,7 @@ def summary_plot(bench: str, cells: list[dict], path: str) -> str:
     if polar:
         angles = np.linspace(0, 2 * np.pi, len(methods), endpoint=False)
         closed = np.append(angles, angles[0])
-        for name, style in (("plain", "-o"), ("debiased", "-s")):
+        for name, style in zip(jd.PRESETS, ("-o", "-^", "-s")):
             ax.plot(closed, np.append(values[name], values[name][0]), style, ms=4, label=name)
         if unpruned and unpruned[0] is not None:
             ax.plot(closed, np.full(len(closed), unpruned[0]), "k--", lw=1, label="unpruned")
@@ -122,8 +140,8 @@ def summary_plot(bench: str, cells: list[dict], path: str) -> str:
         ax.set_xticklabels(methods)
     else:
         x = np.arange(len(methods))
-        ax.bar(x - 0.2, values["plain"], 0.4, label="plain")
-        ax.bar(x + 0.2, values["debiased"], 0.4, label="debiased")
+        for i, name in enumerate(jd.PRESETS):
+            ax.bar(x + (i - 1) * 0.27, values[name], 0.27, label=name)
         if unpruned and unpruned[0] is not None:
             ax.axhline(unpruned[0], color="k", ls="--", lw=1, label="unpruned")
         ax.set_xticks(x)
@@ -138,31 +156,50 @@ def summary_plot(bench: str, cells: list[dict], path: str) -> str:
 
 
 def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHODS, keep: int = 64,
-                  debias: jd.Debias = jd.Debias(curve="released", pad_tau="released"), unpruned: bool = True,
-                  model: LoadedModel | str | None = None, limit: int | None = None, batch_size: int = 4,
-                  max_new_tokens: int = 8, log=print, progress: bool = True, devices=None) -> list[dict]:
-    """Every method in ``methods`` at ``keep``, without and with ``debias`` (a method without a released curve
-    gets the padding part only; a baseline that scores nothing - random, pool - runs plain only), plus the
-    unpruned model; writes ``summary.csv``, ``summary.md`` and
-    ``summary.png`` in ``out_dir`` and returns the cells. Every input and every spec is checked before the
-    first answer is written."""
+                  presets=jd.PRESETS, curve=None, task: str | None = None, decode: str = "released",
+                  unpruned: bool = True, model: LoadedModel | str | None = None, limit: int | None = None,
+                  batch_size: int = 4, max_new_tokens: int = 8, log=print, progress: bool = True,
+                  devices=None) -> list[dict]:
+    """Every method in ``methods`` at ``keep`` under each of the debias code's settings in ``presets``
+    (``jd.Debias.preset``: paper, before, after; ``curve`` - a curve object, "online" or None for the released
+    one of ``task``, default the benchmark's - replaces the "after" curve), decoded as ``decode`` says, plus the
+    unpruned model. A baseline that scores nothing (random, pool) runs "paper" only; a setting equal to an earlier
+    one for a method (VisionZip's "after" is its "before": no curve was published) is not run again. Writes
+    ``summary.csv``, ``summary.md`` and ``summary.png`` in ``out_dir`` and returns the cells. Every input and
+    every spec is checked before the first answer is written."""
+    unknown = [p for p in presets if p not in jd.PRESETS]
+    if unknown or not presets:
+        raise jd.UserError(f"--presets must name some of {', '.join(jd.PRESETS)}, got {', '.join(presets) or 'none'}.")
     benchmark = benchmarks.get(bench)
     rows, image_dir = benchmarks.read_any(data_dir, bench)
     check_rows(rows[:limit], image_dir)
     loaded = resolve_model(model)
-    plan = [("unpruned", "unpruned", None)] if unpruned else []
+    task = task or bench
+    plan = [("unpruned", "unpruned", None, None)] if unpruned else []
     for method in methods:
-        plan.append((method, "plain", check_spec(prune_spec(method, keep), loaded)))
-        if jd.methods.get(method).debias:
-            plan.append((method, "debiased", check_spec(prune_spec(method, keep, debias_for(method, debias)),
-                                                        loaded)))
+        seen = {}
+        for preset in presets:
+            debias = jd.Debias.preset(preset, method, task)
+            if preset == "after" and curve is not None and debias.enabled:
+                debias = dataclasses.replace(debias, curve=curve)
+            if not jd.methods.get(method).debias and preset != "paper":
+                continue
+            spec = loaded.check(prune_spec(method, keep, debias, decode))
+            plan.append((method, preset, spec, seen.get(debias)))
+            seen.setdefault(debias, preset)
     cells = []
-    for method, variant, spec in plan:
+    for method, variant, spec, same_as in plan:
+        cell = {"method": method, "variant": variant, "keep": loaded.n_visual if spec is None else keep,
+                "decode": "dense" if spec is None else spec.decode,
+                "debias": "off" if spec is None else describe(spec)}
+        if same_as is not None:
+            cells.append(cell | {"same_as": same_as, "metrics": next(c for c in cells if (
+                c["method"], c["variant"]) == (method, same_as))["metrics"]})
+            continue
         folder = os.path.join(out_dir, method if spec is None else f"{method}-{variant}")
         metrics = evaluate(bench, data_dir, folder, spec=spec, model=loaded, limit=limit, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, log=lambda *_: None, progress=progress, devices=devices)
-        cells.append({"method": method, "variant": variant, "keep": loaded.n_visual if spec is None else keep,
-                      "debias": "off" if spec is None else describe(spec), "metrics": metrics})
+        cells.append(cell | {"metrics": metrics})
         log(f"{method} {variant}: " + ", ".join(f"{k} {_cell(_value(metrics, k))}"
                                                 for k in HEADLINE.get(benchmark.name, ("accuracy",))))
     table, markdown = summary_tables(bench, cells)

@@ -5,7 +5,7 @@ embedded default model, a converted checkpoint, batches, and the checks that tur
 Axes: B batch, T prompt tokens, N visual tokens of one image (``model.cfg.vision.num_features``; 576 = 24 x 24
 for LLaVA-1.5, raster order).
 
-    loaded = load_model(None)                       # or a converted checkpoint's directory
+    loaded = families.load_model(None)              # or a converted checkpoint's directory
     request = loaded.request(load_image(default_image_path()), "What is in the picture?")
     result = generate(loaded.model, loaded.batch([request]), prune=jd.PruneSpec("fastv", keep=64))
     loaded.decode(result.tokens[0])
@@ -24,20 +24,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 import jaxdebias as jd
-from jaxdebias.cli import anyres
-from jaxdebias.convert.load import load
-from jaxdebias.convert.source import ConversionError
 from jaxdebias.models.generate import Batch
 from jaxdebias.models.interventions import VarSpec
 from jaxdebias.models.llava import Llava
-from jaxdebias.models.llava_next import LlavaNext
-from jaxdebias.toy import model as toy
 
 UserError = jd.UserError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPT = "USER: <image>\n{} ASSISTANT:"
-DEBIAS_MODES = ("off", "pad", "curve", "pad+curve")
+DEBIAS_MODES = ("off", "pad", "curve", "pad+curve") + jd.PRESETS  # the last three: jd.Debias.preset
 
 
 def default_image_path() -> str:
@@ -174,14 +169,23 @@ def make_batch(requests: list[Request], pad_id: int) -> Batch:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model with what it needs around it: its tokenizer and image normalisation. ``embedded``: the toy default
-    (``jaxdebias.toy``)."""
+    """A model with what it needs around it - its tokenizer and image normalisation - and its family's input
+    processing: how a picture becomes a request and a batch, which patches are content, what ``--keep`` may be,
+    how its positional trend is calibrated. This class is LLaVA-1.5's (letterboxed 336 px images); LLaVA-NeXT's
+    (``anyres.NextLoadedModel``) and Video-LLaVA's (``video.VideoLoadedModel``) override it, and
+    ``families.load_model`` picks the class by the checkpoint's ``model_type``, so that the commands ask the loaded
+    model instead of checking its class. ``embedded``: the toy default (``jaxdebias.toy``)."""
 
     model: Llava
     tokenizer: ByteTokenizer | HFTokenizer
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
     embedded: bool = False
+    identity: dict = dataclasses.field(default_factory=dict)  # the checkpoint's, for run records
+
+    media = "image"  # what a request holds: "image" or "video"
+    placeholder = "image_token_id"  # the config field of the prompt's placeholder (the tokenizer's image token)
+    view_curves = False  # calibration fits one curve per view (LLaVA-NeXT) instead of one over the span
 
     @property
     def n_visual(self) -> int:
@@ -197,19 +201,45 @@ class LoadedModel:
                             "and figures need one.")
         return side
 
+    @property
+    def keep_scope(self) -> str:
+        """What ``--keep`` counts against, for the message when it is out of range."""
+        return "one image"
+
+    @property
+    def calibration_keep(self) -> int:
+        """The budget a calibration prunes with (only the first stage's scores are wanted): everything."""
+        return self.n_visual
+
+    @property
+    def trend_length(self) -> int:
+        """The positions one sample of the positional trend spans (a calibration's curve length)."""
+        return self.n_visual
+
+    def trend_record(self) -> dict:
+        """What a calibration file records about the trend's layout beyond the curve."""
+        return {}
+
+    def check(self, spec: jd.PruneSpec) -> jd.PruneSpec:
+        """``spec`` checked against the model once, before anything runs: keep within the visual tokens of one
+        input, the method's layers within the decoder, its released curve present. Returns ``spec``."""
+        n = self.n_visual
+        if not 0 < spec.keep <= n:
+            raise UserError(f"--keep must be in 1..{n} (the visual tokens of {self.keep_scope}), got {spec.keep}.")
+        try:
+            spec.plan(n, self.model.cfg.text.num_layers)
+            spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task
+        except (ValueError, KeyError) as e:
+            raise UserError(str(e).strip("'\"")) from None
+        return spec
+
     def content_mask(self, size, tau: float = 0.5) -> np.ndarray:
         """bool[N], True = content: the patches of the letterboxed image that are not padding (size: the
-        original (width, height)); LLaVA-NeXT: over the image's span (``anyres.content_mask``)."""
-        if isinstance(self.model, LlavaNext):
-            return anyres.content_mask(self.model, size, tau)
+        original (width, height))."""
         return np.asarray(jd.pad_mask_expand2square(*size, grid=self.grid, canvas=self.model.cfg.vision.image_size,
                                                     tau=tau))
 
     def request(self, image, question: str) -> Request:
-        if isinstance(self.model, LlavaNext):  # base view + tiles; letterboxed: the base view, for figures
-            pixels, base, size, count = anyres.preprocess(image, self.model.cfg, self.image_mean, self.image_std)
-            ids, instruction = build_prompt(self.tokenizer, question, count)
-            return Request(ids, pixels, size, instruction, base)
         pixels, square, size = preprocess(image, self.image_mean, self.image_std, self.model.cfg.vision.image_size)
         ids, instruction = build_prompt(self.tokenizer, question, self.n_visual)
         return Request(ids, pixels, size, instruction, square)
@@ -219,8 +249,6 @@ class LoadedModel:
         return self.request(load_image(*row_image(row, image_dir)), row["text"])
 
     def batch(self, requests: list[Request]) -> Batch:
-        if isinstance(self.model, LlavaNext):
-            return anyres.make_batch(self.model, requests, self.tokenizer.pad)
         return make_batch(requests, self.tokenizer.pad)
 
     def decode(self, tokens) -> str:
@@ -228,50 +256,23 @@ class LoadedModel:
         return self.tokenizer.decode(tokens).strip()
 
 
-def default_model() -> LoadedModel:
-    """The embedded default: the toy LLaVA-1.5 shipped inside the package (``jaxdebias.toy``; CLIP 336/14 -> 576
-    visual tokens, a 24-layer decoder so every method's published layer indices apply), trained on generated
-    scenes of shapes. It has learned the language of their questions but not yet to read the image (README, "The
-    toy world")."""
-    return dataclasses.replace(load_model(toy.default_path()), embedded=True)
-
-
-def load_model(checkpoint: str | None) -> LoadedModel:
-    """A converted checkpoint (``jaxdebias-convert``) with its tokenizer and image normalisation, or the embedded
-    default when ``checkpoint`` is None."""
-    if checkpoint is None:
-        return default_model()
-    try:
-        model = load(checkpoint)
-    except ConversionError as e:
-        raise UserError(str(e)) from None
-    mean, std = CLIP_MEAN, CLIP_STD
-    processor = os.path.join(checkpoint, "preprocessor_config.json")
-    if os.path.isfile(processor):
-        with open(processor) as f:
-            config = json.load(f)
-        mean, std = tuple(config.get("image_mean", mean)), tuple(config.get("image_std", std))
-    return LoadedModel(model, HFTokenizer(checkpoint, model.cfg.image_token_id), mean, std)
-
-
-def resolve_model(model: LoadedModel | str | None) -> LoadedModel:
-    """A ``LoadedModel`` as given, or loaded from a checkpoint path (None: the embedded default)."""
-    return model if isinstance(model, LoadedModel) else load_model(model)
-
-
 def parse_debias(mode: str, pad_tau: float | str = "released", curve: str | None = None,
-                 task: str = "gqa") -> jd.Debias:
+                 task: str = "gqa", method: str = "fastv") -> jd.Debias:
     """--debias off|pad|curve|pad+curve, with --pad-tau (a fraction or "released": each method's own) and --curve
     FILE (a ``jaxdebias calibrate`` output), "online" or "released" (the default: the method's released curve for
-    ``task``)."""
+    ``task``); or one of the debias code's settings for ``method`` (``jd.Debias.preset``): paper, before, after
+    (--curve replaces the released curve of "after"; --pad-tau does not apply)."""
     if mode not in DEBIAS_MODES:
         raise UserError(f"--debias must be {', '.join(DEBIAS_MODES[:-1])} or {DEBIAS_MODES[-1]}, got {mode!r}.")
     chosen = None
-    if "curve" in mode:
+    if "curve" in mode or (mode == "after" and curve is not None):
         chosen = "released" if curve is None else curve
         if chosen not in ("released", "online"):
             chosen = read_curve(chosen)
     try:
+        if mode in jd.PRESETS:
+            preset = jd.Debias.preset(mode, method, task)
+            return preset if chosen is None else dataclasses.replace(preset, curve=chosen)
         return jd.Debias(curve=chosen, pad_tau=pad_tau if "pad" in mode else None, task=task)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -293,31 +294,14 @@ def read_curve(path: str):
 LARGE_BUCKETS = (640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072)
 
 
-def prune_spec(method: str, keep: int, debias: jd.Debias = jd.Debias()) -> jd.PruneSpec:
+def prune_spec(method: str, keep: int, debias: jd.Debias = jd.Debias(), decode: str = "released") -> jd.PruneSpec:
     """A ``jd.PruneSpec`` from command-line values (a bad method name or keep becomes a UserError), with keep
-    buckets up to 3072."""
+    buckets up to 3072 and, by default, each method's released decoding (``--decode``)."""
     try:
-        return jd.PruneSpec(method, keep=keep, debias=debias, buckets=jd.DEFAULT_BUCKETS + LARGE_BUCKETS)
+        return jd.PruneSpec(method, keep=keep, debias=debias, buckets=jd.DEFAULT_BUCKETS + LARGE_BUCKETS,
+                            decode=decode)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
-
-
-def check_spec(spec: jd.PruneSpec, model: Llava, n: int | None = None) -> jd.PruneSpec:
-    """``spec`` checked against the model once, before anything runs: keep within the model's visual tokens
-    (``n``; default: one image's), the method's layers within its decoder."""
-    n = model.visual_capacity() if n is None else n
-    if not 0 < spec.keep <= n:
-        what = "one image" if n == model.cfg.vision.num_features else "one video (frames x (patches + CLS))"
-        if isinstance(model, LlavaNext):
-            what = ("every LLaVA-NeXT image: its base view + the tile grid of the smallest tile bucket, newlines "
-                    "excluded, so that each image's span holds the budget")
-        raise UserError(f"--keep must be in 1..{n} (the visual tokens of {what}), got {spec.keep}.")
-    try:
-        spec.plan(n, model.cfg.text.num_layers)
-        spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task
-    except (ValueError, KeyError) as e:
-        raise UserError(str(e).strip("'\"")) from None
-    return spec
 
 
 def var_spec(dims: str | None, *, p: float = 0.6, tau: float = 20.0, rho: float = 0.5,

@@ -15,18 +15,19 @@ those objects, calls it, and turns a ``jd.UserError`` into a message and exit co
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
 
 import jaxdebias as jd
-from jaxdebias.cli import demo, grid, video
+from jaxdebias.cli import demo, families, grid, inputs, video
 from jaxdebias.cli.bias import bias_report
 from jaxdebias.cli.calibrate import FORMS, calibrate
 from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.grade import grade_mmvet
 from jaxdebias.cli.inputs import DEBIAS_MODES, parse_debias, prune_spec, var_spec
-from jaxdebias.cli.run import run
+from jaxdebias.cli.run import run, run_video
 from jaxdebias.eval.benchmarks import BENCHES
 from jaxdebias.toy import bench
 
@@ -40,7 +41,7 @@ def _add_model(p):
 
 def _model(args):
     """--checkpoint, or with --frame-trend the Video-LLaVA checkpoint loaded with that trend."""
-    return args.checkpoint if args.frame_trend is None else video.with_frame_trend(args.checkpoint, args.frame_trend)
+    return args.checkpoint if args.frame_trend is None else families.with_frame_trend(args.checkpoint, args.frame_trend)
 
 
 def _pad_tau(text: str):
@@ -54,7 +55,8 @@ def _pad_tau(text: str):
 
 def _add_debias(p):
     p.add_argument("--debias", default=None, help=f"{', '.join(DEBIAS_MODES)} (default pad+curve; off for the "
-                                                  "baselines that score nothing: random, pool)")
+                                                  "baselines that score nothing: random, pool); paper, before and "
+                                                  "after are the debias code's three settings")
     p.add_argument("--curve", default=None, help="curve.json from `jaxdebias calibrate`, 'online', or "
                                                  "'released' (default: the method's released curve)")
     p.add_argument("--task", default=None, help="benchmark whose released curve to use (default: --bench, "
@@ -74,11 +76,19 @@ def _add_var(p):
                                                     "(llava-1.5-7b), or 'discover'")
 
 
+def _add_decode(p):
+    p.add_argument("--decode", choices=jd.DECODES, default="released",
+                   help="released (default): each method decodes as its release does (FastV re-selects in mask "
+                        "mode at every token, HiMAP reruns the pruned prefill per token); fast: the prefill's "
+                        "selection and pruned KV caches serve every token")
+
+
 def _add_prune(p):
     p.add_argument("--method", default="fastv", help=f"{', '.join(jd.METHODS)} (default fastv)")
     p.add_argument("--keep", type=int, default=128,
                    help="visual tokens to keep (PyramidDrop, SparseVLM: layer average)")
     _add_debias(p)
+    _add_decode(p)
     _add_var(p)
 
 
@@ -105,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--bench", required=True, help=", ".join(BENCHES))
     _add_data(p)
-    p.add_argument("--out", default="jaxdebias-eval")
+    p.add_argument("--out", default=None, help="output folder (default: jaxdebias-eval/<bench>/<method>-keep<K>-"
+                                               "<debias>-<decode>, one per setting)")
+    p.add_argument("--overwrite", action="store_true", help="replace the answers already in --out (a resumed run "
+                                                             "must have the same setting)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--distributed", action="store_true", help="run under jax.distributed, one process per host "
                    "(TPU pod slices and SLURM are detected; elsewhere give the three flags below)")
@@ -122,12 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--bench", required=True, help=", ".join(BENCHES))
     _add_data(p)
-    p.add_argument("--out", default="jaxdebias-grid")
+    p.add_argument("--out", default=None, help="output folder (default: jaxdebias-grid/<bench>-keep<K>-<decode>)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(grid.GRID_METHODS)})")
     p.add_argument("--keep", type=int, default=64, help="visual tokens to keep (default 64)")
     p.add_argument("--no-unpruned", action="store_true", help="skip the unpruned reference row")
-    _add_debias(p)
+    p.add_argument("--presets", default=",".join(jd.PRESETS), help="the debias code's settings to run, "
+                   "comma-separated (default paper,before,after)")
+    p.add_argument("--curve", default=None, help="curve.json from `jaxdebias calibrate` or 'online' for the 'after' "
+                                                 "setting (default: each method's released curve)")
+    p.add_argument("--task", default=None, help="benchmark whose released curve 'after' uses (default: --bench)")
+    _add_decode(p)
     p = sub.add_parser("calibrate", help="fit a positional-debiasing curve over a data set")
     _add_model(p)
     _add_data(p, "use only the first N samples")
@@ -179,7 +197,8 @@ def _debias(args) -> jd.Debias:
         except ValueError:  # an unknown --method: prune_spec names it
             scores = True
         mode = "pad+curve" if scores else "off"
-    return parse_debias(mode, args.pad_tau, args.curve, args.task or getattr(args, "bench", None) or "gqa")
+    return parse_debias(mode, args.pad_tau, args.curve, args.task or getattr(args, "bench", None) or "gqa",
+                        getattr(args, "method", None) or "fastv")
 
 
 def _command(args) -> None:
@@ -190,26 +209,33 @@ def _command(args) -> None:
         bias_report(args.data, args.out, method=args.method, model=_model(args), bench=args.bench,
                     limit=args.limit, batch_size=args.batch, pad_tau=args.pad_tau)
     elif args.command == "eval-grid":
-        grid.evaluate_grid(args.bench, args.data, args.out, methods=grid.parse_methods(args.methods),
-                           keep=args.keep, debias=_debias(args), unpruned=not args.no_unpruned,
+        curve = None if args.curve in (None, "released") else (
+            "online" if args.curve == "online" else inputs.read_curve(args.curve))
+        out = args.out or os.path.join("jaxdebias-grid", f"{args.bench}-keep{args.keep}-{args.decode}")
+        grid.evaluate_grid(args.bench, args.data, out, methods=grid.parse_methods(args.methods),
+                           keep=args.keep, presets=tuple(p.strip() for p in args.presets.split(",") if p.strip()),
+                           curve=curve, task=args.task, decode=args.decode, unpruned=not args.no_unpruned,
                            model=_model(args), limit=args.limit, batch_size=args.batch,
                            max_new_tokens=args.max_new_tokens)
     elif args.command == "eval":
-        spec, var = prune_spec(args.method, args.keep, _debias(args)), _var(args)
+        spec, var = prune_spec(args.method, args.keep, _debias(args), args.decode), _var(args)
         if args.distributed:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; others ignore it
             jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        evaluate(args.bench, args.data, args.out, spec=spec, model=_model(args), limit=args.limit,
-                 batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var)
+        setting = f"{spec.method}-keep{spec.keep}-{(args.debias or 'default').replace('+', '_')}-{spec.decode}"
+        out = args.out or os.path.join("jaxdebias-eval", args.bench, setting + ("-var" if var else ""))
+        evaluate(args.bench, args.data, out, spec=spec, model=_model(args), limit=args.limit,
+                 batch_size=args.batch, max_new_tokens=args.max_new_tokens, var=var, overwrite=args.overwrite)
         if args.gpt_judge:
-            video.judge(args.bench, args.out, model=args.judge_model, base_url=args.judge_url)
+            video.judge(args.bench, out, model=args.judge_model, base_url=args.judge_url)
     elif args.command == "grade-mmvet":
         grade_mmvet(args.out, args.data, model=args.model, runs=args.runs, api_key=args.api_key, base_url=args.url)
     elif args.video is not None:
-        video.run_video(prune_spec(args.method, args.keep, _debias(args)), model=_model(args), video=args.video,
-                        prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
+        run_video(prune_spec(args.method, args.keep, _debias(args), args.decode), model=_model(args),
+                  video=args.video, prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens,
+                  var=_var(args))
     else:
-        run(prune_spec(args.method, args.keep, _debias(args)), model=_model(args), image=args.image,
+        run(prune_spec(args.method, args.keep, _debias(args), args.decode), model=_model(args), image=args.image,
             prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
 
 

@@ -1,4 +1,5 @@
-"""``jaxdebias run``: one image, answered unpruned, pruned and pruned + debiased, with figures and timings."""
+"""``jaxdebias run``: one image (or, on Video-LLaVA, one video) answered unpruned, pruned and pruned + debiased,
+with figures and timings."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import time
 import numpy as np
 
 import jaxdebias as jd
+from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.figures import figure_curve, figure_kept
-from jaxdebias.cli.inputs import LoadedModel, check_spec, default_image_path, load_image, resolve_model
+from jaxdebias.cli.inputs import LoadedModel, default_image_path, load_image
+from jaxdebias.cli.video import figure_frames, frame_curve
+from jaxdebias.eval import video as video_eval
 from jaxdebias.eval.files import write_json
 from jaxdebias.models.generate import generate
 from jaxdebias.models.interventions import VarSpec
-from jaxdebias.models.video_llava import VideoLlava
 
 EMBEDDED_NOTE = ("no --checkpoint: the embedded default, a toy LLaVA-1.5 trained here on generated scenes of shapes "
                  "(jaxdebias.toy; yes/no accuracy 0.97 on held-out scenes). Its answers "
@@ -23,10 +26,19 @@ TOY_PROMPT = "Is there a star in the image?\nAnswer the question using a single 
 PROMPT = "What is in the picture?"
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def _three_ways(loaded, batch, spec, var, max_new_tokens):
+    """({name: GenerateResult}, {name: seconds}) of the batch answered unpruned, pruned by ``spec`` without its
+    debiasing, and with it; each timed after a first call that compiles it."""
+    specs = {"unpruned": None, "pruned": dataclasses.replace(spec, debias=jd.Debias()), "pruned + debiased": spec}
+    results, seconds = {}, {}
+    for name, s in specs.items():
+        def once(s=s):
+            return generate(loaded.model, batch, prune=s, var=var, max_new_tokens=max_new_tokens)
+        once()  # compile
+        start = time.perf_counter()
+        results[name] = once()
+        seconds[name] = time.perf_counter() - start
+    return results, seconds
 
 
 def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: str | None = None,
@@ -45,19 +57,13 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
                            f"{spec.method}`.")
     picture = load_image(image or default_image_path())  # cheap checks first: nothing is built for a bad request
     loaded = resolve_model(model)
-    if isinstance(loaded.model, VideoLlava):
+    if loaded.media == "video":
         raise jd.UserError("This is a Video-LLaVA checkpoint: ask about a video with --video FRAMES_DIR (or an .npy "
                            "[F, H, W, 3]); image questions on Video-LLaVA are not wired to `jaxdebias run`.")
-    check_spec(spec, loaded.model)
+    loaded.check(spec)
     request = loaded.request(picture, prompt or (TOY_PROMPT if loaded.embedded else PROMPT))
     batch = loaded.batch([request])
-    specs = {"unpruned": None, "pruned": dataclasses.replace(spec, debias=jd.Debias()), "pruned + debiased": spec}
-    results, seconds = {}, {}
-    for name, s in specs.items():
-        def once(s=s):
-            return generate(loaded.model, batch, prune=s, var=var, max_new_tokens=max_new_tokens)
-        once()  # compile
-        results[name], seconds[name] = _timed(once)
+    results, seconds = _three_ways(loaded, batch, spec, var, max_new_tokens)
     if loaded.embedded:
         log(EMBEDDED_NOTE)
     n = results["pruned"].scores.shape[1]  # the image's visual span (LLaVA-NeXT: its tile bucket's slots)
@@ -79,7 +85,7 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
         "padding_kept": {k: int((v & ~pad).sum()) for k, v in kept.items()},
         "bias_before": bias_before, "bias_after": bias_after,
         "seconds": seconds, "stage_lengths": {k: r.stage_lengths for k, r in results.items()},
-        "figures": figures,
+        "decode": spec.decode, "figures": figures,
     }
     write_json(os.path.join(out_dir, "run.json"), summary)
     log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
@@ -91,4 +97,54 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
     log(f"time for prefill + {max_new_tokens} tokens: " + ", ".join(
         f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in seconds.items()))
     log(f"figures: {', '.join(figures)}")
+    return summary
+
+
+def run_video(spec: jd.PruneSpec, *, model: LoadedModel | str, video: str, prompt: str = "What happens in the video?",
+              out_dir: str = "jaxdebias-out", max_new_tokens: int = 24, var: VarSpec | None = None,
+              log=print) -> dict:
+    """``jaxdebias run`` for a video (a frames folder or an .npy array): answered unpruned, pruned by ``spec``
+    without its debiasing, and with it; writes ``kept.png`` (each frame's kept patches), ``curve.png`` (scores
+    by frame, CLS tokens excluded) and ``run.json`` in ``out_dir``. Returns the summary written to run.json."""
+    if not os.path.exists(video):
+        raise jd.UserError(f"--video {video} does not exist.")
+    if not (os.path.isdir(video) or video.endswith(".npy")):
+        raise jd.UserError(f"--video {video}: expected a folder of frame images or an .npy array [F, H, W, 3] (extract "
+                        f"frames with: ffmpeg -i {video} frames/%05d.png).")
+    loaded = resolve_model(model)
+    if loaded.media != "video":
+        raise jd.UserError("--video needs a Video-LLaVA checkpoint (model_type 'video_llava'); this one is "
+                        f"{type(loaded.model).__name__}. Use --image for image models.")
+    if spec.debias.pad_tau is not None:
+        spec = dataclasses.replace(spec, debias=dataclasses.replace(spec.debias, pad_tau=None))
+        log("video frames are centre-cropped: no letterbox padding to suppress (the curve part of --debias runs)")
+    loaded.check(spec)
+    frames = video_eval.read_frames(video, loaded.model.cfg.frames)
+    request = loaded.request(frames, prompt)
+    batch = loaded.batch([request])
+    results, seconds = _three_ways(loaded, batch, spec, var, max_new_tokens)
+    n, (F, per) = loaded.n_visual, loaded.model.frame_layout(batch.pixel_values)
+    kept = {k: np.asarray(jd.kept_mask(*results[k].kept[0], n))[0] for k in ("pruned", "pruned + debiased")}
+    os.makedirs(out_dir, exist_ok=True)
+    label = f"{spec.method} {spec.keep}"
+    figures = [figure_frames(request.letterboxed, {label: kept["pruned"], f"{label} debiased":
+                                                   kept["pruned + debiased"]}, per, os.path.join(out_dir, "kept.png"))]
+    patches = lambda x: np.asarray(x).reshape(F, per)[:, 1:].reshape(F, -1)  # noqa: E731  frames as grid rows
+    r = results["pruned + debiased"]
+    after = np.where(r.debiased[0] > 0, r.debiased[0], np.nan)
+    figures.append(frame_curve({"scores": patches(r.scores[0]), "debiased": patches(after)},
+                                os.path.join(out_dir, "curve.png"), f"{spec.method}: mean patch score by frame"))
+    summary = {"answers": {k: loaded.decode(v.tokens[0]) for k, v in results.items()},
+               "kept": {k: int(v.sum()) for k, v in kept.items()},
+               "kept_per_frame": {k: v.reshape(F, per).sum(1).tolist() for k, v in kept.items()},
+               "frame_trend": loaded.model.cfg.frame_trend, "visual_tokens": n, "seconds": seconds,
+               "decode": spec.decode,
+               "stage_lengths": {k: v.stage_lengths for k, v in results.items()}, "figures": figures}
+    write_json(os.path.join(out_dir, "run.json"), summary)
+    log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
+    log(f"kept {spec.keep} of {n} visual tokens ({F} frames x {per}) with {spec.method}; per frame: "
+        f"{summary['kept_per_frame']['pruned']} without debias, {summary['kept_per_frame']['pruned + debiased']} with")
+    base = seconds["unpruned"]
+    log(f"time for prefill + {max_new_tokens} tokens: " + ", ".join(
+        f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in seconds.items()))
     return summary

@@ -1,5 +1,6 @@
 """Video-LLaVA on the command line: videos (frames folders or .npy, see ``jaxdebias.eval.video``) into requests,
-``jaxdebias run --checkpoint DIR --video V``, and the video rows of ``jaxdebias eval``.
+the figures of ``jaxdebias run --checkpoint DIR --video V`` (``run.run_video``), the video rows of ``jaxdebias eval``
+and the GPT-judge step.
 
 Axes: F frames (8), P patches per frame (16 x 16 at 224 / 14), N = F (P + 1) visual tokens of a video, each frame
 its CLS token then its patches in raster order.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -22,12 +22,9 @@ from matplotlib.figure import Figure
 import jaxdebias as jd
 from jaxdebias.cli import inputs
 from jaxdebias.cli.figures import _save
-from jaxdebias.cli.inputs import HFTokenizer, LoadedModel, Request, build_prompt
+from jaxdebias.cli.inputs import LoadedModel, Request, build_prompt
 from jaxdebias.eval import video as video_eval
 from jaxdebias.eval.files import write_json
-from jaxdebias.models.generate import generate
-from jaxdebias.models.interventions import VarSpec
-from jaxdebias.models.video_llava import VideoLlava
 
 UserError = jd.UserError
 
@@ -49,12 +46,39 @@ def preprocess_frames(frames, mean=inputs.CLIP_MEAN, std=inputs.CLIP_STD, side: 
 
 @dataclasses.dataclass
 class VideoLoadedModel(LoadedModel):
-    """A Video-LLaVA checkpoint with its tokenizer (whose placeholder is the video token) and normalisation."""
+    """A Video-LLaVA checkpoint with its tokenizer (whose placeholder is the video token) and normalisation:
+    requests hold videos (centre-cropped frames, no letterbox padding)."""
+
+    media = "video"
+    placeholder = "video_token_id"
 
     @property
     def n_visual(self) -> int:
         """N = frames x (patches + CLS), the visual tokens of one video (2056 for Video-LLaVA-7B)."""
         return self.model.cfg.video_tokens
+
+    @property
+    def keep_scope(self) -> str:
+        return "one video (frames x (patches + CLS))"
+
+    @property
+    def trend_length(self) -> int:
+        """Trend "frame": one frame's CLS + patches (each frame a sample); "video": the whole video."""
+        return self.model.cfg.frame_tokens if self.model.cfg.frame_trend == "frame" else self.n_visual
+
+    def trend_record(self) -> dict:
+        return {"frame_trend": self.model.cfg.frame_trend, "positions": self.trend_length}
+
+    def check(self, spec: jd.PruneSpec) -> jd.PruneSpec:
+        """``LoadedModel.check``, refusing what Video-LLaVA's frames cannot do: padding suppression (there is no
+        letterbox) and encoder-side methods (they prune inside one CLIP view)."""
+        if spec.debias.pad_tau is not None:
+            raise UserError("Video-LLaVA's frames are centre-cropped: there is no letterbox padding to suppress. "
+                            "Use --debias curve (with --curve online or a calibrated curve.json) or --debias off.")
+        if spec.encoder(self.n_visual) is not None:
+            raise UserError(f"{spec.method} prunes inside one CLIP view (encoder side); on Video-LLaVA's 8 frames "
+                            "use a decoder-side method: fastv, pdrop, sparsevlm, himap or tokencarve.")
+        return super().check(spec)
 
     @property
     def grid(self) -> int:
@@ -81,33 +105,6 @@ class VideoLoadedModel(LoadedModel):
         return self.request(video_eval.read_frames(source, self.model.cfg.frames), row["text"])
 
 
-def load_model(checkpoint: str | None) -> LoadedModel:
-    """``inputs.load_model``, with a Video-LLaVA checkpoint wrapped as a ``VideoLoadedModel``."""
-    loaded = inputs.load_model(checkpoint)
-    if not isinstance(loaded.model, VideoLlava):
-        return loaded
-    return VideoLoadedModel(loaded.model, HFTokenizer(checkpoint, loaded.model.cfg.video_token_id),
-                            loaded.image_mean, loaded.image_std)
-
-
-def with_frame_trend(model: LoadedModel | str | None, trend: str) -> VideoLoadedModel:
-    """A Video-LLaVA model (loaded, or a checkpoint's path) with its positional trend fitted per ``trend``
-    ("frame" or "video")."""
-    loaded = resolve_model(model)
-    if not isinstance(loaded, VideoLoadedModel):
-        raise UserError("--frame-trend applies to Video-LLaVA checkpoints (model_type 'video_llava'); this model is "
-                        f"{type(loaded.model).__name__}.")
-    try:
-        loaded.model.with_frame_trend(trend)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return loaded
-
-
-def resolve_model(model: LoadedModel | str | None) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model)
-
-
 def check_rows(rows, media_dir) -> None:
     """Every video's frames (and every image) decode before the first answer is written."""
     images = [r for r in rows if "video" not in r]
@@ -117,18 +114,6 @@ def check_rows(rows, media_dir) -> None:
         if "video" in row and row["video"] not in seen:
             seen.add(row["video"])
             video_eval.read_frames(video_eval.video_source(media_dir, row["video"]), video_eval.FRAMES)
-
-
-def check_spec(spec: jd.PruneSpec, loaded: LoadedModel) -> jd.PruneSpec:
-    """``inputs.check_spec`` against the loaded model's visual tokens (a video's for Video-LLaVA), which has no
-    letterbox padding to suppress."""
-    if isinstance(loaded, VideoLoadedModel) and spec.debias.pad_tau is not None:
-        raise UserError("Video-LLaVA's frames are centre-cropped: there is no letterbox padding to suppress. Use "
-                        "--debias curve (with --curve online or a calibrated curve.json) or --debias off.")
-    if isinstance(loaded, VideoLoadedModel) and spec.encoder(loaded.n_visual) is not None:
-        raise UserError(f"{spec.method} prunes inside one CLIP view (encoder side); on Video-LLaVA's 8 frames use a "
-                        "decoder-side method: fastv, pdrop, sparsevlm, himap or tokencarve.")
-    return inputs.check_spec(spec, loaded.model, loaded.n_visual)
 
 
 def figure_frames(crops, kept_by_name: dict, per_frame: int, path: str) -> str:
@@ -154,64 +139,7 @@ def figure_frames(crops, kept_by_name: dict, per_frame: int, path: str) -> str:
     return path
 
 
-def run_video(spec: jd.PruneSpec, *, model: LoadedModel | str, video: str, prompt: str = "What happens in the video?",
-              out_dir: str = "jaxdebias-out", max_new_tokens: int = 24, var: VarSpec | None = None,
-              log=print) -> dict:
-    """``jaxdebias run`` for a video (a frames folder or an .npy array): answered unpruned, pruned by ``spec``
-    without its debiasing, and with it; writes ``kept.png`` (each frame's kept patches), ``curve.png`` (scores
-    by frame, CLS tokens excluded) and ``run.json`` in ``out_dir``. Returns the summary written to run.json."""
-    if not os.path.exists(video):
-        raise UserError(f"--video {video} does not exist.")
-    if not (os.path.isdir(video) or video.endswith(".npy")):
-        raise UserError(f"--video {video}: expected a folder of frame images or an .npy array [F, H, W, 3] (extract "
-                        f"frames with: ffmpeg -i {video} frames/%05d.png).")
-    loaded = resolve_model(model)
-    if not isinstance(loaded, VideoLoadedModel):
-        raise UserError("--video needs a Video-LLaVA checkpoint (model_type 'video_llava'); this one is "
-                        f"{type(loaded.model).__name__}. Use --image for image models.")
-    if spec.debias.pad_tau is not None:
-        spec = dataclasses.replace(spec, debias=dataclasses.replace(spec.debias, pad_tau=None))
-        log("video frames are centre-cropped: no letterbox padding to suppress (the curve part of --debias runs)")
-    check_spec(spec, loaded)
-    frames = video_eval.read_frames(video, loaded.model.cfg.frames)
-    request = loaded.request(frames, prompt)
-    batch = loaded.batch([request])
-    specs = {"unpruned": None, "pruned": dataclasses.replace(spec, debias=jd.Debias()), "pruned + debiased": spec}
-    results, seconds = {}, {}
-    for name, s in specs.items():
-        def once(s=s):
-            return generate(loaded.model, batch, prune=s, var=var, max_new_tokens=max_new_tokens)
-        once()  # compile
-        start = time.perf_counter()
-        results[name] = once()
-        seconds[name] = time.perf_counter() - start
-    n, (F, per) = loaded.n_visual, loaded.model.frame_layout(batch.pixel_values)
-    kept = {k: np.asarray(jd.kept_mask(*results[k].kept[0], n))[0] for k in ("pruned", "pruned + debiased")}
-    os.makedirs(out_dir, exist_ok=True)
-    label = f"{spec.method} {spec.keep}"
-    figures = [figure_frames(request.letterboxed, {label: kept["pruned"], f"{label} debiased":
-                                                   kept["pruned + debiased"]}, per, os.path.join(out_dir, "kept.png"))]
-    patches = lambda x: np.asarray(x).reshape(F, per)[:, 1:].reshape(F, -1)  # noqa: E731  frames as grid rows
-    r = results["pruned + debiased"]
-    after = np.where(r.debiased[0] > 0, r.debiased[0], np.nan)
-    figures.append(_frame_curve({"scores": patches(r.scores[0]), "debiased": patches(after)},
-                                os.path.join(out_dir, "curve.png"), f"{spec.method}: mean patch score by frame"))
-    summary = {"answers": {k: loaded.decode(v.tokens[0]) for k, v in results.items()},
-               "kept": {k: int(v.sum()) for k, v in kept.items()},
-               "kept_per_frame": {k: v.reshape(F, per).sum(1).tolist() for k, v in kept.items()},
-               "frame_trend": loaded.model.cfg.frame_trend, "visual_tokens": n, "seconds": seconds,
-               "stage_lengths": {k: v.stage_lengths for k, v in results.items()}, "figures": figures}
-    write_json(os.path.join(out_dir, "run.json"), summary)
-    log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
-    log(f"kept {spec.keep} of {n} visual tokens ({F} frames x {per}) with {spec.method}; per frame: "
-        f"{summary['kept_per_frame']['pruned']} without debias, {summary['kept_per_frame']['pruned + debiased']} with")
-    base = seconds["unpruned"]
-    log(f"time for prefill + {max_new_tokens} tokens: " + ", ".join(
-        f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in seconds.items()))
-    return summary
-
-
-def _frame_curve(series: dict, path: str, title: str) -> str:
+def frame_curve(series: dict, path: str, title: str) -> str:
     """Mean patch score per frame (float[F, P] per entry), normalised by its overall mean, log scale."""
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()

@@ -1,4 +1,5 @@
-"""Writing results: one atomic write for every result file, and the reader that resumes an answer file.
+"""Writing results: one atomic write for every result file, the reader that resumes an answer file, the record
+of the setting that produced an output folder, and the lock that keeps one process per answer file.
 
 A result file (metrics, a summary, a curve, a figure, an export) appears whole or not at all: it is written
 beside its destination and renamed onto it. The answer file is the exception by design: it grows one line per
@@ -8,6 +9,7 @@ answer, flushed, so that a killed run leaves whole lines and a rerun resumes aft
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -26,10 +28,17 @@ def atomic_open(path, mode: str = "w", **kwargs):
     try:
         with os.fdopen(descriptor, mode, **kwargs) as f:
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a result file gets the user's usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path, obj, indent: int | None = 1) -> str:
@@ -69,3 +78,72 @@ def read_answers(path) -> dict:
             raise UserError(f"{path}, line {number}: not an answer line ({e.__class__.__name__}: {e}); remove the "
                             "file or the line to answer those questions again.") from None
     return done
+
+
+def digest(obj) -> str:
+    """sha256 (hex, 16 digits) of ``obj`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_setting(path, setting: dict, *, compare_without=("data",), record: bool = True) -> None:
+    """Records ``setting`` (what produced the results beside it) at ``path`` (with ``record``), or, when a record
+    is there, checks that it is the same setting: a resumed run must not mix answers of two settings. Keys in
+    ``compare_without`` are recorded but may differ (the data file: an edited question is answered again, question
+    by question). Raises UserError naming the first differences and what to do."""
+    setting = json.loads(json.dumps(setting, default=str))  # as it reads back
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is not a setting record ({e}); remove the folder or pass another --out.") from None
+        keys = sorted(set(old) | set(setting))
+        diff = [k for k in keys if k not in compare_without and old.get(k) != setting.get(k)]
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} there, {setting.get(k)!r} now" for k in diff[:3])
+            raise UserError(f"{os.path.dirname(os.path.abspath(path))} holds results of another setting ({shown}). "
+                            "Pass a new --out, or --overwrite to replace them.")
+        if old == setting:
+            return
+    if record:
+        write_json(path, setting)
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Holds the lock file ``path`` (it records this process's pid) for the block: a second process that asks
+    for it while this one lives gets a UserError; a lock left by a dead process is taken over."""
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid > 0 and pid != os.getpid() and _alive(pid):
+                raise UserError(f"Another process (pid {pid}) is writing to {os.path.dirname(os.path.abspath(path))}; "
+                                "wait for it to finish or pass another --out.") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its owner is gone
+    else:
+        raise UserError(f"Could not take the lock {path}; remove it if no jaxdebias process is running.")
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            f.write(str(os.getpid()))
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxdebias.names import QUERY_KINDS
 from jaxdebias.prune import gather_tokens, select_topk
@@ -94,14 +93,20 @@ class Stage:
 
     layer: "tap"/"probe": the first decoder layer that sees only the block; "self": the layer whose own attention
       scores the tokens and whose *output* is pruned (``boundary`` is always the first layer after the stage).
-    keep: tokens kept (before bucketing); query: which rows vote (``names.QUERY_KINDS``); source: "tap" (the
-      attention of layer ``layer - 1``), "probe" (the attention layer ``layer`` would compute on its input,
-      recomputed for the voting rows) or "self" (layer ``layer``'s own attention)."""
+    keep: the tokens this stage keeps, as the method's schedule counts them for a request; query: which rows
+      vote (``names.QUERY_KINDS``); source: "tap" (the attention of layer ``layer - 1``), "probe" (the attention
+      layer ``layer`` would compute on its input, recomputed for the voting rows) or "self" (layer ``layer``'s
+      own attention).
+    slots: the static size of the block of kept tokens, set by ``PruneSpec.plan`` (``keep`` rounded up to a
+      bucket, the surplus masked by the run-time limit; ``keep`` itself for unbucketed stages) and None in a
+      schedule. A planned bucketed stage has ``keep=None``: its count is the run-time limit, so budgets that
+      share a bucket share a program. Selectors shape their outputs with ``slots``."""
 
     layer: int
-    keep: int
+    keep: int | None
     query: str = "last"
     source: str = "tap"
+    slots: int | None = None
 
     bucketed = True  # the static keep rounds up to a bucket and a run-time limit masks the surplus slots
     maskable = True  # a selection that only masks keys (FastV's mask mode) can stand in for it
@@ -120,7 +125,7 @@ class Stage:
         """Raises a ValueError when this stage cannot run on ``prev`` remaining tokens."""
 
     def select(self, inp: StageInputs) -> Block:
-        return top_block(inp, self.keep)
+        return top_block(inp, self.slots)
 
     def validate(self, prev_layer: int, prev: int, num_layers: int, method: str) -> None:
         """The checks every stage shares, then the subclass's ``check``."""
@@ -173,7 +178,8 @@ class Method:
     positions: "original" (kept tokens keep their position ids) or "reindex" (0..n-1 after each stage).
     pad_tau, pad_geometry: the released padding threshold and mask geometry ("continuous" letterbox overlap, or
       "bilinear": SparseVLM's resized 0/1 mask); pad_candidates: whether zero-scored padding stays a candidate
-      (False: the budget is capped at the content tokens, as FastV's release does).
+      (False: the budget is capped at the content tokens, as FastV's release does); before_geometry: the mask
+      geometry of the debias code's "before" setting (padding only), None: ``pad_geometry``.
     decode: the release's decoding, (mode, reselect): ("remove", "prefill") the pruned KV caches at their
       positions; ("mask", "every_token") FastV's mask mode re-selecting for every new token; ("remove",
       "every_token") no cache, the whole pruned prefill rerun per token (HiMAP).
@@ -190,6 +196,7 @@ class Method:
     pad_tau: float = 0.5
     pad_geometry: str = "continuous"
     pad_candidates: bool = True
+    before_geometry: str | None = None
     decode: tuple = ("remove", "prefill")
     debias: bool = True
     options: tuple = ()

@@ -61,7 +61,7 @@ class MergeStage(Stage):
     maskable = False
 
     def select(self, inp: StageInputs) -> Block:
-        idx, merged = illava_llm_merge(inp.h, inp.scores, inp.h.shape[1] - self.keep, valid=inp.valid)
+        idx, merged = illava_llm_merge(inp.h, inp.scores, inp.h.shape[1] - self.slots, valid=inp.valid)
         return Block(merged, jnp.take_along_axis(inp.valid, idx, axis=1), idx)
 
 

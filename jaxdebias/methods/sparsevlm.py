@@ -51,7 +51,7 @@ class RecycleStage(Stage):
                              "recycled <= pruned.")
 
     def select(self, inp: StageInputs) -> Block:
-        idx, slot = select_topk(inp.scores, self.keep, valid=inp.candidates, limit=inp.limit)
+        idx, slot = select_topk(inp.scores, self.slots, valid=inp.candidates, limit=inp.limit)
         if not self.recycle:
             return Block(gather_tokens(inp.h, idx), slot, idx)
         pruned = inp.valid & ~kept_mask(idx, slot, inp.valid.shape[1])

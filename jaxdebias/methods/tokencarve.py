@@ -49,7 +49,7 @@ class CarveStage(Stage):
 
     def select(self, inp: StageInputs) -> Block:
         fused = rank_fusion(inp.scores, sv_scores(inp.h, inp.valid), inp.valid, self.info_weight)
-        idx, slot, feats = tokencarve_select(fused, inp.h, inp.valid, self.keep)
+        idx, slot, feats = tokencarve_select(fused, inp.h, inp.valid, self.slots)
         return Block(feats.astype(inp.h.dtype), slot, idx, cache_keep=kept_mask(idx, slot, inp.valid.shape[1]))
 
 

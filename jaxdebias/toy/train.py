@@ -169,7 +169,7 @@ def loss_fn(state, graphdef, rest, batch, stage: str, patch_loss: float = 0.0):
     # (data.branched)
     h, _ = m.embed(batch["input_ids"], batch.get("pixel_values"))
     lm = m.language_model
-    h, _, _ = lm.run_layers(h, batch["positions"], data.branch_mask(batch["turns"]), real=batch["attention_mask"])
+    h = lm.run_layers(h, batch["positions"], data.branch_mask(batch["turns"]), real=batch["attention_mask"]).h
     logits = lm.logits(h)
     loss = _ce(logits, batch["targets"], batch["weights"])
     if patch_loss and stage == "llava":

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import jaxdebias as jd
-from jaxdebias.cli import demo, inputs
+from jaxdebias.cli import demo, families, inputs
 from jaxdebias.cli.run import run
 
 
@@ -40,7 +40,7 @@ def test_run_on_the_embedded_default(tmp_path):
     assert set(saved["answers"]) == {"unpruned", "pruned", "pruned + debiased"}
     assert all(a in ("yes", "no") for a in saved["answers"].values())  # the toy model answers its question
     assert saved["stage_lengths"]["pruned"][1][2] < saved["stage_lengths"]["unpruned"][0][2]
-    loaded = inputs.default_model()
+    loaded = families.default_model()
     tok = loaded.tokenizer.tokenizer
     ids, instr = inputs.build_prompt(loaded.tokenizer, "Is there a star?", 576)
     assert (ids == loaded.model.cfg.image_token_id).sum() == 576 and tok.decode([int(ids[instr])]) == "?"

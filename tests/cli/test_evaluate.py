@@ -11,7 +11,7 @@ import jax
 import pytest
 
 import jaxdebias as jd
-from jaxdebias.cli import inputs
+from jaxdebias.cli import families, inputs
 from jaxdebias.cli.calibrate import calibrate
 from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.runner import Runner
@@ -42,7 +42,8 @@ def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
     out = tmp_path / "resumed"
     answers = out / "pope_answers.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "jaxdebias", "eval", "--bench", "pope", "--data", str(data),
-                             "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad"],
+                             "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad",
+                             "--decode", "fast"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -135,12 +136,12 @@ def test_eval_splits_batches_over_devices(tmp_path):
 
     assert len(jax.devices()) >= 4
     data = write_pope(tmp_path / "multi")
-    runner = Runner(inputs.load_model(None), SPEC, 2, devices=jax.devices()[:4])
+    runner = Runner(families.load_model(None), SPEC, 2, devices=jax.devices()[:4])
     assert runner.batch_size == 4 and runner.mesh.shape["data"] == 4
     rows = benchmarks.read_any(str(data), "pope")[0][:4]
     batch = runner.loaded.batch(runner.requests(rows, str(data / "images")))
     sharded = generate(runner.loaded.model, batch, prune=SPEC, max_new_tokens=1, mesh=runner.mesh)
-    ref = generate(inputs.load_model(None).model, batch, prune=SPEC, max_new_tokens=1)
+    ref = generate(families.load_model(None).model, batch, prune=SPEC, max_new_tokens=1)
     np.testing.assert_allclose(sharded.logits, ref.logits, atol=1e-4)
     m = evaluate("pope", str(data), str(tmp_path / "o"), spec=SPEC, batch_size=2, progress=False,
                  devices=jax.devices()[:4])

@@ -22,32 +22,46 @@ def test_eval_grid_writes_one_summary(tmp_path):
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(x["method"], x["variant"]) for x in rows] == [
-        ("unpruned", "unpruned"), ("fastv", "plain"), ("fastv", "debiased"), ("visionzip", "plain"),
-        ("visionzip", "debiased"), ("pool", "plain")]  # pool scores nothing: no debiased cell
+        ("unpruned", "unpruned"), ("fastv", "paper"), ("fastv", "before"), ("fastv", "after"),
+        ("visionzip", "paper"), ("visionzip", "before"), ("visionzip", "after"),
+        ("pool", "paper")]  # pool scores nothing: the paper setting only
     assert {x["n"] for x in rows} == {"3"} and all(0 <= float(x["f1"]) <= 1 for x in rows)
-    assert rows[2]["debias"] == "pad 0.5 + released pope curve"  # the benchmark's own curve by default
-    assert rows[4]["debias"] == "pad 0.5"  # VisionZip has no released curve: padding only
+    assert {x["decode"] for x in rows} == {"dense", "released"}  # the releases' decoding by default
+    debias = {(x["method"], x["variant"]): x["debias"] for x in rows}
+    assert debias["fastv", "paper"] == "off"
+    assert debias["fastv", "before"] == "unpad mask, budget capped at the content"  # FastV.patch's unpad_mask
+    assert debias["fastv", "after"] == "pad 0.5, budget capped at the content + released pope curve"
+    assert debias["visionzip", "after"] == debias["visionzip", "before"] == "pad 0.5"  # no released curve
     markdown = (out / "summary.md").read_text()
     assert "| fastv |" in markdown and "| visionzip |" in markdown and "| unpruned |" in markdown
-    assert "| pool |" in markdown and "| n/a | | not applicable |" in markdown
+    assert "| pool |" in markdown and "| n/a | n/a | | | not applicable |" in markdown
+    assert "before: letterbox padding suppressed" in markdown  # the summary says which setting is which
     assert os.path.getsize(out / "summary.png") > 5000
-    for folder in ("unpruned", "fastv-plain", "fastv-debiased", "visionzip-plain", "visionzip-debiased"):
+    for folder in ("unpruned", "fastv-paper", "fastv-before", "fastv-after", "visionzip-paper", "visionzip-before"):
         assert len((out / folder / "pope_answers.jsonl").read_text().splitlines()) == 3  # resumable cells
+    assert not (out / "visionzip-after").exists()  # the same setting as its "before": not run twice
 
 
 def test_grid_table_plot_and_methods(tmp_path):
     cells = [{"method": "unpruned", "variant": "unpruned", "keep": 576, "debias": "off",
               "metrics": {"f1": 0.8, "accuracy": 0.8, "n": 4}}]
     for i, method in enumerate(("fastv", "pdrop", "sparsevlm")):
-        for variant, bonus in (("plain", 0.0), ("debiased", 0.05)):
+        for variant, bonus in (("paper", 0.0), ("before", 0.02), ("after", 0.05)):
             cells.append({"method": method, "variant": variant, "keep": 64, "debias": "pad 0.5",
-                          "metrics": {"f1": 0.6 + 0.05 * i + bonus, "accuracy": 0.7, "n": 4}})
-    cells.append({"method": "random", "variant": "plain", "keep": 64, "debias": "off",
-                  "metrics": {"f1": 0.5, "accuracy": 0.5, "n": 4}})  # a baseline: plain only
+                          "decode": "released", "metrics": {"f1": 0.6 + 0.05 * i + bonus, "accuracy": 0.7, "n": 4}})
+    cells.append({"method": "visionzip", "variant": "paper", "keep": 64, "debias": "off",
+                  "metrics": {"f1": 0.4, "n": 4}})
+    cells.append({"method": "visionzip", "variant": "before", "keep": 64, "debias": "pad 0.5",
+                  "metrics": {"f1": 0.45, "n": 4}})
+    cells.append({"method": "visionzip", "variant": "after", "keep": 64, "debias": "pad 0.5", "same_as": "before",
+                  "metrics": {"f1": 0.45, "n": 4}})
+    cells.append({"method": "random", "variant": "paper", "keep": 64, "debias": "off",
+                  "metrics": {"f1": 0.5, "accuracy": 0.5, "n": 4}})  # a baseline: the paper setting only
     table, markdown = grid.summary_tables("pope", cells)
-    assert "| random | 0.5000 | n/a | | not applicable |" in markdown
-    assert table.splitlines()[0] == "method,variant,keep,debias,f1,accuracy,n"
-    assert "| pdrop | 0.6500 | 0.7000 | +0.0500 | pad 0.5 |" in markdown
+    assert "| random | 0.5000 | n/a | n/a | | | not applicable |" in markdown
+    assert table.splitlines()[0] == "method,variant,keep,decode,debias,f1,accuracy,n"
+    assert "| pdrop | 0.6500 | 0.6700 | 0.7000 | +0.0500 | +0.0300 | pad 0.5 |" in markdown
+    assert "| visionzip | 0.4000 | 0.4500 | 0.4500 | +0.0500 | +0.0000 | pad 0.5 |" in markdown
     assert os.path.getsize(grid.summary_plot("pope", cells, str(tmp_path / "radar.png"))) > 5000
     assert grid.parse_methods("all") == jd.METHODS
     assert grid.parse_methods("PyramidDrop, fastv") == ("pdrop", "fastv")

@@ -11,7 +11,7 @@ from PIL import Image
 
 import jaxdebias as jd
 from jaxdebias.cli import anyres
-from jaxdebias.cli.inputs import load_model
+from jaxdebias.cli.families import load_model
 from jaxdebias.cli.main import main
 
 torch = pytest.importorskip("torch")

@@ -9,6 +9,8 @@ import pytest
 
 import jaxdebias as jd
 from jaxdebias import UserError
+from jaxdebias.cli import families
+from jaxdebias.cli import run as cli_run
 from jaxdebias.cli import video as cli_video
 from jaxdebias.cli.main import main
 
@@ -98,7 +100,7 @@ def test_video_inputs_that_do_not_fit_exit_2(checkpoint, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     np.save(tmp_path / "v.npy", np.zeros((8, 28, 28, 3), np.uint8))
     with pytest.raises(UserError, match="needs a Video-LLaVA checkpoint"):
-        cli_video.run_video(jd.PruneSpec("fastv", keep=4), model=image_model(), video=str(tmp_path / "v.npy"))
+        cli_run.run_video(jd.PruneSpec("fastv", keep=4), model=image_model(), video=str(tmp_path / "v.npy"))
 
 
 def test_calibrate_per_frame_and_across_frames_then_eval_with_the_curve(checkpoint, tmp_path, capsys):
@@ -117,7 +119,7 @@ def test_calibrate_per_frame_and_across_frames_then_eval_with_the_curve(checkpoi
                  "--max-new-tokens", "2", "--out", str(out)]) == 0, capsys.readouterr().err
     assert len(open(out / "merge.jsonl").readlines()) == 2
     with pytest.raises(UserError, match="--frame-trend applies to Video-LLaVA checkpoints"):
-        cli_video.with_frame_trend(image_model(), "video")
+        families.with_frame_trend(image_model(), "video")
 
 
 def test_bias_report_refuses_video_rows(tmp_path, capsys):
@@ -159,11 +161,11 @@ def test_large_budgets_get_their_own_buckets():
     from jaxdebias.cli.inputs import prune_spec
 
     shape, limits = prune_spec("fastv", 1000).plan(2056, 32)
-    assert shape.stages[0].keep == 1024 and limits[0] == 1000
+    assert shape.stages[0].slots == 1024 and limits[0] == 1000
     shape, _ = prune_spec("fastv", 2000).plan(2056, 32)
-    assert shape.stages[0].keep == 2048
+    assert shape.stages[0].slots == 2048
     shape, _ = prune_spec("fastv", 500).plan(576, 32)
-    assert shape.stages[0].keep == 576  # LLaVA-1.5 unchanged
+    assert shape.stages[0].slots == 576  # LLaVA-1.5 unchanged
 
 
 def test_run_without_video_on_a_video_checkpoint_says_to_pass_one(checkpoint, capsys):

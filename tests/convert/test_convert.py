@@ -46,7 +46,7 @@ def t5_dir(hf_model, tmp_path_factory):
 
 def on_disk(path):
     """All tensors of a save_pretrained directory, by on-disk key."""
-    from jaxdebias.convert.source import Source, list_weight_files
+    from jaxdebias.convert.files import Source, list_weight_files
 
     src = Source(list_weight_files(path))
     return {k: np.asarray(src.load(k)) for k in src.refs}

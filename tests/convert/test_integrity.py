@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from jaxdebias.convert import ConversionError, convert, load
-from jaxdebias.convert.source import _DTYPES, check_header
+from jaxdebias.convert.files import _DTYPES, check_header
 
 H, INTER, VOCAB = 8, 12, 64  # the embedding (64 x 8 float32 = 2 KiB) is stored outside Orbax's inline limit (1 KiB)
 
@@ -277,7 +277,7 @@ def test_float16_overflow_is_reported_with_a_count(tmp_path):
 def test_checksums_agree_on_host_device_and_mesh(monkeypatch):
     """The converter sums small arrays with numpy and large ones with XLA on the host; load sums on the device(s) the
     arrays land on, sharded or not: all must give one digest, and any changed element must change it."""
-    ckload = sys.modules["jaxdebias.convert.load"]  # the module (``jaxdebias.convert.load`` is also the function)
+    from jaxdebias.convert import digest as ckload
     rng = np.random.default_rng(0)
     mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices()[:4],
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)

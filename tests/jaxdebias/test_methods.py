@@ -88,7 +88,7 @@ def test_sparsevlm_schedule_matches_the_published_lists():
         layer_avg = (2 * 576 + 4 * lists[0] + 9 * lists[1] + 17 * lists[2]) / 32
         assert abs(layer_avg - keep) / keep < 0.07
     shape, limits = jd.PruneSpec("sparsevlm", keep=128).plan(576, 32)
-    assert limits == (303, 110, 36) and [s.keep for s in shape.stages] == [303, 110, 36]  # exact, not bucketed
+    assert limits == (303, 110, 36) and [s.slots for s in shape.stages] == [303, 110, 36]  # exact, not bucketed
     with pytest.raises(ValueError, match="need clusters <= recycled <= pruned"):
         jd.PruneSpec("sparsevlm", stages=(RecycleStage(2, 5, "raters", "tap", recycle=6, clusters=1),)).schedule(9, 4)
 

@@ -54,7 +54,7 @@ def test_sparsevlm_released_lists_and_recycling_counts():
         prev = s.keep + s.clusters
     assert got == [(300, 276, 83, 9), (200, 109, 33, 4), (110, 94, 29, 3)]
     shape, limits = jd.PruneSpec("sparsevlm", keep=128).plan(576, 32)
-    assert [s.keep for s in shape.stages] == [303, 110, 36]  # exact counts, not bucketed
+    assert [s.slots for s in shape.stages] == [303, 110, 36]  # exact counts, not bucketed
     assert jd.PruneSpec("sparsevlm").positions == "reindex"
 
 
@@ -63,7 +63,7 @@ def test_tokencarve_released():
     assert (s.layer, s.keep, s.query, s.source, s.merge, s.info_weight) == (2, 64, "last", "tap", 32, 0.5)
     assert jd.PruneSpec("tokencarve").positions == "original"  # RoPE at original positions
     shape, limits = jd.PruneSpec("tokencarve", keep=64).plan(576, 32)
-    assert shape.stages[0].keep == 64 and limits == (64,)
+    assert shape.stages[0].slots == 64 and limits == (64,)
 
 
 def test_bad_stages_say_what_to_do():

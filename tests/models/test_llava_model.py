@@ -67,7 +67,7 @@ def test_generation_compiles_once_per_bucket(tmp_path):
     pre, pre_am = longer(60)  # 79 tokens: the 128 bucket, a second prefill and a second cache size
     gen.generate(model, gen.Batch(pre, px, pre_am), max_new_tokens=5)
     assert gen.prefill_step._cache_size() - p0 == 2
-    from jaxdebias.models.llama import Taps  # the layer-input shortcut (bias report) = the full forward's tap
+    from jaxdebias.models.layers import Taps  # the layer-input shortcut (bias report) = the full forward's tap
 
     out = model(ids, px, am, taps=Taps(hidden_layers=(1, 2), out_layers=(1,)))
     np.testing.assert_allclose(np.asarray(llava.layer_input(model, ids, px, am, 2)), np.asarray(out.hidden_states[2]),

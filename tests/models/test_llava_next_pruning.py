@@ -231,3 +231,35 @@ def test_var_works_on_the_anyres_span(tiny):
     r = gen.generate(model, b, prune=jd.PruneSpec("fastv", keep=6, layer=2, buckets=BUCKETS), var=moved,
                      max_new_tokens=2, stop_at_eos=False)
     assert r.tokens.shape == (2, 2)
+
+
+@pytest.mark.parametrize("debias", ["pad", "per-view", "online"])
+def test_fastv_released_decode_reselects_per_view(tiny, debias):
+    """FastV's released decode on LLaVA-NeXT: each new token's row re-selects through the prefill's own debias
+    step (padding, newlines, one curve per view), equal to the NumPy re-derivation on a given row; then 8 tokens
+    decode with it."""
+    from flax import nnx
+
+    spec = jd.PruneSpec("fastv", keep=6, layer=2, buckets=BUCKETS, debias=DEBIAS[debias], decode="released")
+    prep = gen.prepare(tiny["model"], tiny["batch"], spec)
+    graphdef, state = nnx.split(tiny["model"])
+    _, out = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0), plan=prep.plan,
+                              extra=16, temperature=0.0)
+    reselect = out.reselect
+    S = out.cache.k[2].shape[1]
+    rng = np.random.default_rng(1)
+    probs = np.zeros((2, 2, 1, S), np.float32)
+    rows = []
+    for b in range(2):
+        n_img = int((tiny["ids"][b] == IMAGE_TOKEN).sum())
+        slots = np.asarray(reselect.image_slots[b, :n_img])
+        rows.append(rng.random(n_img).astype(np.float32) + 0.01)
+        probs[b, :, 0][:, slots] = rows[-1]
+    allowed = np.asarray(reselect(jax.numpy.asarray(probs)))
+    for b in range(2):
+        n_img = len(rows[b])
+        slots = np.asarray(reselect.image_slots[b, :n_img])
+        s, cand = np_debias(rows[b], b, debias)
+        assert sorted(np.nonzero(allowed[b, slots])[0].tolist()) == np_select(s, 6, cand), (b, debias)
+    r = gen.generate(tiny["model"], tiny["batch"], prune=spec, max_new_tokens=8, stop_at_eos=False)
+    assert r.tokens.shape == (2, 8)

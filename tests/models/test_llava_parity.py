@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from jaxdebias.convert import from_hf  # noqa: E402
 from jaxdebias.models.generate import Batch, generate  # noqa: E402
-from jaxdebias.models.llama import Taps  # noqa: E402
+from jaxdebias.models.layers import Taps  # noqa: E402
 
 from .hf_tiny import IMAGE_TOKEN, make_hf_llava, prompts  # noqa: E402
 

@@ -648,7 +648,7 @@ def test_prefill_flops_match_the_analytic_count():
     dense, _ = _flops(model, None)
     for keep in (64, 192):
         pruned, shape = _flops(model, jd.PruneSpec("fastv", keep=keep, layer=2))
-        Ts = T - 576 + shape.stages[0].keep
+        Ts = T - 576 + shape.stages[0].slots
         analytic_saving = 4 * (layer_flops(T) - layer_flops(Ts))  # layers 2..5 see Ts tokens instead of T
         ratio = (dense - pruned) / analytic_saving
         assert 0.97 < ratio < 1.06, ratio

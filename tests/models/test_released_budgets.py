@@ -185,6 +185,18 @@ def test_fastv(big, keep, debiased):
     np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
 
 
+def test_fastv_before(big):
+    """The debias code's "before" setting: FastV.patch's ``unpad_mask`` (no threshold), the budget capped at its
+    content, no curve."""
+    from tests.jaxdebias.test_presets import ref_unpad_mask
+
+    r = run(big, jd.PruneSpec("fastv", keep=128, debias=jd.Debias.preset("before", "fastv")))
+    ref = Reference(big)
+    content = ref_unpad_mask(W, H)
+    scores = big["attn"][1][:, ref.x.shape[1] - 1, ref.image].mean(0) * content
+    check_selection(kept(r, 0), scores, 128, content)
+
+
 @pytest.mark.parametrize("keep,debiased", BUDGETS)
 def test_pdrop(big, keep, debiased):
     spec = released("pdrop", keep, debiased)

@@ -8,7 +8,7 @@ import pytest
 import jaxdebias as jd
 from jaxdebias.models.generate import Batch, generate
 from jaxdebias.models.interventions import VarSpec
-from jaxdebias.models.llama import Taps
+from jaxdebias.models.layers import Taps
 
 torch = pytest.importorskip("torch")
 

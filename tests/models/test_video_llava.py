@@ -12,9 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from jaxdebias.convert import ConversionError, convert, from_hf, load  # noqa: E402
-from jaxdebias.convert.source import Source, detect_layout, list_weight_files  # noqa: E402
+from jaxdebias.convert.files import Source, list_weight_files  # noqa: E402
+from jaxdebias.convert.source import detect_layout  # noqa: E402
 from jaxdebias.models.generate import Batch, generate  # noqa: E402
-from jaxdebias.models.llama import Taps  # noqa: E402
+from jaxdebias.models.layers import Taps  # noqa: E402
 from jaxdebias.models.video_llava import VideoLlava, VideoLlavaConfig  # noqa: E402
 
 from .hf_tiny_video import FRAMES, FRAME_TOKENS, PATCHES, VIDEO_TOKEN, make_hf_video_llava, video_prompts  # noqa: E402

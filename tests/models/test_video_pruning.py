@@ -127,7 +127,7 @@ def test_var_on_the_video_span_matches_the_torch_reference(tiny):
     import jax.numpy as jnp
 
     from jaxdebias.models.interventions import VarSpec
-    from jaxdebias.models.llama import Taps
+    from jaxdebias.models.layers import Taps
 
     from .hf_tiny import IMAGE_TOKEN
     from .test_var import TAU, torch_var_reference

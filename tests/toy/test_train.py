@@ -48,8 +48,8 @@ def test_patch_naming_loss_is_the_cross_entropy_of_the_words_at_object_patches()
         both = train.loss_fn(state, graphdef, rest, b, "llava", 0.5)
         answers = train.loss_fn(state, graphdef, rest, b, "llava", 0.0)
         h, _ = model.embed(b["input_ids"], b["pixel_values"])
-        h, _, _ = model.language_model.run_layers(h, b["positions"], data.branch_mask(b["turns"]),
-                                                  real=b["attention_mask"])
+        h = model.language_model.run_layers(h, b["positions"], data.branch_mask(b["turns"]),
+                                            real=b["attention_mask"]).h
         logits = np.asarray(model.language_model.logits(h), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     at = np.take_along_axis(logp, b["image_positions"][..., None], axis=1)  # [B, N, V]
