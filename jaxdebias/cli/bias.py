@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 import jaxdebias as jd
 from jaxdebias.cli.figures import figure_curve
 from jaxdebias.cli.families import resolve_model
-from jaxdebias.cli.inputs import LoadedModel, check_rows, prune_spec
+from jaxdebias.cli.calibrate import check_counts
+from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, check_rows, prune_spec
 from jaxdebias.cli.runner import Runner
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.eval.files import write_json
@@ -35,6 +36,9 @@ def bias_report(data_dir: str, out_dir: str, *, method: str = "fastv", model: Lo
     visual sink tokens VAR would find (on layer 2's input; ``sink_dims`` or discovered per image). Writes
     ``bias.json`` and ``bias.png`` in ``out_dir``; returns the report. On LLaVA-NeXT the numbers are its base
     view's (the square G x G grid; "positions" says which)."""
+    check_counts(limit, batch_size, pad_tau)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise jd.UserError(f"--out {out_dir} is a file; pass a folder for bias.json and bias.png.")
     rows, image_dir = read_any(data_dir, bench)
     rows = rows[:limit]
     if any("video" in r for r in rows):
@@ -44,6 +48,8 @@ def bias_report(data_dir: str, out_dir: str, *, method: str = "fastv", model: Lo
     loaded = resolve_model(model)
     g = loaded.model.cfg.vision.grid  # the square grid reported: LLaVA-1.5's image, LLaVA-NeXT's base view
     spec = loaded.check(prune_spec(method, g * g))
+    for row in rows:
+        check_prompt_length(loaded, row["text"], 1, f"question {row['question_id']!r}")
     runner = Runner(loaded, spec, batch_size, devices=devices)
     released = {*jd.RELEASED_EXP_B, *jd.RELEASED_POLY3_INVERSE}
     curve = jd.released_curve(spec.method, "gqa") if spec.method in released else None

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 import jaxdebias as jd
 from jaxdebias.cli import anyres
 from jaxdebias.cli.figures import figure_curve
-from jaxdebias.cli.inputs import LoadedModel, prune_spec
+from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, prune_spec
 from jaxdebias.cli.runner import Runner
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.video import check_rows, figure_by_index
@@ -19,6 +19,16 @@ from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.eval.files import write_json
 
 FORMS = ("exp", "exp+c", "poly3_inverse")
+
+
+def check_counts(limit: int | None, batch_size: int, pad_tau: float) -> None:
+    """--limit, --batch and --pad-tau of calibrate and bias, checked before anything is read."""
+    if limit is not None and limit < 1:
+        raise jd.UserError(f"--limit must be >= 1, got {limit}.")
+    if batch_size < 1:
+        raise jd.UserError(f"--batch must be >= 1, got {batch_size}.")
+    if not 0.0 <= pad_tau <= 1.0:
+        raise jd.UserError(f"--pad-tau must be a fraction in [0, 1], got {pad_tau}.")
 
 
 def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "exp",
@@ -30,11 +40,17 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
     embedded default). Returns the record written."""
     if form not in FORMS:
         raise jd.UserError(f"--form must be one of {', '.join(FORMS)}, got {form!r}.")
+    check_counts(limit, batch_size, pad_tau)
+    if os.path.isdir(out):
+        raise jd.UserError(f"--out {out} is a folder; pass the curve file to write "
+                           f"({os.path.join(out, 'curve.json')}, say).")
     rows, image_dir = read_any(data_dir, bench)
     rows = rows[:limit]
     check_rows(rows, image_dir)
     loaded = resolve_model(model)
     spec = loaded.check(prune_spec(method, loaded.calibration_keep))  # only the first stage's scores are wanted
+    for row in rows:
+        check_prompt_length(loaded, row["text"], 1, f"question {row['question_id']!r}")
     runner = Runner(loaded, spec, batch_size, devices=devices)
     if loaded.view_curves:
         return _calibrate_views(loaded, runner, rows, image_dir, out, spec, form, pad_tau, log, progress)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 import jaxdebias as jd
 from jaxdebias.cli.evaluate import evaluate
-from jaxdebias.cli.inputs import LoadedModel, prune_spec
+from jaxdebias.cli.inputs import LoadedModel, describe, prune_spec
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.video import check_rows
 from jaxdebias.eval import benchmarks
@@ -41,23 +41,6 @@ def parse_methods(text: str) -> tuple[str, ...]:
     if not methods:
         raise jd.UserError("--methods names no method; give e.g. fastv,pdrop or all.")
     return methods
-
-
-def describe(spec: jd.PruneSpec) -> str:
-    """What debiasing ``spec`` applies, in words."""
-    debias, tau = spec.debias, spec.debias.tau_for(spec.method)
-    parts = []
-    if tau is not None:
-        geometry = debias.geometry_for(spec.method)
-        parts.append("unpad mask" if geometry == "unpad" else f"pad {tau:g}" + (" bilinear" if geometry == "bilinear"
-                                                                                 else ""))
-        if not spec.pad_candidates:
-            parts[-1] += ", budget capped at the content"
-    if debias.curve == "released":
-        parts.append(f"released {debias.task} curve")
-    elif debias.curve is not None:
-        parts.append("online curve" if debias.curve == "online" else "calibrated curve")
-    return " + ".join(parts) or "off"
 
 
 def _value(metrics: dict, name: str):
@@ -209,3 +192,62 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
         paths.append(summary_plot(bench, cells, os.path.join(out_dir, "summary.png")))
     log(markdown + f"wrote {', '.join(paths)}")
     return cells
+
+
+def evaluate_grids(benches, data_dir: str, out_dir: str, **kwargs) -> dict[str, list[dict]]:
+    """``evaluate_grid`` over several benchmarks: ``data_dir`` holds one folder per benchmark (LLaVA's
+    ``playground/data/eval/<bench>/`` layout; ``jaxdebias toy-bench`` writes the same), each grid goes to
+    ``out_dir/<bench>/`` (resumable per cell), and ``radar.png`` in ``out_dir`` shows every method over the
+    benchmarks. One benchmark: ``evaluate_grid`` on ``data_dir`` itself. Returns {bench: cells}."""
+    benches = list(dict.fromkeys(benches))
+    if len(benches) == 1:
+        return {benches[0]: evaluate_grid(benches[0], data_dir, out_dir, **kwargs)}
+    missing = [b for b in benches if not os.path.isdir(os.path.join(data_dir, b))]
+    if missing:
+        raise jd.UserError(f"With several benchmarks --data holds one folder per benchmark; {data_dir} has no "
+                           f"{', '.join(missing)} folder.")
+    cells = {b: evaluate_grid(b, os.path.join(data_dir, b), os.path.join(out_dir, b), **kwargs) for b in benches}
+    log = kwargs.get("log", print)
+    log(f"wrote {radar_over_benchmarks(cells, os.path.join(out_dir, 'radar.png'))}")
+    return cells
+
+
+def radar_over_benchmarks(cells_by_bench: dict[str, list[dict]], path: str) -> str:
+    """The paper's radar: one panel per method, the benchmarks as axes, one polygon per setting (paper, before,
+    after), each benchmark's headline metric relative to the unpruned model (1 = unpruned, the dashed reference;
+    raw values where a benchmark has no unpruned cell). Returns ``path``."""
+    benches = list(cells_by_bench)
+    methods = list(dict.fromkeys(c["method"] for cells in cells_by_bench.values() for c in cells
+                                 if c["variant"] != "unpruned"))
+
+    def headline(bench, method, variant):
+        by = {(c["method"], c["variant"]): c for c in cells_by_bench[bench]}
+        cell = by.get((method, variant))
+        cell = None if cell is None else by.get((method, cell.get("same_as", variant)), cell)
+        value = None if cell is None else _value(cell["metrics"], HEADLINE.get(bench, ("accuracy",))[0])
+        base = by.get(("unpruned", "unpruned"))
+        base = None if base is None else _value(base["metrics"], HEADLINE.get(bench, ("accuracy",))[0])
+        return np.nan if value is None else value / base if base else value
+
+    cols = min(3, len(methods))
+    rows = -(-len(methods) // cols)
+    fig = Figure(figsize=(3.4 * cols, 3.4 * rows))
+    angles = np.linspace(0, 2 * np.pi, len(benches), endpoint=False)
+    closed = np.append(angles, angles[0])
+    for i, method in enumerate(methods):
+        ax = fig.add_subplot(rows, cols, i + 1, projection="polar")
+        for variant, style in zip(jd.PRESETS, ("-o", "-^", "-s")):
+            values = np.array([headline(b, method, variant) for b in benches])
+            if not np.isnan(values).all():
+                ax.plot(closed, np.append(values, values[0]), style, ms=3, lw=1, label=variant)
+        ax.plot(closed, np.ones(len(closed)), "k--", lw=0.8, label="unpruned")
+        ax.set_xticks(angles)
+        ax.set_xticklabels(benches, fontsize=7)
+        ax.set_title(method, fontsize=9)
+        ax.tick_params(labelsize=6)
+    fig.axes[0].legend(fontsize=6, loc="lower left", bbox_to_anchor=(-0.3, -0.3))
+    fig.suptitle("headline metric relative to the unpruned model, per benchmark", fontsize=9)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    return path

@@ -18,8 +18,10 @@ import io
 import json
 import math
 import os
+import warnings
 from importlib import resources
 
+import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -41,10 +43,57 @@ def default_image_path() -> str:
     return str(resources.files("jaxdebias") / "assets" / "default.png")
 
 
+MAX_PIXELS = 16384 * 16384  # 2.7e8: a larger image is refused as a decompression bomb (JAXDEBIAS_MAX_IMAGE_PIXELS)
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def max_pixels() -> int:
+    """The most pixels an image may have: ``JAXDEBIAS_MAX_IMAGE_PIXELS``, else ``MAX_PIXELS``."""
+    text = os.environ.get("JAXDEBIAS_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UserError(f"JAXDEBIAS_MAX_IMAGE_PIXELS must be a whole number of pixels, got {text!r}.")
+    return int(text)
+
+
 def _open(path, data: bytes | None):
+    """The image, opened lazily (its header read), or UserError: no such file, a directory, too many pixels."""
+    if data is None and os.path.isdir(path):
+        raise UserError(f"Image {path} is a directory, not an image file.")
     if data is None and not os.path.isfile(path):
         raise UserError(f"Image {path} does not exist.")
-    return Image.open(path if data is None else io.BytesIO(data))
+    limit = max_pixels()
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # PIL's own guard off: the limit below decides
+    try:
+        image = Image.open(path if data is None else io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    if image.width * image.height > limit:
+        image.close()
+        raise UserError(f"Image {path} is {image.width} x {image.height} = {image.width * image.height:,} pixels, over "
+                        f"the limit of {limit:,} (a guard against decompression bombs). Shrink it, or raise the "
+                        f"limit: JAXDEBIAS_MAX_IMAGE_PIXELS={image.width * image.height}.")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. Colour modes convert as LLaVA's own preprocessing does (``convert("RGB")``: alpha
+    dropped, palettes looked up, CMYK mapped); high-bit-depth grey, which ``convert`` clips at 255 (16-bit grey
+    turns white), is scaled to 8 bits: I;16* from 65535; I and F from their range (F in [0, 1] from 1, values up
+    to 255 as they are, up to 65535 from 65535, beyond from the maximum)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.nan_to_num(np.asarray(image, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        top = max(float(values.max(initial=0.0)), 1e-30)
+        if image.mode.startswith("I;16") or 255 < top <= 65535:
+            top = 65535.0
+        elif image.mode == "F" and top <= 1.0:
+            top = 1.0
+        elif top <= 255:
+            top = 255.0
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the same colours; PIL warns when a palette's transparency is dropped
+    return image.convert("RGB")
 
 
 def load_image(path, data: bytes | None = None) -> Image.Image:
@@ -52,18 +101,20 @@ def load_image(path, data: bytes | None = None) -> Image.Image:
     wrong with it."""
     try:
         with _open(path, data) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return to_rgb(image)
+    except _UNREADABLE as e:
         raise UserError(f"Image {path} cannot be read ({e.__class__.__name__}: {e}).") from None
 
 
 def check_image(path, data: bytes | None = None) -> None:
-    """Decodes the whole image (a truncated file fails here, not mid-run); JPEGs cheaply, at 1/8 scale."""
+    """Decodes the whole image (a truncated file fails here, not mid-run; JPEGs cheaply, at 1/8 scale) and
+    converts a corner of it (a mode without a conversion to RGB fails here too)."""
     try:
         with _open(path, data) as image:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            to_rgb(image.crop((0, 0, 1, 1)))
+    except _UNREADABLE as e:
         raise UserError(f"Image {path} cannot be read ({e.__class__.__name__}: {e}).") from None
 
 
@@ -71,7 +122,10 @@ def row_image(row: dict, image_dir: str) -> tuple[str, bytes | None]:
     """(a name for the image of a benchmark row, its encoded bytes or None when it is a file)."""
     if "image_b64" in row:
         return f"of question {row['question_id']}", row["image_b64"]
-    return os.path.join(image_dir, row["image"]), None
+    name = row.get("image")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"Question {row.get('question_id')!r}: the image must be a file name, got {name!r}.")
+    return os.path.join(image_dir, name), None
 
 
 def check_rows(rows, image_dir) -> None:
@@ -84,9 +138,41 @@ def check_rows(rows, image_dir) -> None:
             if name in seen:
                 continue
             seen.add(name)
+            if os.path.isdir(name):
+                raise UserError(f"Image {row['image']!r} of question {row['question_id']!r} is a directory ({name}), "
+                                "not an image file.")
             if not os.path.isfile(name):
                 raise UserError(f"Image {row['image']} of question {row['question_id']} is missing from {image_dir}.")
         check_image(name, data)
+
+
+def check_prompt_length(loaded: LoadedModel, question: str, max_new_tokens: int, what: str = "--prompt") -> None:
+    """The prompt of ``question`` (the template and the model's most visual tokens around it) and ``max_new_tokens``
+    answer tokens fit in the decoder's positions (``max_position_embeddings``), or UserError naming ``what``:
+    past them a model answers from positions it never saw. Run before the first answer."""
+    limit = loaded.model.cfg.text.max_position_embeddings
+    length = len(build_prompt(loaded.tokenizer, question, loaded.n_visual)[0])
+    if length + max_new_tokens > limit:
+        raise UserError(f"The prompt of {what} is {length} tokens ({loaded.n_visual} of them visual) and up to "
+                        f"{max_new_tokens} more are generated, past the model's {limit} positions "
+                        "(max_position_embeddings). Shorten the question or lower --max-new-tokens.")
+
+
+def check_var(var: VarSpec | None, loaded: LoadedModel) -> None:
+    """VAR's sink dims and layers against the model, before anything runs: a dim past the decoder's width would
+    be clamped silently to its last one inside jit."""
+    if var is None:
+        return
+    text = loaded.model.cfg.text
+    if var.sink_dims != "discover":
+        bad = [d for d in var.sink_dims if not 0 <= d < text.hidden_size]
+        if bad:
+            raise UserError(f"--var-dims {', '.join(map(str, bad))}: the model's hidden size is {text.hidden_size}, so "
+                            f"sink dims are 0..{text.hidden_size - 1}. Pass this model's sink dims or 'discover'.")
+    try:
+        var.layer_set(text.num_layers)
+    except ValueError as e:
+        raise UserError(f"--var-layers: {e}") from None
 
 
 def preprocess(image, mean=CLIP_MEAN, std=CLIP_STD, side: int = 336):
@@ -231,7 +317,18 @@ class LoadedModel:
             spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task
         except (ValueError, KeyError) as e:
             raise UserError(str(e).strip("'\"")) from None
+        if spec.debias.curve == "released" and not self.released_curves_fit:
+            warnings.warn(f"the released {spec.method} curve was fitted on LLaVA-1.5-7B; this model's positional "
+                          "trend is its own - fit one with `jaxdebias calibrate` and pass --curve curve.json "
+                          "(or --curve online).", stacklevel=2)
         return spec
+
+    @property
+    def released_curves_fit(self) -> bool:
+        """Whether the published curves describe this model: LLaVA-1.5-7B's shape (they were fitted on it)."""
+        text = self.model.cfg.text
+        return (self.model.model_type == "llava" and not self.embedded
+                and (text.hidden_size, text.num_layers, self.model.cfg.vision.num_features) == (4096, 32, 576))
 
     def content_mask(self, size, tau: float = 0.5) -> np.ndarray:
         """bool[N], True = content: the patches of the letterboxed image that are not padding (size: the
@@ -259,15 +356,17 @@ class LoadedModel:
 def parse_debias(mode: str, pad_tau: float | str = "released", curve: str | None = None,
                  task: str = "gqa", method: str = "fastv") -> jd.Debias:
     """--debias off|pad|curve|pad+curve, with --pad-tau (a fraction or "released": each method's own) and --curve
-    FILE (a ``jaxdebias calibrate`` output), "online" or "released" (the default: the method's released curve for
-    ``task``); or one of the debias code's settings for ``method`` (``jd.Debias.preset``): paper, before, after
-    (--curve replaces the released curve of "after"; --pad-tau does not apply)."""
+    FILE (a ``jaxdebias calibrate`` output) or a curve dict, "online" or "released" (the default: the method's
+    released curve for ``task``); or one of the debias code's settings for ``method`` (``jd.Debias.preset``):
+    paper, before, after (--curve replaces the released curve of "after"; --pad-tau does not apply)."""
     if mode not in DEBIAS_MODES:
         raise UserError(f"--debias must be {', '.join(DEBIAS_MODES[:-1])} or {DEBIAS_MODES[-1]}, got {mode!r}.")
     chosen = None
     if "curve" in mode or (mode == "after" and curve is not None):
         chosen = "released" if curve is None else curve
-        if chosen not in ("released", "online"):
+        if isinstance(chosen, dict):  # a curve record (the embedded model's own)
+            chosen = jd.curve_from_dict(chosen)
+        elif chosen not in ("released", "online"):
             chosen = read_curve(chosen)
     try:
         if mode in jd.PRESETS:
@@ -278,14 +377,46 @@ def parse_debias(mode: str, pad_tau: float | str = "released", curve: str | None
         raise UserError(str(e)) from None
 
 
+def describe(spec: jd.PruneSpec) -> str:
+    """What debiasing ``spec`` applies, in words."""
+    debias, tau = spec.debias, spec.debias.tau_for(spec.method)
+    parts = []
+    if tau is not None:
+        geometry = debias.geometry_for(spec.method)
+        parts.append("unpad mask" if geometry == "unpad" else f"pad {tau:g}" + (" bilinear" if geometry == "bilinear"
+                                                                                 else ""))
+        if not spec.pad_candidates:
+            parts[-1] += ", budget capped at the content"
+    if debias.curve == "released":
+        parts.append(f"released {debias.task} curve")
+    elif debias.curve is not None:
+        parts.append("online curve" if debias.curve == "online" else "calibrated curve " + (
+            ", ".join(f"{k} {v:.3g}" for k, v in debias.curve if isinstance(v, float)) if debias.curve[0] != "views"
+            else "per view"))
+    return " + ".join(parts) or "off"
+
+
 def read_curve(path: str):
     """The curve in a file written by ``jaxdebias calibrate``."""
+    if os.path.isdir(path):
+        raise UserError(f"Curve file {path} is a directory; pass the curve.json written by jaxdebias calibrate.")
     if not os.path.isfile(path):
         raise UserError(f"Curve file {path} does not exist (write one with jaxdebias calibrate).")
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            return jd.curve_from_dict(json.load(f)["curve"])
-        except (KeyError, TypeError, ValueError) as e:
+            record = json.loads(f.read().decode("utf-8"))
+            if not isinstance(record, dict) or "curve" not in record:
+                raise ValueError(f"expected a JSON object with a 'curve' field, got {type(record).__name__}"
+                                 + (" without one" if isinstance(record, dict) else ""))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a float32 overflow: refused just below
+                curve = jd.curve_from_dict(record["curve"])
+            if not all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(curve)):
+                raise ValueError("a parameter overflows float32")
+            return curve
+        except RecursionError:
+            raise UserError(f"{path} is nested too deeply to be a curve file written by jaxdebias calibrate.") from None
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # UnicodeDecodeError is a ValueError
             raise UserError(f"{path} is not a curve file written by jaxdebias calibrate ({e}).") from None
 
 
@@ -311,10 +442,16 @@ def var_spec(dims: str | None, *, p: float = 0.6, tau: float = 20.0, rho: float 
     if dims is None:
         raise UserError("--var needs the model's sink dimensions: --var-dims 1415,2533, a model name "
                         f"({', '.join(jd.KNOWN_SINK_DIMS)}) or 'discover'.")
+    if not (math.isfinite(tau) and tau > 0):
+        raise UserError(f"--var-tau must be a positive number (the sink threshold, released 20), got {tau}.")
     try:
         if dims != "discover":
-            dims = tuple(int(d) for d in dims.split(",")) if dims[0].isdigit() else jd.known_sink_dims(dims)
+            dims = tuple(int(d) for d in dims.split(",")) if dims[:1].isdigit() else jd.known_sink_dims(dims)
         chosen = layers if layers in ("released", "intended") else tuple(int(x) for x in layers.split(","))
-        return VarSpec(sink_dims=dims, p=p, tau=tau, rho=rho, layers=chosen)
+        spec = VarSpec(sink_dims=dims, p=p, tau=tau, rho=rho, layers=chosen)
     except (ValueError, KeyError) as e:
-        raise UserError(str(e)) from None
+        raise UserError(str(e).strip("'\"")) from None
+    indices = [*(() if spec.sink_dims == "discover" else spec.sink_dims), *(() if isinstance(chosen, str) else chosen)]
+    if any(i < 0 for i in indices):
+        raise UserError(f"--var-dims and --var-layers are indices >= 0, got {[i for i in indices if i < 0]}.")
+    return spec

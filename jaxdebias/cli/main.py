@@ -1,6 +1,7 @@
 """The ``jaxdebias`` command: all argument parsing. Each command is a function over library objects (a
 ``jd.PruneSpec``, a ``jd.Debias``, a ``VarSpec``, a loaded model) in its own module; this file turns flags into
-those objects, calls it, and turns a ``jd.UserError`` into a message and exit code 2.
+those objects, calls it, and turns a ``jd.UserError`` into a message and exit code 2 (``main``: the machine's faults
+into their own codes).
 
   run        one image unpruned, pruned and pruned + debiased, with figures       (jaxdebias.cli.run)
   eval       a benchmark in the LLaVA layout, with the official files and metric (jaxdebias.cli.evaluate)
@@ -15,6 +16,8 @@ those objects, calls it, and turns a ``jd.UserError`` into a message and exit co
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 
@@ -30,6 +33,7 @@ from jaxdebias.cli.inputs import DEBIAS_MODES, parse_debias, prune_spec, var_spe
 from jaxdebias.cli.run import run, run_video
 from jaxdebias.eval.benchmarks import BENCHES
 from jaxdebias.toy import bench
+from jaxdebias.toy import curves as toy_curves
 
 
 def _add_model(p):
@@ -44,13 +48,52 @@ def _model(args):
     return args.checkpoint if args.frame_trend is None else families.with_frame_trend(args.checkpoint, args.frame_trend)
 
 
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (a threshold on a patch's padded fraction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
 def _pad_tau(text: str):
     if text == "released":
         return text
     try:
-        return float(text)
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or 'released', got {text!r}") from None
+
+
+def _count(text: str) -> int:
+    """A whole number >= 1 (questions, a batch, tokens, runs)."""
+    try:
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction or 'released', got {text!r}") from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one --help away), as every other refusal of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_debias(p):
@@ -95,12 +138,12 @@ def _add_prune(p):
 def _add_data(p, limit_help="answer only the first N questions"):
     p.add_argument("--data", required=True, help="the benchmark's folder in the LLaVA layout "
                                                  "(playground/data/eval/<bench>): question file, images, answers")
-    p.add_argument("--limit", type=int, help=limit_help)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--limit", type=_count, help=limit_help)
+    p.add_argument("--batch", type=_count, default=4)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxdebias", description="Debiased visual token pruning in JAX.")
+    parser = _Parser(prog="jaxdebias", description="Debiased visual token pruning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="answer a prompt about an image, pruned and debiased, with figures")
     _add_model(p)
@@ -108,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", help="a video as a folder of frames or an .npy [F, H, W, 3] (Video-LLaVA checkpoints)")
     p.add_argument("--prompt", default=None, help="default: a question the embedded toy model answers, "
                                                   "'What is in the picture?' with --checkpoint")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=_count, default=24)
     p.add_argument("--out", default="jaxdebias-out", help="directory for kept.png, curve.png, run.json")
     _add_prune(p)
     p = sub.add_parser("eval", help="pruned inference over a benchmark in the LLaVA layout, with its metric")
@@ -119,24 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                "<debias>-<decode>, one per setting)")
     p.add_argument("--overwrite", action="store_true", help="replace the answers already in --out (a resumed run "
                                                              "must have the same setting)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=_count, default=8)
     p.add_argument("--distributed", action="store_true", help="run under jax.distributed, one process per host "
                    "(TPU pod slices and SLURM are detected; elsewhere give the three flags below)")
     p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
-    p.add_argument("--num-processes", type=int)
+    p.add_argument("--num-processes", type=_count)
     p.add_argument("--process-id", type=int)
     p.add_argument("--gpt-judge", action="store_true", help="video benchmarks: also score merge.jsonl with the "
                    "official GPT judge (your key in OPENAI_API_KEY; an OpenAI-compatible endpoint)")
     p.add_argument("--judge-model", default="gpt-3.5-turbo")
     p.add_argument("--judge-url", default="https://api.openai.com/v1", help="OpenAI-compatible base URL")
     _add_prune(p)
-    p = sub.add_parser("eval-grid", help="eval over pruning methods x {plain, debiased}: a summary table "
-                                         "(CSV, Markdown) and plot")
+    p = sub.add_parser("eval-grid", help="eval over pruning methods x the debias settings {paper, before, after}: "
+                                         "a summary table (CSV, Markdown) and plot per benchmark, a radar over them")
     _add_model(p)
-    p.add_argument("--bench", required=True, help=", ".join(BENCHES))
+    p.add_argument("--bench", required=True, help=f"one or several, comma-separated ({', '.join(BENCHES)}); with "
+                                                  "several, --data holds one folder per benchmark")
     _add_data(p)
     p.add_argument("--out", default=None, help="output folder (default: jaxdebias-grid/<bench>-keep<K>-<decode>)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=_count, default=8)
     p.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(grid.GRID_METHODS)})")
     p.add_argument("--keep", type=int, default=64, help="visual tokens to keep (default 64)")
     p.add_argument("--no-unpruned", action="store_true", help="skip the unpruned reference row")
@@ -153,27 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fastv")
     p.add_argument("--form", default="exp", help=", ".join(FORMS))
     p.add_argument("--out", default="curve.json")
-    p.add_argument("--pad-tau", type=float, default=0.5)
+    p.add_argument("--pad-tau", type=_fraction, default=0.5)
     p = sub.add_parser("bias", help="the bias report of a method's scores over a data set")
     _add_model(p)
     _add_data(p, "use only the first N samples")
     p.add_argument("--bench", help="read --data as this benchmark (default: questions.jsonl or any known)")
     p.add_argument("--method", default="fastv")
     p.add_argument("--out", default="jaxdebias-bias")
-    p.add_argument("--pad-tau", type=float, default=0.5)
+    p.add_argument("--pad-tau", type=_fraction, default=0.5)
     p = sub.add_parser("demo", help="debias + prune synthetic LLaVA-1.5 attention (the core alone, no model)")
     p.add_argument("--keep", type=int, default=64, help="visual tokens to keep (rounded up to a bucket)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p = sub.add_parser("toy-bench", help="write generated toy-world benchmarks (POPE, GQA) in the LLaVA layout")
     p.add_argument("--out", required=True, help="output folder: one subfolder per benchmark")
-    p.add_argument("--n", type=int, default=200, help="questions per benchmark")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=_count, default=200, help="questions per benchmark")
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--bench", nargs="+", default=["pope", "gqa"], choices=["pope", "gqa"])
     p = sub.add_parser("grade-mmvet", help="MM-Vet's official GPT-4 grading of `eval --bench mmvet` answers")
     p.add_argument("--out", required=True, help="the folder `jaxdebias eval --bench mmvet` wrote (mmvet_results.json)")
     p.add_argument("--data", required=True, help="MM-Vet's folder, with mm-vet.json (from mm-vet.zip)")
     p.add_argument("--model", default="gpt-4-0613", help="grader model (default: the official gpt-4-0613)")
-    p.add_argument("--runs", type=int, default=1, help="grading runs (official default 1; the paper 5)")
+    p.add_argument("--runs", type=_count, default=1, help="grading runs (official default 1; the paper 5)")
     p.add_argument("--api-key", help="default: OPENAI_API_KEY")
     p.add_argument("--url", default="https://api.openai.com/v1", help="OpenAI-compatible base URL")
     return parser
@@ -188,17 +232,24 @@ def _var(args):
 
 
 def _debias(args) -> jd.Debias:
-    """--debias, --pad-tau, --curve; the released curve of --task, by default the benchmark's (gqa without one).
-    Without --debias: pad+curve, or off for a --method that scores nothing (random, pool)."""
-    mode = args.debias
+    """--debias, --pad-tau, --curve; the released curve of --task, by default the benchmark's (gqa without one),
+    except on the embedded toy model, whose own calibrated curve (``jaxdebias.toy.curves``) is the default: a
+    released curve describes LLaVA-1.5-7B. Without --debias: pad+curve, or off for a --method that scores nothing
+    (random, pool), or pad for one without a released curve (VisionZip, iLLaVA) unless --curve names one."""
+    mode, method = args.debias, getattr(args, "method", None) or "fastv"
+    task = args.task or getattr(args, "bench", None) or "gqa"
     if mode is None:
         try:
-            scores = jd.methods.get(getattr(args, "method", None) or "fastv").debias
+            scores = jd.methods.get(method).debias
+            released = jd.Debias.preset("after", method, task).curve is not None
         except ValueError:  # an unknown --method: prune_spec names it
-            scores = True
-        mode = "pad+curve" if scores else "off"
-    return parse_debias(mode, args.pad_tau, args.curve, args.task or getattr(args, "bench", None) or "gqa",
-                        getattr(args, "method", None) or "fastv")
+            scores = released = True
+        mode = "off" if not scores else "pad+curve" if released or args.curve is not None else "pad"
+    curve = args.curve
+    if curve is None and args.checkpoint is None and jd.METHOD_ALIASES.get(method.lower(), method.lower()) in \
+            toy_curves.METHODS:
+        curve = toy_curves.own_curve(method)  # the embedded model's own
+    return parse_debias(mode, args.pad_tau, curve, task, method)
 
 
 def _command(args) -> None:
@@ -211,8 +262,9 @@ def _command(args) -> None:
     elif args.command == "eval-grid":
         curve = None if args.curve in (None, "released") else (
             "online" if args.curve == "online" else inputs.read_curve(args.curve))
-        out = args.out or os.path.join("jaxdebias-grid", f"{args.bench}-keep{args.keep}-{args.decode}")
-        grid.evaluate_grid(args.bench, args.data, out, methods=grid.parse_methods(args.methods),
+        benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+        out = args.out or os.path.join("jaxdebias-grid", f"{'_'.join(benches)}-keep{args.keep}-{args.decode}")
+        grid.evaluate_grids(benches, args.data, out, methods=grid.parse_methods(args.methods),
                            keep=args.keep, presets=tuple(p.strip() for p in args.presets.split(",") if p.strip()),
                            curve=curve, task=args.task, decode=args.decode, unpruned=not args.no_unpruned,
                            model=_model(args), limit=args.limit, batch_size=args.batch,
@@ -239,29 +291,76 @@ def _command(args) -> None:
             prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+# Exit codes: 2 a user error (a UserError, or a flag argparse refuses); the machine's faults have their own, after
+# what is whole is kept (eval's answer file grows one flushed line per answer): 74 (EX_IOERR) the disk is full,
+# read-only or refuses a file, 75 (EX_TEMPFAIL) out of memory, 130 interrupted (Ctrl-C). Anything else is a bug
+# and keeps its traceback.
+EXIT_USER, EXIT_IO, EXIT_MEMORY, EXIT_INTERRUPTED = 2, 74, 75, 130
+DISK_FAULTS = {errno.ENOSPC: ("no space left on the device", "free some space"),
+               errno.EDQUOT: ("the disk quota is exceeded", "free some space"),
+               errno.EFBIG: ("a file grew past the file-size limit", "raise the limit (ulimit -f)"),
+               errno.EROFS: ("the file system is read-only", "pass a writable --out"),
+               errno.EACCES: ("permission denied", "check the permissions"),
+               errno.EPERM: ("operation not permitted", "check the permissions")}
+KEPT = {"eval": "the answers written so far are kept: rerun the same command to resume",
+        "eval-grid": "the answers written so far are kept: rerun the same command to resume",
+        "grade-mmvet": "the grades written so far are kept: rerun the same command to resume"}
+
+
+def _memory_advice(args) -> str:
+    flags = [f for f, attr in (("--batch 1", "batch"), ("a smaller --max-new-tokens", "max_new_tokens"))
+             if hasattr(args, attr)]
+    return f"try {' or '.join(flags)}" if flags else "close other programs or use a machine with more memory"
+
+
+def _fault(args, e: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for a fault of the machine, None for anything else."""
+    kept = KEPT.get(args.command, "nothing half-written is left: rerun the command")
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, f"interrupted; {kept}."
+    if isinstance(e, OSError) and e.errno in DISK_FAULTS:
+        what, advice = DISK_FAULTS[e.errno]
+        where = f" ({e.filename})" if e.filename else ""
+        return EXIT_IO, f"error: {what}{where}: {advice} or pass another --out; {kept}."
+    xla_oom = isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
+    if isinstance(e, MemoryError) or xla_oom:
+        detail = str(e).strip().splitlines()[0][:160] if xla_oom else "host memory"
+        return EXIT_MEMORY, f"error: out of memory ({detail}): {_memory_advice(args)}; {kept}."
+    return None
+
+
+def _toy_command(args) -> None:
+    """demo and toy-bench: the core alone and the generated benchmarks (no model to load)."""
     if args.command == "demo":
         if not 0 < args.keep <= demo.N:
-            parser.error(f"--keep must be in 1..{demo.N} (the synthetic LLaVA-1.5 image has {demo.N} visual "
-                         f"tokens), got {args.keep}")
+            raise jd.UserError(f"--keep must be in 1..{demo.N} (the synthetic LLaVA-1.5 image has {demo.N} visual "
+                               f"tokens), got {args.keep}.")
         demo.run(k=args.keep, seed=args.seed)
-        return 0
-    if args.command == "toy-bench":
-        if args.n <= 0:
-            parser.error(f"--n must be a positive number of questions, got {args.n}")
-        for kind in args.bench:
-            path = bench.write_bench(f"{args.out}/{kind}", kind, args.n, args.seed)
-            print(f"wrote {args.n} {kind} questions to {path}  (jaxdebias eval --bench {kind} --data {path})")
-        return 0
+        return
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise jd.UserError(f"--out {args.out} is a file; pass a folder.")
+    for kind in args.bench:
+        path = bench.write_bench(f"{args.out}/{kind}", kind, args.n, args.seed)
+        print(f"wrote {args.n} {kind} questions to {path}  (jaxdebias eval --bench {kind} --data {path})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: one error boundary around every command (exit codes above), one line on stderr."""
+    args = build_parser().parse_args(argv)
     try:
-        _command(args)
+        _toy_command(args) if args.command in ("demo", "toy-bench") else _command(args)
     except jd.UserError as e:
-        sys.stdout.flush()
-        print(f"jaxdebias {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        code, message = EXIT_USER, "error: " + " ".join(line.strip() for line in str(e).splitlines())
+    except (KeyboardInterrupt, OSError, MemoryError, jax.errors.JaxRuntimeError) as e:
+        fault = _fault(args, e)
+        if fault is None:
+            raise  # a bug: its traceback is what mends it
+        code, message = fault
+    else:
+        return 0
+    sys.stdout.flush()
+    print(f"jaxdebias {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 import jaxdebias as jd
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.figures import figure_curve, figure_kept
-from jaxdebias.cli.inputs import LoadedModel, default_image_path, load_image
+from jaxdebias.cli.inputs import LoadedModel, default_image_path, describe, load_image
 from jaxdebias.cli.video import figure_frames, frame_curve
 from jaxdebias.eval import video as video_eval
 from jaxdebias.eval.files import write_json
@@ -85,12 +85,13 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
         "padding_kept": {k: int((v & ~pad).sum()) for k, v in kept.items()},
         "bias_before": bias_before, "bias_after": bias_after,
         "seconds": seconds, "stage_lengths": {k: r.stage_lengths for k, r in results.items()},
-        "decode": spec.decode, "figures": figures,
+        "decode": spec.decode, "debias": describe(spec), "figures": figures,
     }
     write_json(os.path.join(out_dir, "run.json"), summary)
     log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
     log(f"kept {spec.keep} of {n} visual tokens with {spec.method}; padding patches kept: "
         f"{summary['padding_kept']['pruned']} without debias, {summary['padding_kept']['pruned + debiased']} with")
+    log(f"debiasing: {summary['debias']}")
     log(f"positional slope b: {bias_before['slope']:.5f} before, {bias_after['slope']:.5f} after debiasing; "
         f"padding/content score ratio {bias_before['pad_ratio']:.2f}")
     base = seconds["unpruned"]

@@ -7,6 +7,7 @@ import base64
 import binascii
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -17,6 +18,11 @@ SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 LETTER_CN = "请直接回答选项字母。"  # model_vqa_mmbench.py --lang cn
 QUESTION_FIELDS = ("question_id", "image", "text")
+STRINGS, ANSWERS = "strings", "answers"  # field types: a list of strings; a list of {"answer": string}
+TYPE_NAMES = {int: "a whole number", str: "a string", list: "a JSON list", dict: "a JSON object",
+              STRINGS: "a list of strings", ANSWERS: 'a list of {"answer": string}'}
+# the types of the question fields the commands use (a question id is a dict key and goes into file names)
+FIELD_TYPES = {"question_id": (int, str), "image": (str,), "text": (str,), "label": (str,), "category": (str,)}
 MME_RELEASE = "MME_Benchmark_release_version"
 
 
@@ -47,34 +53,80 @@ def image_folder(data_dir, names):
     return data_dir
 
 
+def read_text(path, what: str = "File") -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped), or UserError naming the line that is not."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be read ({e.__class__.__name__}: {e}).") from None
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as "
+                        "UTF-8.") from None
+
+
+def _kind(value) -> str:
+    """A JSON value for a message: a scalar as written, a container by its kind."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    return json.dumps(value)[:60]
+
+
+def _typed(value, types) -> bool:
+    if types == STRINGS:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if types == ANSWERS:
+        return isinstance(value, list) and all(isinstance(v, dict) and isinstance(v.get("answer"), str)
+                                               for v in value)
+    return not isinstance(value, bool) and isinstance(value, types)
+
+
+def check_fields(item, where: str, fields: dict, required=()) -> None:
+    """``item`` is a JSON object holding ``required`` and whichever of ``fields`` (name -> type or tuple of types)
+    it has with their types, or UserError saying what ``where`` holds instead."""
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: expected a JSON object, got {_kind(item)}.")
+    missing = [k for k in required if k not in item]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)} (needs {', '.join(required)}).")
+    for key, types in fields.items():
+        if key in item and not _typed(item[key], types):
+            names = " or ".join(TYPE_NAMES[t] for t in (types if isinstance(types, tuple) else (types,)))
+            raise UserError(f"{where}: {key} must be {names}, got {_kind(item[key])}.")
+
+
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to be read as JSON.") from None
+    except ValueError as e:  # a JSONDecodeError, or an integer of more than 4300 digits
+        raise UserError(f"{where}: not JSON ({e}).") from None
+
+
 def jsonl(path, need):
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {number}: not JSON ({e}).") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
-            missing = [k for k in need if k not in row]
-            if missing:
-                raise UserError(f"{path}, line {number}: missing field(s) {', '.join(missing)} (each line needs "
-                                f"{', '.join(need)}).")
-            rows.append(row)
+    for number, line in enumerate(read_text(path, "Question file").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        row = _loads(line, where)
+        check_fields(row, where, FIELD_TYPES, need)
+        rows.append(row)
     if not rows:
         raise UserError(f"{path} holds no questions.")
     return rows
 
 
-def _json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{what} {path} cannot be read ({e}).") from None
+def _json(path, what, expected: type | None = None):
+    """The JSON in ``path`` (of type ``expected`` when given), or UserError naming the file."""
+    data = _loads(read_text(path, what), f"{what} {path}")
+    if expected is not None and not _typed(data, expected):
+        raise UserError(f"{what} {path}: expected {TYPE_NAMES[expected]}, got {_kind(data)}.")
+    return data
 
 
 def read_pope(data_dir):
@@ -91,11 +143,12 @@ def read_gqa(data_dir):
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["testdev_balanced_questions.json", "data/testdev_balanced_questions.json"])
     if truth:
-        questions = _json(truth, "GQA questions")
+        questions = _json(truth, "GQA questions", dict)
         for r in rows:
             q = questions.get(str(r["question_id"]))
-            if q is None or "answer" not in q:
+            if q is None:
                 raise UserError(f"{truth}: no answer for question {r['question_id']}.")
+            check_fields(q, f"{truth}, question {r['question_id']}", {"answer": str}, ("answer",))
             r["answer"], r["balanced"] = q["answer"], q.get("isBalanced", True)
     return rows, image_folder(data_dir, ["images"])
 
@@ -113,7 +166,12 @@ def read_textvqa(data_dir):
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["TextVQA_0.5.1_val.json"])
     if truth:
-        data = _json(truth, "TextVQA annotations").get("data", [])
+        data = _json(truth, "TextVQA annotations", dict).get("data", [])
+        if not isinstance(data, list):
+            raise UserError(f"{truth}: data must be a list of annotations, got {_kind(data)}.")
+        for n, a in enumerate(data):
+            check_fields(a, f"{truth}, data item {n}", {"image_id": (str, int), "question": str, "answers": STRINGS},
+                         ("image_id", "question", "answers"))
         by_key = {(a["image_id"], a["question"].lower()): a for a in data}
         for r in rows:
             stem, question = os.path.splitext(os.path.basename(r["image"]))[0], textvqa_question(r["text"])
@@ -129,7 +187,13 @@ def read_vqav2(data_dir):
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["v2_mscoco_val2014_annotations.json"])
     if truth:
-        by_id = {a["question_id"]: a for a in _json(truth, "VQAv2 annotations")["annotations"]}
+        annotations = _json(truth, "VQAv2 annotations", dict).get("annotations")
+        if not isinstance(annotations, list):
+            raise UserError(f"{truth}: expected VQAv2's annotations file, an object with an annotations list.")
+        for n, a in enumerate(annotations):
+            check_fields(a, f"{truth}, annotation {n}", {"question_id": (int, str), "answers": ANSWERS},
+                         ("question_id", "answers"))
+        by_id = {a["question_id"]: a for a in annotations}
         for r in rows:
             a = by_id.get(r["question_id"])
             if a is None:
@@ -143,7 +207,10 @@ def read_vizwiz(data_dir):
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["val.json", "Annotations/val.json"])
     if truth:
-        by_image = {a["image"]: a for a in _json(truth, "VizWiz annotations")}
+        annotations = _json(truth, "VizWiz annotations", list)
+        for n, a in enumerate(annotations):
+            check_fields(a, f"{truth}, item {n}", {"image": str, "answers": ANSWERS}, ("image", "answers"))
+        by_image = {a["image"]: a for a in annotations}
         for r in rows:
             a = by_image.get(os.path.basename(r["image"]))
             if a is None:
@@ -156,22 +223,26 @@ def read_scienceqa(data_dir):
     """LLaVA's ScienceQA test file (a JSON list of conversations). Only the questions with an image are read:
     pruning needs an image, and LLaVA-1.5 reports the image subset (SQA-IMG)."""
     path = _find(data_dir, ["llava_test_CQM-A.json"], "ScienceQA question file")
-    items = _json(path, "ScienceQA questions")
+    items = _json(path, "ScienceQA questions", list)
     problems_path = optional_file(data_dir, ["problems.json"])
-    problems = _json(problems_path, "ScienceQA problems") if problems_path else {}
+    problems = _json(problems_path, "ScienceQA problems", dict) if problems_path else {}
     rows = []
     for n, it in enumerate(items):
-        missing = [k for k in ("id", "conversations") if k not in it]
-        if missing or not it["conversations"] or "value" not in it["conversations"][0]:
-            raise UserError(f"{path}, item {n}: missing field(s) {', '.join(missing) or 'conversations[0].value'}.")
+        check_fields(it, f"{path}, item {n}", {"id": (int, str), "image": str, "conversations": list},
+                     ("id", "conversations"))
+        if not it["conversations"]:
+            raise UserError(f"{path}, item {n}: conversations is empty.")
+        check_fields(it["conversations"][0], f"{path}, item {n}, conversations[0]", {"value": str}, ("value",))
         if "image" not in it:
             continue
         text = it["conversations"][0]["value"].replace("<image>", "").strip()
         row = {"question_id": it["id"], "image": it["image"], "text": f"{text}\n{LETTER}"}
         if problems:
             p = problems.get(str(it["id"]))
-            if p is None or "answer" not in p or "choices" not in p:
+            if p is None:
                 raise UserError(f"{problems_path}: no answer/choices for problem {it['id']}.")
+            check_fields(p, f"{problems_path}, problem {it['id']}", {"answer": int, "choices": list},
+                         ("answer", "choices"))
             row["answer"], row["n_choices"] = int(p["answer"]), len(p["choices"])
         rows.append(row)
     if not rows:
@@ -212,6 +283,18 @@ def mmbench_tsv(data_dir, lang: str = "en") -> str:
                    f"{'named' if cn else 'not named'} as Chinese (a _cn_ part){hint}.")
 
 
+def _tsv_rows(reader, path):
+    """(line number, record) of each row of a TSV, each with a value in every column and none beyond them."""
+    try:
+        for n, record in enumerate(reader, 2):
+            if None in record or None in record.values():
+                raise UserError(f"{path}, line {reader.line_num}: {'more' if None in record else 'fewer'} columns "
+                                "than the header.")
+            yield n, record
+    except csv.Error as e:
+        raise UserError(f"{path}, line {reader.line_num}: not a row of a TSV ({e}).") from None
+
+
 def read_mmbench(data_dir, lang: str = "en"):
     """An MMBench TSV (index, question, hint, A-D, answer, category, image as base64, ...); ``lang`` "cn" reads
     MMBench-CN's (same columns, Chinese text). The prompt is LLaVA's model_vqa_mmbench (``--lang``): hint,
@@ -221,7 +304,7 @@ def read_mmbench(data_dir, lang: str = "en"):
     path, instruction = mmbench_tsv(data_dir, lang), MMBENCH_FILES[lang][1]
     csv.field_size_limit(1 << 30)
     rows = []
-    with open(path, newline="") as f:
+    with io.StringIO(read_text(path, "MMBench TSV"), newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
         columns = reader.fieldnames or []
         missing = [k for k in ("index", "question", "A", "B", "image") if k not in columns]
@@ -229,7 +312,7 @@ def read_mmbench(data_dir, lang: str = "en"):
             raise UserError(f"{path}: missing column(s) {', '.join(missing)} (MMBench TSVs have index, question, "
                             "hint, A, B, C, D, answer, category, image).")
         letters = [c for c in columns if len(c) == 1 and c.isupper()]
-        for n, record in enumerate(reader, 2):
+        for n, record in _tsv_rows(reader, path):
             try:
                 raw = base64.b64decode(record["image"], validate=True)
             except (binascii.Error, ValueError, TypeError):
@@ -271,14 +354,13 @@ def read_mme(data_dir):
         folder = os.path.join(release, category, "questions_answers_YN")
         folder = folder if os.path.isdir(folder) else os.path.join(release, category)
         for txt in glob.glob(os.path.join(folder, "*.txt")):
-            with open(txt) as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    parts = line.rstrip("\n").split("\t")
-                    if len(parts) != 2:
-                        raise UserError(f"{txt}, line {n}: expected 'question<TAB>answer'.")
-                    truth[category, os.path.splitext(os.path.basename(txt))[0], mme_key(parts[0])] = parts[1].strip()
+            for n, line in enumerate(read_text(txt, "MME ground truth").split("\n"), 1):
+                if not line.strip():
+                    continue
+                parts = line.rstrip("\r").split("\t")
+                if len(parts) != 2:
+                    raise UserError(f"{txt}, line {n}: expected 'question<TAB>answer'.")
+                truth[category, os.path.splitext(os.path.basename(txt))[0], mme_key(parts[0])] = parts[1].strip()
     if truth:
         for r in rows:
             stem = os.path.splitext(os.path.basename(str(r["question_id"])))[0]
@@ -306,10 +388,9 @@ def read_mmvet_truth(path) -> dict:
     if not isinstance(truth, dict):
         raise UserError(f"{path}: expected MM-Vet's mm-vet.json, a JSON object keyed v1_0, v1_1, ...")
     for key, item in truth.items():
-        missing = [k for k in ("question", "answer", "capability") if not isinstance(item, dict) or k not in item]
-        if missing:
-            raise UserError(f"{path}, {key}: missing field(s) {', '.join(missing)}.")
-        if not isinstance(item["capability"], list) or not item["capability"]:
+        check_fields(item, f"{path}, {key}", {"question": str, "answer": str, "capability": STRINGS},
+                     ("question", "answer", "capability"))
+        if not item["capability"]:
             raise UserError(f"{path}, {key}: capability must be a non-empty list (e.g. [\"rec\", \"ocr\"]).")
     return truth
 

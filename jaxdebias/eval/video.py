@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from jaxdebias import UserError
 from jaxdebias.eval.files import atomic_open
-from jaxdebias.eval.readers import NotFound
+from jaxdebias.eval.readers import NotFound, check_fields, read_text
 
 FRAMES = 8
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -47,11 +47,16 @@ LAYOUT = {"msvd": ("MSVD_Zero_Shot_QA", "videos"), "msrvtt": ("MSRVTT_Zero_Shot_
           "tgif": ("TGIF_Zero_Shot_QA", "mp4"), "activitynet": ("Activitynet_Zero_Shot_QA", "all_test")}
 
 
+QUESTION_TYPES = {"video_name": (str, int), "question": (str,), "question_id": (int, str)}
+
+
 def _load_json_list(path, what):
+    text = read_text(path, f"The {what} file")
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
+        data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a JSON list of {what}.") from None
+    except ValueError as e:
         raise UserError(f"{path} is not valid JSON ({e}).") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}.")
@@ -81,13 +86,10 @@ def read_video_qa(bench: str, data_dir: str):
                         "they are paired by position and must have the same length.")
     rows = []
     for i, q in enumerate(questions):
-        missing = [k for k in ("video_name", "question", "question_id") if not isinstance(q, dict) or k not in q]
-        if missing:
-            raise UserError(f"{folder}/test_q.json, item {i}: missing {', '.join(missing)}.")
+        check_fields(q, f"{folder}/test_q.json, item {i}", QUESTION_TYPES, tuple(QUESTION_TYPES))
         row = {"question_id": q["question_id"], "text": q["question"], "video": str(q["video_name"])}
         if answers is not None:
-            if not isinstance(answers[i], dict) or "answer" not in answers[i]:
-                raise UserError(f"{answers_path}, item {i}: missing answer.")
+            check_fields(answers[i], f"{answers_path}, item {i}", {"answer": (str, int)}, ("answer",))
             row["answer"] = str(answers[i]["answer"])
         rows.append(row)
     return rows, os.path.join(folder, LAYOUT[bench][1])

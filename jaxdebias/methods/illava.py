@@ -10,7 +10,8 @@ last position (the merged prompt is shorter than the placeholders it came from).
 
 OneVision's release: SigLIP layers 5-8 merge 92 each (729 -> 361), the LLM stage keeps 70%. LLaVA-1.5 (ours, no
 release): CLIP layers 5-8 merge 72 each (576 -> 288, CLS never merged), and ``keep`` sets how many of the 288 the
-LLM stage keeps.
+LLM stage keeps - or, with the option ``llm_r`` (the release's ``illava_llm_r``, e.g. OneVision's 0.70), the
+release's own count: ``illava_llm_count`` merged away (0.70 on 288: 86 merged, 202 kept), ``keep`` then unused.
 
 Axes: B batch, P tower tokens, N tokens of the span, D width, H heads.
 """
@@ -66,6 +67,10 @@ class MergeStage(Stage):
 
 
 def stages(keep: int, layer: int | None, n: int, num_layers: int, options: dict) -> tuple[Stage, ...]:
+    if options.get("llm_r") is not None:  # the release's rule: a kept fraction (or a merged count) of the span
+        enc = encoder(keep, n, options)
+        m = n if enc is None else enc.size
+        keep = m - illava_llm_count(m, options["llm_r"])
     return (MergeStage(LLM_LAYER if layer is None else layer, keep, "last", "tap"),)
 
 
@@ -75,9 +80,10 @@ def encoder(keep: int, n: int, options: dict) -> EncoderStage | None:
 
 
 METHOD = Method("illava", "hulianyuyy/iLLaVA@4068149", stages, encoder=encoder,
-                budget="tokens the LLM stage keeps of what the encoder stage leaves (288 on LLaVA-1.5)",
+                budget="tokens the LLM stage keeps of what the encoder stage leaves (288 on LLaVA-1.5); with option "
+                       "llm_r, the release's fraction instead",
                 positions="original", pad_tau=0.5,
-                options=(("vit_layers", LLAVA15_VIT_LAYERS), ("vit_r", LLAVA15_VIT_R)))
+                options=(("vit_layers", LLAVA15_VIT_LAYERS), ("vit_r", LLAVA15_VIT_R), ("llm_r", None)))
 
 
 def _weighted_rows(x, rows, w):

@@ -81,3 +81,26 @@ def test_var_flags_parse():
         _var(parsed("--var"))
     with pytest.raises(jd.UserError, match="p must lie"):
         _var(parsed("--var", "--var-dims", "1", "--var-p", "2.0"))
+
+
+def test_curves_belong_to_their_model():
+    """The embedded toy model debiases with its own calibrated curve (jaxdebias/assets/toy_curves.json), a
+    checkpoint with the released one; a released curve on a model it was not fitted on warns."""
+    from jaxdebias.cli.main import _debias, build_parser
+    from jaxdebias.toy import curves as toy_curves
+
+    def debias(*flags):
+        return _debias(build_parser().parse_args(["run", *flags]))
+
+    own = toy_curves.own_curve("fastv")
+    assert own["form"] == "exp" and set(toy_curves.METHODS) <= set(json.load(open(toy_curves.path()))["curves"])
+    assert debias().curve == tuple(sorted(own.items()))
+    assert debias("--method", "pdrop").curve == tuple(sorted(toy_curves.own_curve("pdrop").items()))
+    assert debias("--checkpoint", "ckpt").curve == "released"
+    assert debias("--curve", "released").curve == "released"  # asked for: then it warns (below)
+    assert debias("--method", "visionzip") == jd.Debias(pad_tau="released", task="gqa")  # no curve: padding only
+    loaded = families.default_model()
+    with pytest.warns(UserWarning, match="fitted on LLaVA-1.5-7B.*jaxdebias calibrate"):
+        loaded.check(jd.PruneSpec("fastv", keep=64, debias=jd.Debias(curve="released", pad_tau=0.5)))
+    # the toy model's trend is its own: a calibrated slope near zero, not the 7B release's recency
+    assert abs(own["b"]) < jd.RELEASED_EXP_B["himap"]["gqa"] / 2

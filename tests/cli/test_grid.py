@@ -9,7 +9,8 @@ import pytest
 
 import jaxdebias as jd
 from jaxdebias.cli import grid
-from tests.cli.samples import write_pope
+from jaxdebias.toy import bench as toy_bench
+from tests.cli.samples import tiny_model, write_pope
 
 
 def test_eval_grid_writes_one_summary(tmp_path):
@@ -31,7 +32,7 @@ def test_eval_grid_writes_one_summary(tmp_path):
     assert debias["fastv", "paper"] == "off"
     assert debias["fastv", "before"] == "unpad mask, budget capped at the content"  # FastV.patch's unpad_mask
     assert debias["fastv", "after"] == "pad 0.5, budget capped at the content + released pope curve"
-    assert debias["visionzip", "after"] == debias["visionzip", "before"] == "pad 0.5"  # no released curve
+    assert debias["visionzip", "after"] == debias["visionzip", "before"] == "pad 0.5, budget capped at the content"
     markdown = (out / "summary.md").read_text()
     assert "| fastv |" in markdown and "| visionzip |" in markdown and "| unpruned |" in markdown
     assert "| pool |" in markdown and "| n/a | n/a | | | not applicable |" in markdown
@@ -67,3 +68,22 @@ def test_grid_table_plot_and_methods(tmp_path):
     assert grid.parse_methods("PyramidDrop, fastv") == ("pdrop", "fastv")
     with pytest.raises(jd.UserError, match="Unknown pruning method"):
         grid.parse_methods("fastv,nope")
+
+
+def test_eval_grid_over_several_benchmarks(tmp_path):
+    """--bench pope,gqa: --data holds a folder per benchmark (as toy-bench writes them), a grid per benchmark in
+    its own folder, and the radar over the benchmarks."""
+    for kind in ("pope", "gqa"):
+        toy_bench.write_bench(str(tmp_path / "data" / kind), kind, 3, 0)
+    cells = grid.evaluate_grids(["pope", "gqa"], str(tmp_path / "data"), str(tmp_path / "out"), methods=("fastv",),
+                                keep=2, presets=("paper", "after"), model=tiny_model(), limit=2, max_new_tokens=1,
+                                progress=False, log=lambda *_: None)
+    assert list(cells) == ["pope", "gqa"]
+    for bench in ("pope", "gqa"):
+        assert [(c["method"], c["variant"]) for c in cells[bench]] == [
+            ("unpruned", "unpruned"), ("fastv", "paper"), ("fastv", "after")]
+        assert (tmp_path / "out" / bench / "summary.md").is_file()
+    assert os.path.getsize(tmp_path / "out" / "radar.png") > 5000
+    with pytest.raises(jd.UserError, match="one folder per benchmark; .* has no mme folder"):
+        grid.evaluate_grids(["pope", "mme"], str(tmp_path / "data"), str(tmp_path / "out2"), methods=("fastv",),
+                            keep=2, model=tiny_model(), progress=False)

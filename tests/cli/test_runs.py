@@ -12,25 +12,15 @@ import pytest
 
 import jaxdebias as jd
 from jaxdebias.cli.evaluate import evaluate
-from jaxdebias.cli.inputs import ByteTokenizer, LoadedModel, parse_debias
-from tests.cli.samples import QUESTIONS, write_pope
+from jaxdebias.cli.inputs import parse_debias
+from tests.cli.samples import QUESTIONS, tiny_model, write_pope
 
 SPEC = jd.PruneSpec("fastv", keep=2, debias=jd.Debias(pad_tau=0.5))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny LLaVA-1.5 (2 x 2 patches, 3 decoder layers) with the byte tokenizer, in memory."""
-    from flax import nnx
-
-    from jaxdebias.models.clip import ClipVisionConfig
-    from jaxdebias.models.llama import LlamaConfig
-    from jaxdebias.models.llava import Llava, LlavaConfig
-
-    cfg = LlavaConfig(ClipVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28),
-                      LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2,
-                                  num_kv_heads=2), image_token_id=259)
-    return LoadedModel(Llava(cfg, rngs=nnx.Rngs(0)), ByteTokenizer())
+    return tiny_model()
 
 
 def ev(tiny, data, out, spec=SPEC, **kw):

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+import jaxdebias as jd
 from jaxdebias.methods import illava
 
 
@@ -133,7 +134,10 @@ class LlmMergeTest(chex.TestCase):
 
 def test_llm_count_and_constants():
     assert illava.illava_llm_count(576, 0.70) == 173  # round(172.8)
-    assert illava.illava_llm_count(288, 0.70) == 86  # round(86.4): ours keeps 202 of 288
+    assert illava.illava_llm_count(288, 0.70) == 86  # round(86.4) merged away: the release's 0.70 keeps 202 of 288
+    spec = jd.PruneSpec("illava", keep=128, options={"llm_r": 0.70})  # the release's fraction instead of --keep
+    assert [s.keep for s in spec.schedule(576, 32)] == [202]
+    assert [s.keep for s in jd.PruneSpec("illava", keep=128).schedule(576, 32)] == [128]
     assert illava.illava_llm_count(361, 0.70) == round(361 * (1 - 0.70))
     assert illava.illava_llm_count(10, 0.75) == 2  # round(2.5) = 2: Python's halves-to-even, as released
     assert illava.illava_llm_count(100, 5.0) == 5 and illava.illava_llm_count(100, 1) == 1
