@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from tqdm.auto import tqdm
 
+from jaxdebias._checks import process_alive
 from jaxdebias.convert.digest import CHECKSUM, checksum
 from jaxdebias.convert.load import FORMAT_VERSION, MARKER, config_path, dotted, nest, prepare
 from jaxdebias.convert.source import ConversionError, stream, warn_overflow
@@ -45,19 +46,6 @@ def _chunks(items, budget: int):
         yield group
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs (signal 0 checks without sending; EPERM means it runs as another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):  # not a pid at all
-        return False
-    return True
-
-
 def remove_stale_partials(dst: str) -> list[str]:
     """Removes the ``.<dst>.partial-<pid>`` folders of conversions to ``dst`` whose process no longer runs (killed
     with SIGKILL, or the machine stopped); returns their paths. A folder whose pid was reused by an unrelated
@@ -69,7 +57,7 @@ def remove_stale_partials(dst: str) -> list[str]:
     removed = []
     for name in os.listdir(parent):
         m = pattern.fullmatch(name)
-        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+        if m and int(m[1]) != os.getpid() and not process_alive(int(m[1])):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             removed.append(os.path.join(parent, name))
     return removed

@@ -7,6 +7,8 @@ user who wraps their function in ``jax.experimental.checkify.checkify`` gets the
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,3 +70,17 @@ def check_no_nan(name: str, x, where=None) -> None:
             raise ValueError(f"{message} ({count} NaN values.)")
     else:
         checkify.debug_check(~jnp.any(bad), message)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (signal 0 checks without sending; EPERM means it runs as another
+    user): tells a stale lock or partial folder from a live one."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # not a pid at all
+        return False
+    return True

@@ -144,8 +144,9 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
                   batch_size: int = 4, max_new_tokens: int = 8, log=print, progress: bool = True,
                   devices=None) -> list[dict]:
     """Every method in ``methods`` at ``keep`` under each of the debias code's settings in ``presets``
-    (``jd.Debias.preset``: paper, before, after; ``curve`` - a curve object, "online" or None for the released
-    one of ``task``, default the benchmark's - replaces the "after" curve), decoded as ``decode`` says, plus the
+    (``jd.Debias.preset``: paper, before, after; ``curve`` - a curve object, "online", a {method: curve} dict
+    (a model's own calibrated curves) or None for the released one of ``task``, default the benchmark's -
+    replaces the "after" curve), decoded as ``decode`` says, plus the
     unpruned model. A baseline that scores nothing (random, pool) runs "paper" only; a setting equal to an earlier
     one for a method (VisionZip's "after" is its "before": no curve was published) is not run again. Writes
     ``summary.csv``, ``summary.md`` and ``summary.png`` in ``out_dir`` and returns the cells. Every input and
@@ -163,8 +164,9 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
         seen = {}
         for preset in presets:
             debias = jd.Debias.preset(preset, method, task)
-            if preset == "after" and curve is not None and debias.enabled:
-                debias = dataclasses.replace(debias, curve=curve)
+            own = curve.get(method) if isinstance(curve, dict) else curve
+            if preset == "after" and own is not None and debias.enabled:
+                debias = dataclasses.replace(debias, curve=own)
             if not jd.methods.get(method).debias and preset != "paper":
                 continue
             spec = loaded.check(prune_spec(method, keep, debias, decode))

@@ -262,6 +262,8 @@ def _command(args) -> None:
     elif args.command == "eval-grid":
         curve = None if args.curve in (None, "released") else (
             "online" if args.curve == "online" else inputs.read_curve(args.curve))
+        if args.curve is None and args.checkpoint is None:  # the embedded model's own calibrated curves
+            curve = {m: jd.curve_from_dict(toy_curves.own_curve(m)) for m in toy_curves.METHODS}
         benches = [b.strip() for b in args.bench.split(",") if b.strip()]
         out = args.out or os.path.join("jaxdebias-grid", f"{'_'.join(benches)}-keep{args.keep}-{args.decode}")
         grid.evaluate_grids(benches, args.data, out, methods=grid.parse_methods(args.methods),

@@ -26,6 +26,12 @@ TOY_PROMPT = "Is there a star in the image?\nAnswer the question using a single 
 PROMPT = "What is in the picture?"
 
 
+def _log_times(log, seconds: dict, max_new_tokens: int) -> None:
+    base = seconds["unpruned"]
+    log(f"time for prefill + {max_new_tokens} tokens: " + ", ".join(
+        f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in seconds.items()))
+
+
 def _three_ways(loaded, batch, spec, var, max_new_tokens):
     """({name: GenerateResult}, {name: seconds}) of the batch answered unpruned, pruned by ``spec`` without its
     debiasing, and with it; each timed after a first call that compiles it."""
@@ -94,9 +100,7 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
     log(f"debiasing: {summary['debias']}")
     log(f"positional slope b: {bias_before['slope']:.5f} before, {bias_after['slope']:.5f} after debiasing; "
         f"padding/content score ratio {bias_before['pad_ratio']:.2f}")
-    base = seconds["unpruned"]
-    log(f"time for prefill + {max_new_tokens} tokens: " + ", ".join(
-        f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in seconds.items()))
+    _log_times(log, seconds, max_new_tokens)
     log(f"figures: {', '.join(figures)}")
     return summary
 
@@ -145,7 +149,5 @@ def run_video(spec: jd.PruneSpec, *, model: LoadedModel | str, video: str, promp
     log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
     log(f"kept {spec.keep} of {n} visual tokens ({F} frames x {per}) with {spec.method}; per frame: "
         f"{summary['kept_per_frame']['pruned']} without debias, {summary['kept_per_frame']['pruned + debiased']} with")
-    base = seconds["unpruned"]
-    log(f"time for prefill + {max_new_tokens} tokens: " + ", ".join(
-        f"{k} {v * 1e3:.0f} ms ({v / base:.2f}x)" for k, v in seconds.items()))
+    _log_times(log, seconds, max_new_tokens)
     return summary

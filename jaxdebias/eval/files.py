@@ -15,6 +15,7 @@ import os
 import tempfile
 
 from jaxdebias import UserError
+from jaxdebias._checks import process_alive
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ def exclusive(path):
                     pid = int(f.read().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid > 0 and pid != os.getpid() and _alive(pid):
+            if pid > 0 and pid != os.getpid() and process_alive(pid):
                 raise UserError(f"Another process (pid {pid}) is writing to {os.path.dirname(os.path.abspath(path))}; "
                                 "wait for it to finish or pass another --out.") from None
             with contextlib.suppress(FileNotFoundError):
@@ -137,13 +138,3 @@ def exclusive(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
