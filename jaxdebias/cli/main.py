@@ -317,7 +317,7 @@ def _memory_advice(args) -> str:
 
 def _fault(args, e: BaseException) -> tuple[int, str] | None:
     """(exit code, one-line message) for a fault of the machine, None for anything else."""
-    kept = KEPT.get(args.command, "nothing half-written is left: rerun the command")
+    kept = KEPT.get(args.command, "rerun the command")
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED, f"interrupted; {kept}."
     if isinstance(e, OSError) and e.errno in DISK_FAULTS:

@@ -351,6 +351,8 @@ def read_mme(data_dir):
     release = image_folder(data_dir, [MME_RELEASE])
     truth = {}
     for category in {r["category"] for r in rows}:
+        if not category or "\x00" in category or "/" in category or category in (".", ".."):
+            raise UserError(f"{path}: category {category!r} is not a folder name of {release}.")
         folder = os.path.join(release, category, "questions_answers_YN")
         folder = folder if os.path.isdir(folder) else os.path.join(release, category)
         for txt in glob.glob(os.path.join(folder, "*.txt")):
