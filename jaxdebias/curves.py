@@ -142,6 +142,16 @@ def curve_to_dict(curve: Curve) -> dict:
     raise TypeError(f"Not a curve: {type(curve).__name__}.")
 
 
+def _finite(v) -> bool:
+    """A JSON number that is finite as a float32 (``1e39`` and a 400-digit integer are not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and abs(float(v)) <= 3.4e38
+    except OverflowError:
+        return False
+
+
 def curve_from_dict(d: dict) -> Curve:
     """Builds a curve from ``curve_to_dict`` output (e.g. a calibrated ``curve.json``). Raises ValueError for an
     unknown form, a missing field, or a parameter that is not a finite number (a NaN curve would zero every
@@ -152,14 +162,18 @@ def curve_from_dict(d: dict) -> Curve:
     for name, value in d.items():
         if name in ("form", "views"):
             continue
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                 for v in values):
-            raise ValueError(f"Curve parameter {name!r} must be a finite number (or a list of them), got {value!r}.")
+        listed = name == "coeffs"  # poly3_inverse's coefficients; every other parameter is one number
+        values = value if listed and isinstance(value, (list, tuple)) else [value]
+        if not values or not all(_finite(v) for v in values):
+            kind = "a list of finite numbers" if listed else "a finite number"
+            raise ValueError(f"Curve parameter {name!r} must be {kind}, got {value!r}.")
     try:
         if form == "exp":
             return ExpCurve(jnp.float32(d["b"]))
         if form == "poly3_inverse":
+            if not isinstance(d["coeffs"], (list, tuple)) or len(d["coeffs"]) != 4:
+                raise ValueError(f"A poly3_inverse curve has 4 coefficients (c0 + c1 i + c2 i^2 + c3 i^3), got "
+                                 f"{d['coeffs']!r}.")
             return PolyInverseCurve(jnp.asarray(d["coeffs"], jnp.float32))
         if form == "exp+c":
             return ExpConstCurve(jnp.float32(d["a"]), jnp.float32(d["b"]), jnp.float32(d["c"]))

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 import jaxdebias as jd
-from jaxdebias.cli.inputs import LoadedModel
+from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, check_var
 from jaxdebias.cli.runner import Runner
 from jaxdebias.cli.families import model_identity, resolve_model
 from jaxdebias.cli.video import check_rows
@@ -67,9 +67,8 @@ def _answer(rows, image_dir, path, done, *, loaded, spec, var, batch_size, max_n
     try:
         for row, _, result, i in runner(rows, image_dir, max_new_tokens):
             line = _answer_line(row, loaded.decode(result.tokens[i]), model_id)
-            f = f or open(path, "a")
-            f.write(json.dumps(line) + "\n")
-            f.flush()  # one write per answer, flushed: a kill leaves whole lines
+            f = f or open(path, "ab", buffering=0)
+            _append_whole(f, (json.dumps(line) + "\n").encode())  # a kill or a full disk leaves whole lines
             done[_key(row)] = line
             tokens += len(result.tokens[i])
             bar.update(1)
@@ -78,6 +77,19 @@ def _answer(rows, image_dir, path, done, *, loaded, spec, var, batch_size, max_n
         if f is not None:
             f.close()
         bar.close()  # before any error message, so that it starts on a line of its own
+
+
+def _append_whole(f, data: bytes) -> None:
+    """Appends ``data`` to the unbuffered file ``f`` in full, or not at all: a short or failed write (a full disk,
+    a file-size limit, an interrupt) is cut back to where it started."""
+    start = f.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+    except BaseException:
+        f.truncate(start)
+        raise
 
 
 def _check_unique(rows, bench) -> None:
@@ -100,6 +112,19 @@ def _drop_stale(path, done, rows) -> None:
         del done[k]
     with atomic_open(path) as f:
         f.writelines(json.dumps(line) + "\n" for line in done.values())
+
+
+def _checked_model(model, spec, var, todo, image_dir, max_new_tokens) -> LoadedModel:
+    """The model, loaded once every question still to answer has been checked against it: its image decodes, the
+    spec and VAR fit the model, and its prompt plus the answer fits the decoder's positions."""
+    check_rows(todo, image_dir)
+    loaded = resolve_model(model)
+    if spec is not None:
+        loaded.check(spec)
+    check_var(var, loaded)
+    for r in todo:
+        check_prompt_length(loaded, r["text"], max_new_tokens, f"question {r['question_id']!r}")
+    return loaded
 
 
 def _check_out(out_dir) -> None:
@@ -151,10 +176,7 @@ def evaluate(bench: str, data_dir: str, out_dir: str, *, spec: jd.PruneSpec | No
     done = {} if overwrite else read_answers(part(process))
     loaded, todo = None, [r for r in mine if _key(r) not in done]  # a question edited since: a new key
     if todo:  # every check that can fail runs before the folder is made or a line written
-        check_rows(todo, image_dir)  # every image decodes
-        loaded = resolve_model(model)
-        if spec is not None:
-            loaded.check(spec)
+        loaded = _checked_model(model, spec, var, todo, image_dir, max_new_tokens)
     os.makedirs(out_dir, exist_ok=True)
     with exclusive(part(process) + ".lock"):
         if overwrite:
@@ -168,10 +190,7 @@ def evaluate(bench: str, data_dir: str, out_dir: str, *, spec: jd.PruneSpec | No
         todo = [r for r in mine if _key(r) not in done]
         if todo:
             if loaded is None:  # another process answered meanwhile, then a question changed: check again
-                check_rows(todo, image_dir)
-                loaded = resolve_model(model)
-                if spec is not None:
-                    loaded.check(spec)
+                loaded = _checked_model(model, spec, var, todo, image_dir, max_new_tokens)
             _answer(todo, image_dir, part(process), done, loaded=loaded, spec=spec, var=var, batch_size=batch_size,
                     max_new_tokens=max_new_tokens, devices=devices, progress=progress,
                     desc=f"{bench} {'unpruned' if spec is None else f'{spec.method} keep {spec.keep}'}")

@@ -317,6 +317,11 @@ class LoadedModel:
             spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task
         except (ValueError, KeyError) as e:
             raise UserError(str(e).strip("'\"")) from None
+        curve = spec.debias.curve
+        if isinstance(curve, tuple) and curve and curve[0] == "views" and not self.view_curves:
+            raise UserError("This curve has one part per view (form 'views': calibrated on LLaVA-NeXT's base view "
+                            f"and tiles); {type(self.model).__name__} has one view. Calibrate a curve on this model "
+                            "(jaxdebias calibrate) or use --curve online.")
         if spec.debias.curve == "released" and not self.released_curves_fit:
             warnings.warn(f"the released {spec.method} curve was fitted on LLaVA-1.5-7B; this model's positional "
                           "trend is its own - fit one with `jaxdebias calibrate` and pass --curve curve.json "

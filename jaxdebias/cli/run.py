@@ -12,7 +12,8 @@ import numpy as np
 import jaxdebias as jd
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.figures import figure_curve, figure_kept
-from jaxdebias.cli.inputs import LoadedModel, default_image_path, describe, load_image
+from jaxdebias.cli.inputs import (LoadedModel, check_prompt_length, check_var, default_image_path, describe,
+                                  load_image)
 from jaxdebias.cli.video import figure_frames, frame_curve
 from jaxdebias.eval import video as video_eval
 from jaxdebias.eval.files import write_json
@@ -67,7 +68,10 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
         raise jd.UserError("This is a Video-LLaVA checkpoint: ask about a video with --video FRAMES_DIR (or an .npy "
                            "[F, H, W, 3]); image questions on Video-LLaVA are not wired to `jaxdebias run`.")
     loaded.check(spec)
-    request = loaded.request(picture, prompt or (TOY_PROMPT if loaded.embedded else PROMPT))
+    prompt = prompt or (TOY_PROMPT if loaded.embedded else PROMPT)
+    check_var(var, loaded)
+    check_prompt_length(loaded, prompt, max_new_tokens)
+    request = loaded.request(picture, prompt)
     batch = loaded.batch([request])
     results, seconds = _three_ways(loaded, batch, spec, var, max_new_tokens)
     if loaded.embedded:
@@ -124,6 +128,8 @@ def run_video(spec: jd.PruneSpec, *, model: LoadedModel | str, video: str, promp
         spec = dataclasses.replace(spec, debias=dataclasses.replace(spec.debias, pad_tau=None))
         log("video frames are centre-cropped: no letterbox padding to suppress (the curve part of --debias runs)")
     loaded.check(spec)
+    check_var(var, loaded)
+    check_prompt_length(loaded, prompt, max_new_tokens)
     frames = video_eval.read_frames(video, loaded.model.cfg.frames)
     request = loaded.request(frames, prompt)
     batch = loaded.batch([request])

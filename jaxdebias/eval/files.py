@@ -69,13 +69,13 @@ def read_answers(path) -> dict:
     if len(whole) != len(data):
         with open(path, "wb") as f:
             f.write(whole)
-    for number, line in enumerate(whole.decode().splitlines(), 1):
+    for number, line in enumerate(whole.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode())
             done[row["question_id"], row["prompt"]] = row
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: not UTF-8 or not JSON
             raise UserError(f"{path}, line {number}: not an answer line ({e.__class__.__name__}: {e}); remove the "
                             "file or the line to answer those questions again.") from None
     return done

@@ -62,7 +62,7 @@ def test_run_on_a_next_checkpoint(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["run", "--checkpoint", checkpoint, "--image", str(image), "--prompt", "what?", "--method", "fastv",
                  "--keep", "8", "--debias", "pad+curve", "--curve", "online", "--max-new-tokens", "3",
-                 "--out", str(out)])
+                 "--decode", "fast", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     summary = json.load(open(out / "run.json"))
     assert summary["kept"] == {"pruned": 8, "pruned + debiased": 8}

@@ -100,6 +100,16 @@ def test_run_time_checks_come_first_and_files_honour_the_umask(tiny, tmp_path):
     nan.write_text('{"curve": {"form": "exp", "b": NaN}}')
     with pytest.raises(jd.UserError, match="finite number"):
         parse_debias("curve", curve=str(nan))
+    for bad, named in [('{"curve": {"form": "poly3_inverse", "coeffs": [1, 2, 3]}}', "4 coefficients"),
+                       ('{"curve": {"form": "exp", "b": [0.001]}}', "finite number"),
+                       ('{"curve": {"form": "exp", "b": 1e39}}', "finite number")]:
+        nan.write_text(bad)
+        with pytest.raises(jd.UserError, match=named):
+            parse_debias("curve", curve=str(nan))
+    views = jd.Debias(curve=[{"form": "exp", "b": 0.001}, {"form": "exp", "b": 0.002}])  # LLaVA-NeXT's form
+    with pytest.raises(jd.UserError, match="one part per view"):
+        ev(tiny, data, tmp_path / "o4", spec=jd.PruneSpec("fastv", keep=2, debias=views))
+    assert not (tmp_path / "o4").exists()
     old = os.umask(0o022)
     try:
         ev(tiny, data, tmp_path / "o3")

@@ -57,7 +57,9 @@ def test_run_on_a_video(checkpoint, tmp_path, capsys):
     summary = json.load(open(out / "run.json"))
     assert summary["visual_tokens"] == 40 and summary["kept"] == {"pruned": 16, "pruned + debiased": 16}
     assert sum(summary["kept_per_frame"]["pruned + debiased"]) == 16 and summary["frame_trend"] == "frame"
-    assert summary["stage_lengths"]["pruned"][1][2] == summary["stage_lengths"]["unpruned"][0][2] - 40 + 16
+    # FastV decoded as released (the default): mask mode, nothing leaves the sequence, each token re-selects
+    assert summary["decode"] == "released"
+    assert summary["stage_lengths"]["pruned"][1][2] == summary["stage_lengths"]["unpruned"][0][2]
     for f in summary["figures"]:
         assert os.path.getsize(f) > 3000
     assert "no letterbox padding" not in capsys.readouterr().out  # --debias curve has no padding part
@@ -76,6 +78,7 @@ def test_eval_on_a_video_benchmark_and_judge(checkpoint, tmp_path, capsys):
     answers = [json.loads(x)["text"] for x in open(out / "msvd_answers.jsonl")]
     assert [x["pred"] for x in lines] == answers
     metrics = json.load(open(out / "msvd_metrics.json"))
+    assert metrics.pop("setting")["method"] == "fastv"
     assert metrics == {"exact_match": sum(a.strip().lower().rstrip(".") == g for a, g in
                                           zip(answers, ["dog", "running"])) / 2, "n": 2}
     scores = cli_video.judge("msvd", str(out), complete=lambda messages, model: "{'pred': 'no', 'score': 2}",
