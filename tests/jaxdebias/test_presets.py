@@ -5,6 +5,8 @@ the released curve), checked against NumPy transcriptions of the patches' code."
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxdebias as jd
 
@@ -41,6 +43,17 @@ def test_unpad_geometry_over_thousands_of_sizes():
     got = np.asarray(jax.jit(lambda w, h: jd.pad_mask_expand2square(w, h, geometry="unpad"))(ws, hs))
     for (w, h), g in zip(sizes, got):
         np.testing.assert_array_equal(g, ref_unpad_mask(w, h), err_msg=f"{w}x{h}")
+
+
+@given(w=st.integers(1, 100_000), h=st.integers(1, 100_000), grid=st.sampled_from([2, 3, 24, 27]))
+@settings(max_examples=200, deadline=None)
+def test_unpad_geometry_properties(w, h, grid):
+    got = np.asarray(jd.pad_mask_expand2square(w, h, grid=grid, canvas=grid * 14, geometry="unpad"))
+    np.testing.assert_array_equal(got, ref_unpad_mask(w, h, grid))
+    lines = got.reshape(grid, grid).all(1 if w >= h else 0)
+    new = grid * min(w, h) // max(w, h)
+    assert new <= lines.sum() <= new + 1  # G - 2 pad with pad = (G - new) // 2 (an extreme shape keeps nothing)
+    assert (lines == lines[::-1]).all()  # symmetric: pad on both sides
 
 
 @pytest.mark.parametrize("keep", [64, 300, 576])
