@@ -120,3 +120,18 @@ def _tower_rules(canonical: str, param: str) -> list:
 
 # Video-LLaVA's two towers (``image_tower.*``, ``video_tower.*`` canonical keys)
 CANONICAL += _tower_rules("image_tower", "image_tower") + _tower_rules("video_tower", "video_tower")
+
+
+# SigLIP vision tower (jaxdebias.models.siglip, LLaVA-OneVision's; not wired into the planner yet): canonical
+# ``vision.*`` keys (the layouts above map ``vision_tower.vision_model.`` there) -> ``vision_tower.*`` parameters.
+# The encoder layers are named as CLIP's; SigLIP adds the patch convolution's bias, has no CLS embedding or
+# pre-layernorm, and its post_layernorm is a parameter of the port; the attention-pooling head is never built.
+SIGLIP: list[tuple[str, str | None, object]] = [
+    (r"vision\.embeddings\.patch_embedding\.weight", "vision_tower.patch_embedding", conv_to_hwio),
+    (r"vision\.embeddings\.patch_embedding\.bias", "vision_tower.patch_bias", None),
+    (r"vision\.embeddings\.position_embedding\.weight", "vision_tower.position_embedding", None),
+    (r"vision\.embeddings\.position_ids", None, None),
+    *[(rf"vision\.post_layernorm\.{a}", f"vision_tower.post_layernorm.{b}", None) for a, b in _LN],
+    (r"vision\.head\..*", None, None),  # vision_use_head's pooling head (OneVision's configs set it False)
+    *[rule for rule in CANONICAL if rule[0].startswith(r"vision\.encoder\.")],
+]
