@@ -38,13 +38,13 @@ import os
 
 from PIL import Image
 
-from jaxdebias.cli import inputs
+from jaxdebias.cli import images
 
 os.makedirs(OUT, exist_ok=True)
 if DATA is None:  # a tiny POPE-style sample: letterboxed images of three aspect ratios, yes/no labels
     DATA = os.path.join(OUT, "sample")
     os.makedirs(os.path.join(DATA, "images"), exist_ok=True)
-    base = Image.open(inputs.default_image_path())
+    base = Image.open(images.default_image_path())
     with open(os.path.join(DATA, "questions.jsonl"), "w") as f:
         for i, (size, obj, label) in enumerate([((640, 427), "ball", "yes"), ((427, 640), "car", "no"),
                                                 ((500, 500), "tree", "yes"), ((800, 300), "dog", "no"),
@@ -71,7 +71,7 @@ rows, image_dir = read_any(DATA, "pope")
 keep_all = jd.PruneSpec("fastv", keep=loaded.n_visual)
 calibration = jd.Calibration.init(loaded.n_visual)
 for row in rows[:LIMIT]:
-    request = loaded.request(inputs.load_image(os.path.join(image_dir, row["image"])), row["text"])
+    request = loaded.request(images.load_image(os.path.join(image_dir, row["image"])), row["text"])
     result = generate(loaded.model, loaded.batch([request]), prune=keep_all, max_new_tokens=1)
     calibration = calibration.update(result.scores, loaded.content_mask(request.size)[None])
 curve = calibration.fit("exp")

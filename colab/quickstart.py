@@ -56,12 +56,12 @@ import jax
 import numpy as np
 
 import jaxdebias as jd
-from jaxdebias.cli import families, figures, inputs
+from jaxdebias.cli import families, figures, images
 from jaxdebias.models.generate import generate
 
 print("devices:", jax.devices())
 loaded = families.load_model(CHECKPOINT)  # onto the device in bf16; None: the embedded toy model
-request = loaded.request(inputs.load_image(IMAGE or inputs.default_image_path()), PROMPT)
+request = loaded.request(images.load_image(IMAGE or images.default_image_path()), PROMPT)
 batch = loaded.batch([request])
 debias = jd.Debias(curve="released", pad_tau=0.5, task="gqa")
 specs = {"unpruned": None, "pruned": jd.PruneSpec(METHOD, keep=KEEP),

@@ -15,7 +15,8 @@ import os
 
 from jaxdebias import UserError
 from jaxdebias.cli.anyres import NextLoadedModel
-from jaxdebias.cli.inputs import CLIP_MEAN, CLIP_STD, HFTokenizer, LoadedModel
+from jaxdebias.cli.images import CLIP_MEAN, CLIP_STD
+from jaxdebias.cli.inputs import HFTokenizer, LoadedModel
 from jaxdebias.cli.video import VideoLoadedModel
 from jaxdebias.convert.load import load
 from jaxdebias.convert.source import ConversionError

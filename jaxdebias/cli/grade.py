@@ -19,7 +19,8 @@ from jaxdebias import UserError
 from jaxdebias.eval import mmvet
 from jaxdebias.eval.benchmarks import MMVET_RESULTS
 from jaxdebias.eval.files import write_json
-from jaxdebias.eval.readers import MMVET_TRUTH, optional_file, read_mmvet_truth
+from jaxdebias.eval.reading import optional_file
+from jaxdebias.eval.readers import MMVET_TRUTH, read_mmvet_truth
 
 GRADE_FILE = "mmvet_gpt_grade.json"
 MMVET_ZIP = "https://github.com/yuweihao/MM-Vet/releases/download/v1/mm-vet.zip"

@@ -53,8 +53,9 @@ def _cell(value) -> str:
 
 
 LEGEND = ("paper: the method as its authors released it (no debiasing); before: letterbox padding suppressed as "
-          "the debias code's patch does it, no positional curve; after: padding and the released positional curve "
-          "(intcomp/attention-bias@e75ebe7, the eval scripts' --tag). Which of paper and before gave the paper's "
+          "the debias code's patch does it, no positional curve; after: padding and the positional curve - the "
+          "released one, or the model's own (the embedded toy model's, or --curve) - (intcomp/attention-bias@e75ebe7, "
+          "the eval scripts' --tag). Which of paper and before gave the paper's "
           "'Original' bars is not published.")
 
 
@@ -217,7 +218,8 @@ def evaluate_grids(benches, data_dir: str, out_dir: str, **kwargs) -> dict[str, 
 def radar_over_benchmarks(cells_by_bench: dict[str, list[dict]], path: str) -> str:
     """The paper's radar: one panel per method, the benchmarks as axes, one polygon per setting (paper, before,
     after), each benchmark's headline metric relative to the unpruned model (1 = unpruned, the dashed reference;
-    raw values where a benchmark has no unpruned cell). Returns ``path``."""
+    raw values where a benchmark has no unpruned cell); with fewer than three benchmarks a radar has no area, so
+    each panel shows grouped bars instead. Returns ``path``."""
     benches = list(cells_by_bench)
     methods = list(dict.fromkeys(c["method"] for cells in cells_by_bench.values() for c in cells
                                  if c["variant"] != "unpruned"))
@@ -233,17 +235,28 @@ def radar_over_benchmarks(cells_by_bench: dict[str, list[dict]], path: str) -> s
 
     cols = min(3, len(methods))
     rows = -(-len(methods) // cols)
+    polar = len(benches) >= 3
     fig = Figure(figsize=(3.4 * cols, 3.4 * rows))
     angles = np.linspace(0, 2 * np.pi, len(benches), endpoint=False)
     closed = np.append(angles, angles[0])
     for i, method in enumerate(methods):
-        ax = fig.add_subplot(rows, cols, i + 1, projection="polar")
-        for variant, style in zip(jd.PRESETS, ("-o", "-^", "-s")):
-            values = np.array([headline(b, method, variant) for b in benches])
-            if not np.isnan(values).all():
-                ax.plot(closed, np.append(values, values[0]), style, ms=3, lw=1, label=variant)
-        ax.plot(closed, np.ones(len(closed)), "k--", lw=0.8, label="unpruned")
-        ax.set_xticks(angles)
+        ax = fig.add_subplot(rows, cols, i + 1, projection="polar" if polar else None)
+        values = {v: np.array([headline(b, method, v) for b in benches]) for v in jd.PRESETS}
+        top = max([1.05] + [float(np.nanmax(x)) * 1.05 for x in values.values() if not np.isnan(x).all()])
+        for j, (variant, style) in enumerate(zip(jd.PRESETS, ("-o", "-^", "-s"))):
+            if np.isnan(values[variant]).all():
+                continue
+            if polar:
+                ax.plot(closed, np.append(values[variant], values[variant][0]), style, ms=3, lw=1, label=variant)
+            else:
+                ax.bar(np.arange(len(benches)) + (j - 1) * 0.27, values[variant], 0.27, label=variant)
+        if polar:
+            ax.plot(closed, np.ones(len(closed)), "k--", lw=0.8, label="unpruned")
+            ax.set_xticks(angles)
+        else:
+            ax.axhline(1.0, color="k", ls="--", lw=0.8, label="unpruned")
+            ax.set_xticks(np.arange(len(benches)))
+        ax.set_ylim(0, top)
         ax.set_xticklabels(benches, fontsize=7)
         ax.set_title(method, fontsize=9)
         ax.tick_params(labelsize=6)

@@ -16,7 +16,6 @@ into their own codes).
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import sys
 import jax
 
 import jaxdebias as jd
-from jaxdebias.cli import demo, families, grid, inputs, video
+from jaxdebias.cli import demo, faults, families, grid, inputs, video
 from jaxdebias.cli.bias import bias_report
 from jaxdebias.cli.calibrate import FORMS, calibrate
 from jaxdebias.cli.evaluate import evaluate
@@ -293,44 +292,6 @@ def _command(args) -> None:
             prompt=args.prompt, out_dir=args.out, max_new_tokens=args.max_new_tokens, var=_var(args))
 
 
-# Exit codes: 2 a user error (a UserError, or a flag argparse refuses); the machine's faults have their own, after
-# what is whole is kept (eval's answer file grows one flushed line per answer): 74 (EX_IOERR) the disk is full,
-# read-only or refuses a file, 75 (EX_TEMPFAIL) out of memory, 130 interrupted (Ctrl-C). Anything else is a bug
-# and keeps its traceback.
-EXIT_USER, EXIT_IO, EXIT_MEMORY, EXIT_INTERRUPTED = 2, 74, 75, 130
-DISK_FAULTS = {errno.ENOSPC: ("no space left on the device", "free some space"),
-               errno.EDQUOT: ("the disk quota is exceeded", "free some space"),
-               errno.EFBIG: ("a file grew past the file-size limit", "raise the limit (ulimit -f)"),
-               errno.EROFS: ("the file system is read-only", "pass a writable --out"),
-               errno.EACCES: ("permission denied", "check the permissions"),
-               errno.EPERM: ("operation not permitted", "check the permissions")}
-KEPT = {"eval": "the answers written so far are kept: rerun the same command to resume",
-        "eval-grid": "the answers written so far are kept: rerun the same command to resume",
-        "grade-mmvet": "the grades written so far are kept: rerun the same command to resume"}
-
-
-def _memory_advice(args) -> str:
-    flags = [f for f, attr in (("--batch 1", "batch"), ("a smaller --max-new-tokens", "max_new_tokens"))
-             if hasattr(args, attr)]
-    return f"try {' or '.join(flags)}" if flags else "close other programs or use a machine with more memory"
-
-
-def _fault(args, e: BaseException) -> tuple[int, str] | None:
-    """(exit code, one-line message) for a fault of the machine, None for anything else."""
-    kept = KEPT.get(args.command, "rerun the command")
-    if isinstance(e, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, f"interrupted; {kept}."
-    if isinstance(e, OSError) and e.errno in DISK_FAULTS:
-        what, advice = DISK_FAULTS[e.errno]
-        where = f" ({e.filename})" if e.filename else ""
-        return EXIT_IO, f"error: {what}{where}: {advice} or pass another --out; {kept}."
-    xla_oom = isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
-    if isinstance(e, MemoryError) or xla_oom:
-        detail = str(e).strip().splitlines()[0][:160] if xla_oom else "host memory"
-        return EXIT_MEMORY, f"error: out of memory ({detail}): {_memory_advice(args)}; {kept}."
-    return None
-
-
 def _toy_command(args) -> None:
     """demo and toy-bench: the core alone and the generated benchmarks (no model to load)."""
     if args.command == "demo":
@@ -352,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _toy_command(args) if args.command in ("demo", "toy-bench") else _command(args)
     except jd.UserError as e:
-        code, message = EXIT_USER, "error: " + " ".join(line.strip() for line in str(e).splitlines())
+        code, message = faults.EXIT_USER, "error: " + " ".join(line.strip() for line in str(e).splitlines())
     except (KeyboardInterrupt, OSError, MemoryError, jax.errors.JaxRuntimeError) as e:
-        fault = _fault(args, e)
+        fault = faults.fault(args.command, args, e)
         if fault is None:
             raise  # a bug: its traceback is what mends it
         code, message = fault

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 import jaxdebias as jd
-from jaxdebias.cli import inputs
+from jaxdebias.cli import images as image_files
 from jaxdebias.cli.figures import _save
 from jaxdebias.cli.inputs import LoadedModel, Request, build_prompt
 from jaxdebias.eval import video as video_eval
@@ -29,7 +29,7 @@ from jaxdebias.eval.files import write_json
 UserError = jd.UserError
 
 
-def preprocess_frames(frames, mean=inputs.CLIP_MEAN, std=inputs.CLIP_STD, side: int = 224):
+def preprocess_frames(frames, mean=image_files.CLIP_MEAN, std=image_files.CLIP_STD, side: int = 224):
     """Frames (PIL) -> (float32[F, 3, side, side], the cropped frames): shortest edge to ``side``, centre crop."""
     pixels, crops = [], []
     for frame in frames:
@@ -108,7 +108,7 @@ class VideoLoadedModel(LoadedModel):
 def check_rows(rows, media_dir) -> None:
     """Every video's frames (and every image) decode before the first answer is written."""
     images = [r for r in rows if "video" not in r]
-    inputs.check_rows(images, media_dir)
+    image_files.check_rows(images, media_dir)
     seen = set()
     for row in rows:
         if "video" in row and row["video"] not in seen:

@@ -37,11 +37,9 @@ from collections.abc import Callable
 from jaxdebias import UserError
 from jaxdebias.eval import metrics, video
 from jaxdebias.eval.files import atomic_open, write_json, write_text
+from jaxdebias.eval.reading import NotFound, image_folder, jsonl
 from jaxdebias.eval.readers import (
     QUESTION_FIELDS,
-    NotFound,
-    image_folder,
-    jsonl,
     mme_key,
     read_gqa,
     mmvet_key,

@@ -8,129 +8,22 @@ import binascii
 import csv
 import glob
 import io
-import json
 import os
 import re
 
 from jaxdebias import UserError
+from jaxdebias.eval.reading import (ANSWERS, STRINGS, NotFound, check_fields, find_file, image_folder, jsonl, kind_of,
+                                    optional_file, read_json, read_text)
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 LETTER_CN = "请直接回答选项字母。"  # model_vqa_mmbench.py --lang cn
 QUESTION_FIELDS = ("question_id", "image", "text")
-STRINGS, ANSWERS = "strings", "answers"  # field types: a list of strings; a list of {"answer": string}
-TYPE_NAMES = {int: "a whole number", str: "a string", list: "a JSON list", dict: "a JSON object",
-              STRINGS: "a list of strings", ANSWERS: 'a list of {"answer": string}'}
-# the types of the question fields the commands use (a question id is a dict key and goes into file names)
-FIELD_TYPES = {"question_id": (int, str), "image": (str,), "text": (str,), "label": (str,), "category": (str,)}
 MME_RELEASE = "MME_Benchmark_release_version"
 
 
-class NotFound(UserError):
-    """The benchmark's question file is not in the folder (``read_any`` then tries the next benchmark)."""
-
-
-def optional_file(data_dir, names):
-    """The first file matching one of ``names`` (glob patterns) in ``data_dir``, or None."""
-    for name in names:
-        matches = sorted(p for p in glob.glob(os.path.join(data_dir, name)) if os.path.isfile(p))
-        if matches:
-            return matches[0]
-    return None
-
-
-def _find(data_dir, names, what):
-    path = optional_file(data_dir, names)
-    if path is None:
-        raise NotFound(f"No {what} in {data_dir}: expected {' or '.join(names)}.")
-    return path
-
-
-def image_folder(data_dir, names):
-    for name in names:
-        if os.path.isdir(os.path.join(data_dir, name)):
-            return os.path.join(data_dir, name)
-    return data_dir
-
-
-def read_text(path, what: str = "File") -> str:
-    """The text of a UTF-8 file (a leading byte-order mark dropped), or UserError naming the line that is not."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"{what} {path} cannot be read ({e.__class__.__name__}: {e}).") from None
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as "
-                        "UTF-8.") from None
-
-
-def _kind(value) -> str:
-    """A JSON value for a message: a scalar as written, a container by its kind."""
-    if isinstance(value, (dict, list)):
-        return "an object" if isinstance(value, dict) else "a list"
-    return json.dumps(value)[:60]
-
-
-def _typed(value, types) -> bool:
-    if types == STRINGS:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if types == ANSWERS:
-        return isinstance(value, list) and all(isinstance(v, dict) and isinstance(v.get("answer"), str)
-                                               for v in value)
-    return not isinstance(value, bool) and isinstance(value, types)
-
-
-def check_fields(item, where: str, fields: dict, required=()) -> None:
-    """``item`` is a JSON object holding ``required`` and whichever of ``fields`` (name -> type or tuple of types)
-    it has with their types, or UserError saying what ``where`` holds instead."""
-    if not isinstance(item, dict):
-        raise UserError(f"{where}: expected a JSON object, got {_kind(item)}.")
-    missing = [k for k in required if k not in item]
-    if missing:
-        raise UserError(f"{where}: missing field(s) {', '.join(missing)} (needs {', '.join(required)}).")
-    for key, types in fields.items():
-        if key in item and not _typed(item[key], types):
-            names = " or ".join(TYPE_NAMES[t] for t in (types if isinstance(types, tuple) else (types,)))
-            raise UserError(f"{where}: {key} must be {names}, got {_kind(item[key])}.")
-
-
-def _loads(text: str, where: str):
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise UserError(f"{where}: nested too deeply to be read as JSON.") from None
-    except ValueError as e:  # a JSONDecodeError, or an integer of more than 4300 digits
-        raise UserError(f"{where}: not JSON ({e}).") from None
-
-
-def jsonl(path, need):
-    rows = []
-    for number, line in enumerate(read_text(path, "Question file").split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        row = _loads(line, where)
-        check_fields(row, where, FIELD_TYPES, need)
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{path} holds no questions.")
-    return rows
-
-
-def _json(path, what, expected: type | None = None):
-    """The JSON in ``path`` (of type ``expected`` when given), or UserError naming the file."""
-    data = _loads(read_text(path, what), f"{what} {path}")
-    if expected is not None and not _typed(data, expected):
-        raise UserError(f"{what} {path}: expected {TYPE_NAMES[expected]}, got {_kind(data)}.")
-    return data
-
-
 def read_pope(data_dir):
-    path = _find(data_dir, ["questions.jsonl", "llava_pope_test.jsonl"], "POPE question file")
+    path = find_file(data_dir, ["questions.jsonl", "llava_pope_test.jsonl"], "POPE question file")
     rows = jsonl(path, QUESTION_FIELDS + ("label",))
     bad = [r["question_id"] for r in rows if r["label"] not in ("yes", "no")]
     if bad:
@@ -139,11 +32,11 @@ def read_pope(data_dir):
 
 
 def read_gqa(data_dir):
-    path = _find(data_dir, ["questions.jsonl", "llava_gqa_testdev_balanced.jsonl"], "GQA question file")
+    path = find_file(data_dir, ["questions.jsonl", "llava_gqa_testdev_balanced.jsonl"], "GQA question file")
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["testdev_balanced_questions.json", "data/testdev_balanced_questions.json"])
     if truth:
-        questions = _json(truth, "GQA questions", dict)
+        questions = read_json(truth, "GQA questions", dict)
         for r in rows:
             q = questions.get(str(r["question_id"]))
             if q is None:
@@ -162,13 +55,13 @@ def textvqa_question(prompt: str) -> str:
 
 
 def read_textvqa(data_dir):
-    path = _find(data_dir, ["questions.jsonl", "llava_textvqa_val_v051_ocr.jsonl"], "TextVQA question file")
+    path = find_file(data_dir, ["questions.jsonl", "llava_textvqa_val_v051_ocr.jsonl"], "TextVQA question file")
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["TextVQA_0.5.1_val.json"])
     if truth:
-        data = _json(truth, "TextVQA annotations", dict).get("data", [])
+        data = read_json(truth, "TextVQA annotations", dict).get("data", [])
         if not isinstance(data, list):
-            raise UserError(f"{truth}: data must be a list of annotations, got {_kind(data)}.")
+            raise UserError(f"{truth}: data must be a list of annotations, got {kind_of(data)}.")
         for n, a in enumerate(data):
             check_fields(a, f"{truth}, data item {n}", {"image_id": (str, int), "question": str, "answers": STRINGS},
                          ("image_id", "question", "answers"))
@@ -183,11 +76,11 @@ def read_textvqa(data_dir):
 
 
 def read_vqav2(data_dir):
-    path = _find(data_dir, ["questions.jsonl", "llava_vqav2_mscoco_*.jsonl"], "VQAv2 question file")
+    path = find_file(data_dir, ["questions.jsonl", "llava_vqav2_mscoco_*.jsonl"], "VQAv2 question file")
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["v2_mscoco_val2014_annotations.json"])
     if truth:
-        annotations = _json(truth, "VQAv2 annotations", dict).get("annotations")
+        annotations = read_json(truth, "VQAv2 annotations", dict).get("annotations")
         if not isinstance(annotations, list):
             raise UserError(f"{truth}: expected VQAv2's annotations file, an object with an annotations list.")
         for n, a in enumerate(annotations):
@@ -203,11 +96,11 @@ def read_vqav2(data_dir):
 
 
 def read_vizwiz(data_dir):
-    path = _find(data_dir, ["questions.jsonl", "llava_test.jsonl"], "VizWiz question file")
+    path = find_file(data_dir, ["questions.jsonl", "llava_test.jsonl"], "VizWiz question file")
     rows = jsonl(path, QUESTION_FIELDS)
     truth = optional_file(data_dir, ["val.json", "Annotations/val.json"])
     if truth:
-        annotations = _json(truth, "VizWiz annotations", list)
+        annotations = read_json(truth, "VizWiz annotations", list)
         for n, a in enumerate(annotations):
             check_fields(a, f"{truth}, item {n}", {"image": str, "answers": ANSWERS}, ("image", "answers"))
         by_image = {a["image"]: a for a in annotations}
@@ -222,10 +115,10 @@ def read_vizwiz(data_dir):
 def read_scienceqa(data_dir):
     """LLaVA's ScienceQA test file (a JSON list of conversations). Only the questions with an image are read:
     pruning needs an image, and LLaVA-1.5 reports the image subset (SQA-IMG)."""
-    path = _find(data_dir, ["llava_test_CQM-A.json"], "ScienceQA question file")
-    items = _json(path, "ScienceQA questions", list)
+    path = find_file(data_dir, ["llava_test_CQM-A.json"], "ScienceQA question file")
+    items = read_json(path, "ScienceQA questions", list)
     problems_path = optional_file(data_dir, ["problems.json"])
-    problems = _json(problems_path, "ScienceQA problems", dict) if problems_path else {}
+    problems = read_json(problems_path, "ScienceQA problems", dict) if problems_path else {}
     rows = []
     for n, it in enumerate(items):
         check_fields(it, f"{path}, item {n}", {"id": (int, str), "image": str, "conversations": list},
@@ -346,7 +239,7 @@ def read_mme(data_dir):
     """LLaVA's llava_mme.jsonl (question_id "category/image", image, text, category) with the ground truth of the
     MME release folder: per category, ``questions_answers_YN/<image stem>.txt`` (or ``<image stem>.txt`` beside
     the images) holding "question<TAB>answer" lines."""
-    path = _find(data_dir, ["questions.jsonl", "llava_mme.jsonl"], "MME question file")
+    path = find_file(data_dir, ["questions.jsonl", "llava_mme.jsonl"], "MME question file")
     rows = jsonl(path, QUESTION_FIELDS + ("category",))
     release = image_folder(data_dir, [MME_RELEASE])
     truth = {}
@@ -386,7 +279,7 @@ def mmvet_key(question_id) -> str:
 def read_mmvet_truth(path) -> dict:
     """MM-Vet's ``mm-vet.json``: {"v1_0": {"imagename", "question", "answer", "capability": ["rec", ...]}, ...},
     checked for the fields the grader needs."""
-    truth = _json(path, "MM-Vet ground truth")
+    truth = read_json(path, "MM-Vet ground truth")
     if not isinstance(truth, dict):
         raise UserError(f"{path}: expected MM-Vet's mm-vet.json, a JSON object keyed v1_0, v1_1, ...")
     for key, item in truth.items():
@@ -402,7 +295,7 @@ def read_mmvet(data_dir):
     model_vqa.py on it) with images in ``images/`` (``mm-vet/images/`` as mm-vet.zip unpacks). Where MM-Vet's
     ``mm-vet.json`` is there, each row also gets its ``answer`` and ``capability`` list (for the GPT grader,
     ``jaxdebias grade-mmvet``; there is no local metric)."""
-    path = _find(data_dir, ["questions.jsonl", "llava-mm-vet.jsonl"], "MM-Vet question file")
+    path = find_file(data_dir, ["questions.jsonl", "llava-mm-vet.jsonl"], "MM-Vet question file")
     rows = jsonl(path, QUESTION_FIELDS)
     truth_path = optional_file(data_dir, MMVET_TRUTH)
     if truth_path:

@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from jaxdebias import UserError
 from jaxdebias.eval.files import atomic_open
-from jaxdebias.eval.readers import NotFound, check_fields, read_text
+from jaxdebias.eval.reading import NotFound, check_fields, read_text
 
 FRAMES = 8
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import jaxdebias as jd
-from jaxdebias.cli import families, inputs, main as cli, runner
+from jaxdebias.cli import faults, families, images, inputs, main as cli, runner
 from jaxdebias.eval.benchmarks import read_any
 from tests.cli.samples import write_pope
 
@@ -198,7 +198,7 @@ def _image(draw):
 def test_images_are_converted_or_refused(case):
     data, mode, pixels, intact = case if isinstance(case, tuple) else (case, None, None, False)
     try:
-        image = inputs.load_image("hostile.img", data)
+        image = images.load_image("hostile.img", data)
     except jd.UserError as e:
         assert not intact, e  # an intact image of any of these modes converts
         return
@@ -210,21 +210,21 @@ def test_images_are_converted_or_refused(case):
 def test_16_bit_grey_directory_and_decompression_bomb(tmp_path, monkeypatch):
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")
-    grey = np.asarray(inputs.load_image(str(tmp_path / "grey16.png")))
+    grey = np.asarray(images.load_image(str(tmp_path / "grey16.png")))
     assert grey.min() == 0 and grey.max() == 255 and 120 < grey.mean() < 135  # was all white (255)
     with pytest.raises(jd.UserError, match="is a directory"):
-        inputs.load_image(str(tmp_path))
+        images.load_image(str(tmp_path))
     with pytest.raises(jd.UserError, match="is a directory"):
-        inputs.check_rows([{"question_id": 1, "image": ".", "text": "q"}], str(tmp_path))
+        images.check_rows([{"question_id": 1, "image": ".", "text": "q"}], str(tmp_path))
     with pytest.raises(jd.UserError, match="the image must be a file name, got ''"):
-        inputs.check_rows([{"question_id": 1, "image": "", "text": "q"}], str(tmp_path))
+        images.check_rows([{"question_id": 1, "image": "", "text": "q"}], str(tmp_path))
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_claiming(20000, 20000))
     with pytest.raises(jd.UserError, match=r"20000 x 20000 = 400,000,000 pixels.*JAXDEBIAS_MAX_IMAGE_PIXELS=400000000"):
-        inputs.check_image(str(bomb))
+        images.check_image(str(bomb))
     monkeypatch.setenv("JAXDEBIAS_MAX_IMAGE_PIXELS", "400000000")  # raised: the header passes, the data is missing
     with pytest.raises(jd.UserError, match="cannot be read"):
-        inputs.load_image(str(bomb))
+        images.load_image(str(bomb))
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own guard is back after each open
 
 
@@ -419,7 +419,7 @@ def test_file_size_limit_exits_74_and_the_rerun_resumes(tmp_path, monkeypatch, c
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-c", LIMITED, *EVAL, "--data", str(data), "--out", str(out), "--checkpoint",
                         checkpoint], capture_output=True, text=True)
-    assert r.returncode == cli.EXIT_IO and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == faults.EXIT_IO and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         "jaxdebias eval: error: a file grew past the file-size limit: raise the limit (ulimit -f) or pass another "
         "--out; the answers written so far are kept: rerun the same command to resume.")

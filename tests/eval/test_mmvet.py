@@ -14,7 +14,8 @@ from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.grade import grade_mmvet
 from jaxdebias.cli.main import main
 from jaxdebias.eval import benchmarks, mmvet
-from jaxdebias.eval.readers import LETTER, LETTER_CN, NotFound
+from jaxdebias.eval.reading import NotFound
+from jaxdebias.eval.readers import LETTER, LETTER_CN
 from tests.eval.test_benchmarks import SPEC, _answers_file, _img, _jsonl, write_mmbench, write_mmbench_cn, write_mmvet
 
 QUIET = {"log": lambda *_: None, "progress": False}
