@@ -168,6 +168,8 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
             own = curve.get(method) if isinstance(curve, dict) else curve
             if preset == "after" and own is not None and debias.enabled:
                 debias = dataclasses.replace(debias, curve=own)
+            if loaded.media == "video":  # centre-cropped frames: no letterbox padding ("before" is "paper")
+                debias = dataclasses.replace(debias, pad_tau=None, pad_geometry=None)
             if not jd.methods.get(method).debias and preset != "paper":
                 continue
             spec = loaded.check(prune_spec(method, keep, debias, decode))

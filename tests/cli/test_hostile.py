@@ -445,3 +445,36 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes(tmp_path, monkeypatch, capsys, c
         "jaxdebias eval: interrupted; the answers written so far are kept: rerun the same command to resume.")
     monkeypatch.setattr(runner, "generate", generate)
     assert not _resumes(monkeypatch, capsys, data, out, checkpoint, answers)
+
+
+SLOW_EVAL = """import sys, time
+from jaxdebias.cli import runner
+generate = runner.generate
+def slow(*args, **kwargs):  # a second per batch: the lock is held long enough for the second eval to meet it
+    time.sleep(1.0)
+    return generate(*args, **kwargs)
+runner.generate = slow
+from jaxdebias.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_evals_on_one_folder(tmp_path, monkeypatch, capsys, checkpoint, clean):
+    """A second eval into the folder another one is writing is refused (exit 2, the owner's pid named, nothing
+    touched); once the first is done, the same command finds nothing left and scores the same answers."""
+    data, answers = clean
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_EVAL, *EVAL, "--data", str(data), "--out", str(out),
+                              "--checkpoint", checkpoint], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "pope_answers.jsonl.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: jax.devices()[:1])
+    code = cli.main([*EVAL, "--data", str(data), "--out", str(out), "--checkpoint", checkpoint])
+    err = capsys.readouterr().err
+    assert code == 2 and f"Another process (pid {first.pid}) is writing to" in err and len(err.splitlines()) == 1
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert (out / "pope_answers.jsonl").read_text() == answers  # written once, by the first
+    _eval_in_process(monkeypatch, capsys, data, out, checkpoint)
+    assert (out / "pope_answers.jsonl").read_text() == answers

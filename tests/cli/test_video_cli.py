@@ -151,9 +151,11 @@ def test_eval_grid_on_a_video_benchmark(checkpoint, tmp_path, capsys):
     root = write_video_bench(tmp_path / "data")
     out = tmp_path / "grid"
     assert main(["eval-grid", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--methods",
-                 "fastv", "--keep", "8", "--debias", "curve", "--curve", "online", "--max-new-tokens", "2",
-                 "--out", str(out)]) == 0, capsys.readouterr().err
-    assert (out / "summary.csv").exists() and (out / "fastv-debiased" / "merge.jsonl").exists()
+                 "fastv", "--keep", "8", "--curve", "online", "--max-new-tokens", "2", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert (out / "summary.csv").exists() and (out / "fastv-after" / "merge.jsonl").exists()
+    # frames are centre-cropped: "before" (padding only) is the paper setting, not run twice
+    assert not (out / "fastv-before").exists() and "| fastv |" in (out / "summary.md").read_text()
     assert main(["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--method",
                  "visionzip", "--keep", "8", "--debias", "off", "--out", str(tmp_path / "vz")]) == 2
     assert "decoder-side method" in capsys.readouterr().err and not (tmp_path / "vz").exists()
