@@ -170,6 +170,8 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
                 debias = dataclasses.replace(debias, curve=own)
             if loaded.media == "video":  # centre-cropped frames: no letterbox padding ("before" is "paper")
                 debias = dataclasses.replace(debias, pad_tau=None, pad_geometry=None)
+            if not debias.enabled:
+                debias = jd.Debias()  # nothing applies: the paper setting, whatever its task
             if not jd.methods.get(method).debias and preset != "paper":
                 continue
             spec = loaded.check(prune_spec(method, keep, debias, decode))
