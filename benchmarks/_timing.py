@@ -23,10 +23,10 @@ def median_time(fn, repeats: int) -> float:
     return float(np.median(call_times(fn, repeats)))
 
 
-def interleaved_times(fns: dict, repeats: int) -> dict:
-    """Median wall time of each ``fn`` in ``fns`` (name -> fn), measured round-robin: every round runs each fn
-    once, so a slow stretch of a shared machine lands on all of them alike and their ratios stay fair. Each fn
-    is called once first (compile, warm-up)."""
+def round_times(fns: dict, repeats: int) -> dict:
+    """name -> the wall times (s) of ``fns[name]()``, one per round, measured round-robin: every round runs each fn
+    once, so a slow stretch of a shared machine lands on all of them alike and their ratios stay fair. Each fn is
+    called once first (compile, warm-up)."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     ts = {name: [] for name in fns}
@@ -35,4 +35,9 @@ def interleaved_times(fns: dict, repeats: int) -> dict:
             t = time.perf_counter()
             jax.block_until_ready(fn())
             ts[name].append(time.perf_counter() - t)
-    return {name: float(np.median(v)) for name, v in ts.items()}
+    return ts
+
+
+def interleaved_times(fns: dict, repeats: int) -> dict:
+    """Median wall time of each ``fn`` in ``fns`` (name -> fn) over ``round_times``'s rounds."""
+    return {name: float(np.median(v)) for name, v in round_times(fns, repeats).items()}

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +43,7 @@ from jaxdebias.models import generate as gen
 from jaxdebias.models import llava
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
+from _timing import round_times
 from accelerator import N_VISUAL, device_name, llava_configs, prompt_batch, prune_spec
 
 METHODS = ("fastv", "himap", "pdrop", "sparsevlm", "tokencarve", "visionzip", "illava")
@@ -95,21 +95,6 @@ def released_decoding(spec: jd.PruneSpec) -> str:
 def generate_fn(model, batch, spec: jd.PruneSpec | None, tokens: int):
     """A call of ``generate`` making exactly ``tokens`` tokens (EOS ignored); returns its tokens."""
     return lambda: gen.generate(model, batch, prune=spec, max_new_tokens=tokens, stop_at_eos=False).tokens
-
-
-def round_times(fns: dict, repeats: int) -> dict:
-    """name -> wall times (s) of ``fns[name]()``, one per round-robin round, after one compile call each: the loop
-    of ``_timing.interleaved_times``, keeping each round's times so that the 1-token and the n-token calls of a
-    round, run back to back, can be paired (on a loaded machine a call's time swings more than 15 tokens cost)."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    ts = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            ts[name].append(time.perf_counter() - t)
-    return ts
 
 
 def total(ts: dict, key, n: int) -> float:

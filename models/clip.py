@@ -127,11 +127,14 @@ class ClipMLP(nnx.Module):
 
 
 class ClipEncoderLayer(nnx.Module):
-    def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
+    """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(.)). float[B, P, D] -> float[B, P, D]. ``mlp``: the MLP
+    class (CLIP's quick_gelu one; SigLIP passes its tanh-GELU one)."""
+
+    def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs, mlp=None):
         self.layer_norm1 = _layernorm(cfg.hidden_size, cfg.layer_norm_eps, cfg, rngs)
         self.self_attn = ClipAttention(cfg, rngs=rngs)
         self.layer_norm2 = _layernorm(cfg.hidden_size, cfg.layer_norm_eps, cfg, rngs)
-        self.mlp = ClipMLP(cfg, rngs=rngs)
+        self.mlp = (mlp or ClipMLP)(cfg, rngs=rngs)
 
     def __call__(self, x):
         x = x + self.self_attn(self.layer_norm1(x))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdebias.models import layers
-from jaxdebias.models.clip import ClipAttention
+from jaxdebias.models.clip import ClipEncoderLayer
 
 # transformers' SiglipVisionConfig defaults: a config.json written by save_pretrained leaves out values equal to
 # them (the published OneVision configs omit num_channels, hidden_act and layer_norm_eps).
@@ -131,28 +131,6 @@ class SiglipMLP(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
-class SiglipEncoderLayer(nnx.Module):
-    """Pre-norm block: x + attn(ln1(x)), then + mlp(ln2(.)). float[B, P, D] -> float[B, P, D]."""
-
-    def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
-        self.layer_norm1 = _layernorm(cfg, rngs)
-        self.self_attn = ClipAttention(cfg, rngs=rngs)
-        self.layer_norm2 = _layernorm(cfg, rngs)
-        self.mlp = SiglipMLP(cfg, rngs=rngs)
-
-    def __call__(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-    def merged(self, x, merge):
-        """This layer with ``merge(x, probs) -> (x float[B, P', D], kept int32[B, P'])`` applied between the
-        attention residual and the MLP (probs: float32[B, H, P, P] the layer's attention): x float[B, P, D] ->
-        (float[B, P', D], kept int32[B, P'] ascending indices into P)."""
-        out, probs = self.self_attn.with_probs(self.layer_norm1(x))
-        x, kept = merge(x + out, probs)
-        return x + self.mlp(self.layer_norm2(x)), kept
-
-
 class SiglipVisionTower(nnx.Module):
     """pixel_values float[B, C, H, W] (NCHW, as the HF processor gives, H = W = image_size) -> features
     float[B, P, D] (``hidden_states[feature_layer]``: every patch in raster order, no post_layernorm)."""
@@ -164,7 +142,7 @@ class SiglipVisionTower(nnx.Module):
         self.patch_embedding = nnx.Param(init(rngs.params(), (p, p, c, d), cfg.param_dtype))  # [p, p, C, D]
         self.patch_bias = nnx.Param(jnp.zeros((d,), cfg.param_dtype))  # [D]
         self.position_embedding = nnx.Param(init(rngs.params(), (cfg.grid**2, d), cfg.param_dtype))  # [P, D]
-        self.layers = nnx.List([SiglipEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.layers_run)])
+        self.layers = nnx.List([ClipEncoderLayer(cfg, rngs=rngs, mlp=SiglipMLP) for _ in range(cfg.layers_run)])
         self.post_layernorm = _layernorm(cfg, rngs)
 
     def embedded(self, pixel_values):
@@ -200,7 +178,7 @@ class SiglipVisionTower(nnx.Module):
     def with_merges(self, pixel_values, layers: tuple[int, ...], merge):
         """The tower with a token-merging rule in some layers (an encoder pruning stage): each layer in the static
         ``layers`` (0-based, among the ``cfg.layers_run`` that run) applies ``merge(x, probs) -> (x', kept)``
-        between its attention residual and its MLP (see ``SiglipEncoderLayer.merged``; no CLS, so every token is
+        between its attention residual and its MLP (see ``clip.ClipEncoderLayer.merged``; no CLS, so every token is
         a candidate). Without layers the features equal ``__call__``'s.
 
         Returns (features float[B, F', D], source int32[B, F']): source = each feature's raster patch index
