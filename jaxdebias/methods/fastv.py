@@ -4,9 +4,10 @@ modeling_llama.py L717-822).
 At the start of decoder layer K (2), the last prompt token's attention in layer K - 1 (heads averaged) keeps the
 ``keep`` image tokens it attends to most, at their original positions. The debias paper's FastV caps the budget at
 the content tokens (padding is no candidate); its "before" setting (padding only) builds the mask as LLaVA-NeXT
-unpads a grid (``before_geometry``, intcomp/attention-bias@e75ebe7:patches/FastV.patch ~L605). Its release decodes in *mask mode*: nothing leaves the sequence,
-layers >= K mask the pruned image keys, and every generated token re-selects from its own layer-(K - 1) row
-(``decode``); the fast decode here removes the tokens at prefill and keeps that selection.
+unpads a grid (``before_geometry``, intcomp/attention-bias@e75ebe7:patches/FastV.patch ~L605). Its release decodes
+in *mask mode*: nothing leaves the sequence, layers >= K mask the pruned image keys, and every generated token
+re-selects from its own layer-(K - 1) row (``decode``); the fast decode here removes the tokens at prefill and
+keeps that selection.
 
 ``keep`` counts the image tokens layers >= K see.
 """
