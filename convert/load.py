@@ -21,8 +21,10 @@ from flax import nnx
 
 from jaxdebias.convert import digest
 from jaxdebias.convert.files import ConversionError, Source, list_weight_files, require_dir
+from jaxdebias.convert import tables
 from jaxdebias.convert.source import detect_layout, plan, stream, warn_overflow
-from jaxdebias.models import llama, llava, llava_next, video_llava
+from jaxdebias.models import llama, llava, llava_next, llava_onevision, video_llava
+from jaxdebias.models.siglip import SiglipVisionTower
 
 
 def config_path(src) -> str:
@@ -93,6 +95,9 @@ def model_for(config: dict, dtype):
         if kind == "llava_next":
             return (llava_next.LlavaNextConfig.from_hf_config(config, dtype=dtype), llava_next.LlavaNext,
                     "language_model")
+        if kind == "llava_onevision":
+            return (llava_onevision.LlavaOnevisionConfig.from_hf_config(config, dtype=dtype),
+                    llava_onevision.LlavaOnevision, "language_model")
         if kind == "video_llava":
             return (video_llava.VideoLlavaConfig.from_hf_config(config, dtype=dtype), video_llava.VideoLlava,
                     "language_model")
@@ -103,7 +108,7 @@ def model_for(config: dict, dtype):
         raise ConversionError(f"config.json is not a supported {kind} config: {e}") from None
     raise ConversionError(f"config.json has model_type {kind!r}; supported: 'llava' (LLaVA-1.5), 'llava_next' "
                           "(LLaVA-NeXT), 'video_llava' "
-                          "(Video-LLaVA), and 'llama' / 'qwen2' text models.")
+                          "(Video-LLaVA), 'llava_onevision' (LLaVA-OneVision), and 'llama' / 'qwen2' text models.")
 
 
 def unused_paths(cfg):
@@ -137,7 +142,9 @@ def prepare(src, *, layout="auto", vision=None, dtype=jnp.float32):
         files = files + list_weight_files(vision)
     source = Source(files)
     layout = detect_layout(source.refs) if layout == "auto" else layout
-    steps = plan(source, layout, target_shapes(abstract(cls, cfg)), text_prefix=prefix, unused=unused_paths(cfg))
+    rules = tables.SIGLIP_CANONICAL if getattr(cls, "tower", None) is SiglipVisionTower else tables.CANONICAL
+    steps = plan(source, layout, target_shapes(abstract(cls, cfg)), text_prefix=prefix, unused=unused_paths(cfg),
+                 rules=rules)
     return cfg, cls, source, steps, layout, config
 
 

@@ -85,20 +85,22 @@ def _expected(path: tuple, steps: list, source: Source) -> str:
 
 
 def plan(source: Source, layout: str, target: dict[tuple, tuple], *, text_prefix: str = "language_model",
-         unused: Callable[[tuple], bool] = lambda p: False) -> list[Step]:
+         unused: Callable[[tuple], bool] = lambda p: False, rules=None) -> list[Step]:
     """Matches every source tensor to exactly one target parameter, or raises ConversionError.
 
     Args:
       target: our parameter path -> expected shape (from ``nnx.eval_shape``).
       unused: paths the port deliberately drops (e.g. CLIP layers past the feature layer, a tied LM head).
+      rules: the canonical table (default ``tables.CANONICAL``; ``tables.SIGLIP_CANONICAL`` for a SigLIP tower).
     """
+    rules = tables.CANONICAL if rules is None else rules
     if layout not in tables.LAYOUTS:
         raise ConversionError(f"Unknown layout {layout!r}; expected one of {', '.join(tables.LAYOUTS)}.")
     steps, unknown, seen = [], [], {}
     for key in sorted(source.refs):
         canon = _canonical(key, layout)
         rule = None if canon is None else next(
-            ((p, t, tr) for p, t, tr in tables.CANONICAL if re.fullmatch(p, canon)), None)
+            ((p, t, tr) for p, t, tr in rules if re.fullmatch(p, canon)), None)
         if rule is None:
             unknown.append(key)
             continue

@@ -122,8 +122,8 @@ def _tower_rules(canonical: str, param: str) -> list:
 CANONICAL += _tower_rules("image_tower", "image_tower") + _tower_rules("video_tower", "video_tower")
 
 
-# SigLIP vision tower (jaxdebias.models.siglip, LLaVA-OneVision's; not wired into the planner yet): canonical
-# ``vision.*`` keys (the layouts above map ``vision_tower.vision_model.`` there) -> ``vision_tower.*`` parameters.
+# SigLIP vision tower (jaxdebias.models.siglip, LLaVA-OneVision's): canonical ``vision.*`` keys (the layouts above
+# map ``vision_tower.vision_model.`` there) -> ``vision_tower.*`` parameters.
 # The encoder layers are named as CLIP's; SigLIP adds the patch convolution's bias, has no CLS embedding or
 # pre-layernorm, and its post_layernorm is a parameter of the port; the attention-pooling head is never built.
 SIGLIP: list[tuple[str, str | None, object]] = [
@@ -135,3 +135,6 @@ SIGLIP: list[tuple[str, str | None, object]] = [
     (r"vision\.head\..*", None, None),  # vision_use_head's pooling head (OneVision's configs set it False)
     *[rule for rule in CANONICAL if rule[0].startswith(r"vision\.encoder\.")],
 ]
+
+# A model with a SigLIP tower (LLaVA-OneVision): SigLIP's vision rules, every other rule as above.
+SIGLIP_CANONICAL = SIGLIP + [rule for rule in CANONICAL if not rule[0].startswith(r"vision\.")]

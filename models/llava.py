@@ -98,10 +98,11 @@ class Projector(nnx.Module):
 
 class Llava(LlavaFamily, nnx.Module):
     model_type = "llava"  # the transformers config it ports
+    tower = ClipVisionTower  # the vision tower's class (LLaVA-OneVision's is SigLIP)
 
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.vision_tower = ClipVisionTower(cfg.vision, rngs=rngs)
+        self.vision_tower = self.tower(cfg.vision, rngs=rngs)
         self.multi_modal_projector = Projector(cfg, rngs=rngs)
         self.language_model = LlamaModel(cfg.text, rngs=rngs)
 
@@ -113,7 +114,7 @@ class Llava(LlavaFamily, nnx.Module):
         """Token embeddings with image features written at the placeholder positions. Returns (h [B, T, D],
         image features [I, P, D] or None)."""
         ids = jnp.asarray(input_ids)
-        is_img = ids == self.cfg.image_token_id
+        is_img = ids == self.visual_token_id(pixel_values)
         lm = self.language_model
         h = lm.embed_tokens(jnp.where(is_img, 0, ids))
         if pixel_values is None:

@@ -121,6 +121,11 @@ class AnyresImages:
         return self.source.shape[1]
 
     @property
+    def slot_kind(self) -> jax.Array:
+        """int[I, N]: each slot's first source (a view feature index >= 0, ``NEWLINE`` or ``EMPTY``)."""
+        return self.source if self.source.ndim == 2 else self.source[..., 0]
+
+    @property
     def view_sizes(self) -> tuple[int, int]:
         """Static raster lengths of the two views: base G * G, the tile grid at most N - G * G."""
         return self.base, self.num_slots - self.base
@@ -169,6 +174,15 @@ class LlavaNext(Llava):
         """Host-side layout of a list of images. pixel_values float[I, V', 3, S, S] (the processor's views, zero
         views padded at the end) or a list of [V_i, 3, S, S]; sizes: I (width, height) pairs; tiles: the
         tile-count bucket (default: the smallest holding every image)."""
+        views, sizes, bucket = self.tile_views(pixel_values, sizes, tiles)
+        parts = [image_layout(self.cfg, int(w), int(h), self.cfg.slots(bucket), tau) for w, h in sizes]
+        return AnyresImages(jnp.asarray(views), jnp.asarray(sizes, jnp.int32),
+                            *(jnp.asarray(np.stack(p)) for p in zip(*parts)), tau=float(tau),
+                            base=self.cfg.vision.grid ** 2)
+
+    def tile_views(self, pixel_values, sizes, tiles: int | None = None):
+        """The checked views of a list of images padded to one tile-count bucket: (float32[I, 1 + bucket, 3, S, S],
+        sizes int64[I, 2] (width, height), bucket)."""
         cfg = self.cfg
         sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
         need = [jd.pad_mask_anyres(int(w), int(h), grid_pinpoints=[list(p) for p in cfg.grid_pinpoints],
@@ -191,11 +205,9 @@ class LlavaNext(Llava):
             out = np.zeros((1 + bucket,) + px.shape[1:], np.float32)
             out[:1 + counts[i]] = px[:1 + counts[i]]
             views.append(out)
-        slots = cfg.slots(bucket)
-        parts = [image_layout(cfg, int(w), int(h), slots, tau) for w, h in sizes]
-        return AnyresImages(jnp.asarray(np.stack(views)), jnp.asarray(sizes, jnp.int32),
-                            *(jnp.asarray(np.stack(p)) for p in zip(*parts)), tau=float(tau),
-                            base=cfg.vision.grid ** 2)
+        if len(views) != len(sizes):
+            raise ValueError(f"{len(views)} images but {len(sizes)} sizes: give one (width, height) per image.")
+        return np.stack(views), sizes, bucket
 
     def image_features(self, images: AnyresImages):
         """The span features float[I, N, D] of each image: base view, unpadded tile rows each + newline, and
@@ -275,7 +287,7 @@ class LlavaNext(Llava):
 
 def image_tokens(images: AnyresImages) -> np.ndarray:
     """int[I]: the tokens each image really has (transformers' placeholder count), the rest of N are empty."""
-    return np.asarray(jnp.sum(images.source != EMPTY, axis=1))
+    return np.asarray(jnp.sum(images.slot_kind != EMPTY, axis=1))
 
 
 def expand_prompt(input_ids, attention_mask, images: AnyresImages, cfg: LlavaNextConfig, pad_id: int | None = None):

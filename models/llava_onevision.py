@@ -1,0 +1,379 @@
+"""LLaVA-OneVision (transformers ``LlavaOnevisionForConditionalGeneration``) in Flax NNX: SigLIP, anyres-max, video.
+
+Axes: B batch, T prompt slots, I images (or videos), V views of an image (1 base view + tiles, a tile-count bucket)
+or frames of a video, G patch-grid side of one view (27), N visual slots of a span (a bucket), K interpolation
+taps (4), D text width.
+
+The pieces are LLaVA-NeXT's (``llava_next.py``) with a SigLIP tower (``siglip.py``: no CLS, every patch, the last
+layer without post_layernorm), a Qwen2 decoder (``llama.py``'s qkv-bias variant) and OneVision's packing:
+
+- Images, "anyres_max_9": the base view (the image squashed to S x S) and the tiles of its best pinpoint resolution
+  go through the tower and the projector; the tiles' features form one grid whose padding rows (or columns) are cut
+  (``unpad_image``); when that grid holds more than 1.1**2 x 9 views' worth of patches it is bilinearly downscaled
+  by ``ratio = sqrt(rows * cols / (9 G^2))`` to ``(int(rows // ratio), int(cols // ratio))``; one ``image_newline``
+  follows each row. Token order: base view (G * G), then rows x (cols + 1).
+- Videos: each frame through the tower and the projector, each frame's G x G grid bilinearly pooled to
+  ceil(G / 2) x ceil(G / 2) (14 x 14 at G = 27), frames in order, then one ``image_newline``. Placeholders are
+  ``video_token_id``.
+
+Both resamplings are torch's ``interpolate(mode="bilinear", align_corners=False)``, which reads at most 4 input
+features per output. Here the host computes, per span slot, the 4 source indices and weights (``OnevisionVisual``);
+the model gathers the projected features and sums. The span is padded to its bucket's slot count (images: the
+tile-count bucket, ``LlavaOnevisionConfig.slots``; videos: frames x pooled grid + 1) with masked slots, so one
+program serves every image of a bucket, as on LLaVA-NeXT.
+
+Sizes: ``image_sizes`` here are (width, height), as everywhere in this package; transformers' OneVision takes
+(height, width). One image per sample (transformers' multi-image samples skip anyres: not supported here).
+
+    model = LlavaOnevision(cfg, rngs=nnx.Rngs(0))            # or jaxdebias.convert.load(...) / from_hf(...)
+    images = model.images(pixel_values, [(w, h)])            # pixel_values float[I, V', 3, S, S] (processor)
+    ids, mask = expand_prompt(input_ids, attention_mask, images, model.cfg)
+    out = model(ids, images, mask)                           # out.logits float32[B, T, V]
+    video = model.videos(pixel_values_videos)                # float[I, F, 3, S, S]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxdebias as jd
+from jaxdebias.models import llava_next
+from jaxdebias.models.family import ImageViews
+from jaxdebias.models.llama import LlamaConfig
+from jaxdebias.models.llava_next import EMPTY, NEWLINE, AnyresImages, LlavaNext, LlavaNextConfig
+from jaxdebias.models.siglip import SiglipVisionConfig, SiglipVisionTower
+
+TAPS = 4  # a bilinear resample reads at most 2 x 2 inputs per output
+PINPOINTS = tuple((h * 384, w * 384) for h in range(1, 7) for w in range(1, 7))  # transformers' default, in order
+
+# transformers' Qwen2Config defaults: a checkpoint's text_config leaves out the values equal to them
+QWEN2_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+                  "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                  "tie_word_embeddings": False, "use_sliding_window": False}
+
+
+def _qwen2(dtype, **kw) -> LlamaConfig:
+    base = dict(rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, qkv_bias=True, dtype=dtype,
+                param_dtype=dtype)
+    return LlamaConfig(**{**base, **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaOnevisionConfig(LlavaNextConfig):
+    vision: SiglipVisionConfig = SiglipVisionConfig()
+    text: LlamaConfig = _qwen2(jnp.float32, vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                               num_layers=24, num_heads=14, num_kv_heads=2, tie_word_embeddings=True)
+    image_token_id: int = 151646
+    pad_token_id: int = 151643
+    eos_token_id: int = 151645  # <|im_end|>
+    grid_pinpoints: tuple[tuple[int, int], ...] = PINPOINTS
+    video_token_id: int = 151647
+    max_tiles: int = 9  # vision_aspect_ratio "anyres_max_9": the tile grid is downscaled past ~9 views of patches
+
+    @classmethod
+    def onevision_qwen2_0_5b(cls, dtype=jnp.bfloat16) -> LlavaOnevisionConfig:
+        """llava-hf/llava-onevision-qwen2-0.5b-ov-hf: SigLIP so400m (26 layers) + Qwen2-0.5B (GQA 14/2, tied)."""
+        return cls(SiglipVisionConfig(dtype=dtype, param_dtype=dtype),
+                   _qwen2(dtype, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                          num_heads=14, num_kv_heads=2, tie_word_embeddings=True))
+
+    @classmethod
+    def onevision_qwen2_7b(cls, dtype=jnp.bfloat16) -> LlavaOnevisionConfig:
+        """llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m (26 layers) + Qwen2-7B (GQA 28/4)."""
+        return cls(SiglipVisionConfig(dtype=dtype, param_dtype=dtype),
+                   _qwen2(dtype, vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                          num_heads=28, num_kv_heads=4))
+
+    @classmethod
+    def from_hf_config(cls, hf, dtype=jnp.float32) -> LlavaOnevisionConfig:
+        """From a transformers LlavaOnevisionConfig, its dict, or a path to a config.json / checkpoint directory.
+        Keys a config.json leaves out take transformers' defaults."""
+        if isinstance(hf, (str, os.PathLike)):
+            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
+            with open(path) as f:
+                hf = json.load(f)
+        d = dict(hf if isinstance(hf, dict) else hf.to_dict())
+        if d.get("model_type") != "llava_onevision":
+            raise ValueError(f"Not a LLaVA-OneVision config: model_type is {d.get('model_type')!r}, expected "
+                             "'llava_onevision'.")
+        act = d.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"Unsupported projector_hidden_act {act!r}: this port's projector is Linear-GELU-Linear "
+                             "(exact erf GELU, 'gelu').")
+        aspect = str(d.get("vision_aspect_ratio", "anyres_max_9"))
+        if not aspect.startswith("anyres_max_") or not aspect[len("anyres_max_"):].isdigit():
+            raise ValueError(f"vision_aspect_ratio {aspect!r}: this port runs 'anyres_max_<N>' packing.")
+        vision = SiglipVisionConfig.from_hf_config(
+            d.get("vision_config") or {}, feature_layer=d.get("vision_feature_layer", -1),
+            select_strategy=d.get("vision_feature_select_strategy", "full"), dtype=dtype, param_dtype=dtype)
+        tc = {**QWEN2_DEFAULTS, "model_type": "qwen2", **(d.get("text_config") or {})}
+        text = LlamaConfig.from_hf_config(tc, dtype=dtype, param_dtype=dtype)
+        pinpoints = tuple((int(h), int(w)) for h, w in d.get("image_grid_pinpoints") or PINPOINTS)
+        tile = vision.image_size
+        if any(h % tile or w % tile for h, w in pinpoints):
+            raise ValueError(f"image_grid_pinpoints {pinpoints} must be multiples of the tower's image_size {tile}.")
+        eos, pad = (next((x for x in (tc.get(k), d.get(k)) if x is not None), None)
+                    for k in ("eos_token_id", "pad_token_id"))
+        eos = eos[0] if isinstance(eos, list) else eos
+        return cls(vision, text, image_token_id=int(d.get("image_token_id", d.get("image_token_index", 151646))),
+                   projector_bias=bool(d.get("multimodal_projector_bias", True)),
+                   pad_token_id=int(pad if pad is not None else 151643),
+                   eos_token_id=int(eos if eos is not None else 151645), grid_pinpoints=pinpoints,
+                   video_token_id=int(d.get("video_token_id", d.get("video_token_index", 151647))),
+                   max_tiles=int(aspect[len("anyres_max_"):]))
+
+    def packed(self, rows: int, cols: int) -> tuple[int, int]:
+        """The tile grid's (rows, cols) after the anyres_max downscale of an unpadded rows x cols grid."""
+        g = self.vision.grid
+        ratio = math.sqrt(rows * cols / (self.max_tiles * g ** 2))
+        if ratio > 1.1:
+            return int(rows // ratio), int(cols // ratio)
+        return rows, cols
+
+    def packed_shapes(self):
+        """(tiles, rows, cols) of every packed tile grid an image can have: each pinpoint's grid with any number of
+        rows or columns cut by unpad_image (never both), then downscaled."""
+        t, g = self.vision.image_size, self.vision.grid
+        for h, w in self.grid_pinpoints:
+            R, C = h // t * g, w // t * g
+            for shape in [(r, C) for r in range(1, R + 1)] + [(R, c) for c in range(1, C)]:
+                yield (h // t) * (w // t), *self.packed(*shape)
+
+    @functools.cached_property
+    def _bucket_slots(self) -> dict[int, int]:
+        longest = {}
+        for k, r, c in self.packed_shapes():
+            longest[k] = max(longest.get(k, 0), r * (c + 1))
+        out, best, g = {}, 0, self.vision.grid
+        for k in sorted(longest):
+            best = max(best, longest[k])
+            out[k] = g * g + best
+        return out
+
+    def slots(self, tiles: int) -> int:
+        """N: the visual slots of an image span for a tile-count bucket: base view + the longest packed tile grid
+        (with its newlines) of any image whose pinpoint has at most that many tiles."""
+        return self._bucket_slots[tiles]
+
+    @property
+    def pooled(self) -> int:
+        """Side of a video frame's pooled grid: ceil(G / 2) (14 at G = 27)."""
+        return -(-self.vision.grid // 2)
+
+    def video_slots(self, frames: int) -> int:
+        """N of a video span: frames x pooled grid, then one newline."""
+        return frames * self.pooled ** 2 + 1
+
+
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch's bilinear (align_corners=False) along one axis: (index int[n_out, 2], weight float32[n_out, 2])."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+    i0 = src.astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    l1 = (src - i0).astype(np.float32)
+    return np.stack([i0, i1], 1), np.stack([1 - l1, l1], 1)
+
+
+def resample_taps(rows: int, cols: int, out_rows: int, out_cols: int):
+    """2-D bilinear taps of a rows x cols grid read at out_rows x out_cols: (index into the grid's raster
+    int[out_rows, out_cols, 4], weight float32[out_rows, out_cols, 4])."""
+    (yi, yw), (xi, xw) = bilinear_taps(rows, out_rows), bilinear_taps(cols, out_cols)
+    index = yi[:, None, :, None] * cols + xi[None, :, None, :]  # [r, c, 2, 2]
+    weight = yw[:, None, :, None] * xw[None, :, None, :]
+    return index.reshape(out_rows, out_cols, TAPS), weight.reshape(out_rows, out_cols, TAPS).astype(np.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class OnevisionVisual(AnyresImages):
+    """Images or videos with their OneVision token layout (built on the host by ``images`` / ``videos``).
+
+    As ``AnyresImages``, except: source int[I, N, K] and weight float32[I, N, K]: each slot is the weighted sum of K
+    projected view features (index into the I-th input's V * G * G features), or ``NEWLINE`` / ``EMPTY`` in every
+    tap; video (static): frames instead of views, placeholders ``video_token_id``."""
+
+    weight: jax.Array = None
+    video: bool = dataclasses.field(default=False, metadata={"static": True})
+
+
+
+def image_layout(cfg: LlavaOnevisionConfig, width: int, height: int, slots: int, tau: float):
+    """One image's span (numpy, length ``slots``): (source [N, K], weight [N, K], view, local, content)."""
+    g, tile = cfg.vision.grid, cfg.vision.image_size
+    m = jd.pad_mask_anyres(width, height, grid_pinpoints=[list(p) for p in cfg.grid_pinpoints], tile=tile, grid=g,
+                           tau=tau, newline=False)
+    th, tw = m.best_resolution
+    tiles_x = tw // tile
+    rows, cols = m.grid_shape
+    r0, c0 = (th // tile * g - rows) // 2, (tw // tile * g - cols) // 2  # unpad_image cuts both sides equally
+    y, x = np.meshgrid(np.arange(rows) + r0, np.arange(cols) + c0, indexing="ij")
+    grid_src = ((1 + (y // g) * tiles_x + x // g) * g * g + (y % g) * g + (x % g)).reshape(-1)  # unpadded raster
+    pr, pc = cfg.packed(rows, cols)
+    if (pr, pc) == (rows, cols):
+        index = np.zeros((rows, cols, TAPS), np.int64)
+        index[..., 0] = np.arange(rows * cols).reshape(rows, cols)
+        weight = np.zeros((rows, cols, TAPS), np.float32)
+        weight[..., 0] = 1
+    else:
+        index, weight = resample_taps(rows, cols, pr, pc)
+    content_grid = (np.sum(m.content.reshape(-1)[index] * weight, -1) >= 0.5)  # a blended patch is content when
+    n = g * g + pr * (pc + 1)                                                    # most of its weight is
+    if n > slots:
+        raise ValueError(f"Image {width}x{height} needs {n} visual slots, more than the {slots} of its bucket.")
+    src = np.full((slots, TAPS), EMPTY, np.int32)
+    w = np.zeros((slots, TAPS), np.float32)
+    view = np.full(slots, -1, np.int32)
+    local = np.zeros(slots, np.int32)
+    src[:g * g] = np.arange(g * g)[:, None]
+    w[:g * g, 0] = 1
+    view[:g * g], local[:g * g] = 0, np.arange(g * g)
+    body = np.concatenate([grid_src[index], np.full((pr, 1, TAPS), NEWLINE)], 1).reshape(-1, TAPS)
+    src[g * g:n] = body
+    w[g * g:n] = np.concatenate([weight, np.zeros((pr, 1, TAPS), np.float32)], 1).reshape(-1, TAPS)
+    is_feat = body[:, 0] >= 0
+    view[g * g:n] = np.where(is_feat, 1, -1)
+    local[g * g:n] = np.concatenate([np.arange(pr * pc).reshape(pr, pc), np.zeros((pr, 1), int)], 1).reshape(-1)
+    content = np.zeros(slots, bool)
+    content[:g * g] = True  # the base view is squashed, never letterboxed
+    content[g * g:n] = np.concatenate([content_grid, np.zeros((pr, 1), bool)], 1).reshape(-1)
+    return src, w, view, local, content
+
+
+def video_layout(cfg: LlavaOnevisionConfig, frames: int):
+    """A video's span (numpy): (source [N, K], weight [N, K], view, local, content) with N = ``video_slots``."""
+    g, p = cfg.vision.grid, cfg.pooled
+    index, weight = resample_taps(g, g, p, p)  # [p, p, K] into one frame's G * G raster
+    src = (np.arange(frames)[:, None, None, None] * g * g + index[None]).reshape(-1, TAPS)
+    n = frames * p * p
+    src = np.concatenate([src, np.full((1, TAPS), NEWLINE)]).astype(np.int32)
+    w = np.concatenate([np.broadcast_to(weight[None], (frames,) + weight.shape).reshape(-1, TAPS),
+                        np.zeros((1, TAPS), np.float32)])
+    view = np.where(np.arange(n + 1) < n, 0, -1).astype(np.int32)
+    local = np.where(np.arange(n + 1) < n, np.arange(n + 1), 0).astype(np.int32)
+    return src, w, view, local, view >= 0
+
+
+class LlavaOnevision(LlavaNext):
+    """LLaVA-NeXT's model with a SigLIP tower, OneVision's anyres-max packing and its video path. Takes
+    ``OnevisionVisual`` (``images`` or ``videos``)."""
+
+    model_type = "llava_onevision"
+    tower = SiglipVisionTower
+
+    def images(self, pixel_values, sizes, *, tau: float = 0.5, tiles: int | None = None) -> OnevisionVisual:
+        """Host-side layout of a list of images, one per sample. pixel_values float[I, V', 3, S, S] (the
+        processor's views, zero views padded at the end) or a list of [V_i, 3, S, S]; sizes: I (width, height)
+        pairs; tiles: the tile-count bucket (default: the smallest holding every image)."""
+        views, sizes, bucket = self.tile_views(pixel_values, sizes, tiles)
+        parts = [image_layout(self.cfg, int(w), int(h), self.cfg.slots(bucket), tau) for w, h in sizes]
+        return self._visual(jnp.asarray(views), jnp.asarray(sizes, jnp.int32), parts, tau, video=False)
+
+    def videos(self, pixel_values_videos) -> OnevisionVisual:
+        """Host-side layout of videos, one per sample: float[I, F, 3, S, S] (the video processor's frames)."""
+        cfg = self.cfg
+        px = np.asarray(pixel_values_videos, np.float32)
+        if px.ndim != 5 or px.shape[2:] != (cfg.vision.num_channels,) + (cfg.vision.image_size,) * 2:
+            raise ValueError(f"Videos must be float[I, F, {cfg.vision.num_channels}, {cfg.vision.image_size}, "
+                             f"{cfg.vision.image_size}] (the video processor's pixel_values_videos), got {px.shape}.")
+        part = video_layout(cfg, px.shape[1])
+        sizes = np.full((px.shape[0], 2), cfg.vision.image_size, np.int32)
+        return self._visual(jnp.asarray(px), jnp.asarray(sizes), [part] * px.shape[0], 0.5, video=True)
+
+    def _visual(self, pixels, sizes, parts, tau, *, video):
+        src, w, view, local, content = (jnp.asarray(np.stack(p)) for p in zip(*parts))
+        return OnevisionVisual(pixels, sizes, src, view, local, content, tau=float(tau),
+                               base=0 if video else self.cfg.vision.grid ** 2, weight=w, video=video)
+
+    def image_features(self, visual: OnevisionVisual):
+        """The span features float[I, N, D]: each slot's taps of the projected view (or frame) features, summed
+        with their weights; ``image_newline`` on newline slots, zeros on empty ones."""
+        if not isinstance(visual, OnevisionVisual):
+            raise TypeError("LLaVA-OneVision takes OnevisionVisual (model.images(pixel_values, sizes) or "
+                            "model.videos(pixel_values_videos)), not raw pixels.")
+        px = visual.pixels
+        I, V = px.shape[:2]
+        feats = self.vision_tower(px.reshape((I * V,) + px.shape[2:])).astype(self.cfg.text.dtype)
+        feats = self.multi_modal_projector(feats).reshape(I, -1, self.cfg.text.hidden_size)  # [I, V*G*G, D]
+        picked = jax.vmap(lambda f, s: f[s])(feats, jnp.clip(visual.source, 0))  # [I, N, K, D]
+        out = jnp.einsum("inkd,ink->ind", picked, visual.weight.astype(picked.dtype))
+        kind = visual.source[..., 0]
+        out = jnp.where((kind == NEWLINE)[..., None], self.image_newline[...].astype(out.dtype), out)
+        return jnp.where((kind == EMPTY)[..., None], 0, out)
+
+    def visual_token_id(self, visual=None) -> int:
+        return self.cfg.video_token_id if getattr(visual, "video", False) else self.cfg.image_token_id
+
+    def check_inputs(self, input_ids, visual, attention_mask=None):
+        if visual is not None and not isinstance(visual, OnevisionVisual):
+            raise TypeError("LLaVA-OneVision takes OnevisionVisual (model.images(pixel_values, sizes) or "
+                            "model.videos(pixel_values_videos)), not raw pixels.")
+        if jnp.ndim(input_ids) != 2:
+            raise ValueError(f"input_ids must be int[B, T], got shape {jnp.shape(input_ids)}.")
+        if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):
+            raise ValueError(f"attention_mask {jnp.shape(attention_mask)} must match input_ids "
+                             f"{jnp.shape(input_ids)}.")
+        if isinstance(input_ids, jax.core.Tracer):
+            return
+        ids = np.asarray(input_ids)
+        vocab = self.cfg.text.vocab_size
+        outside = ids[(ids < 0) | (ids >= vocab)]
+        if outside.size:
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab}) (e.g. {outside[0]}); an id past "
+                             "the vocabulary embeds as NaN. Pad with the tokenizer's pad id.")
+        token = self.visual_token_id(visual)
+        other = self.cfg.image_token_id if token == self.cfg.video_token_id else self.cfg.video_token_id
+        if np.any(ids == other):
+            raise ValueError(f"input_ids hold placeholders of id {other}, but the visual input is "
+                             f"{'a video' if token == self.cfg.video_token_id else 'images or nothing'}; one kind "
+                             "per batch here.")
+        n_tok, per = int(np.sum(ids == token)), 0 if visual is None else visual.num_slots
+        n_in = 0 if visual is None else visual.source.shape[0]
+        if n_tok != n_in * per:
+            raise ValueError(f"input_ids hold {n_tok} placeholders (id {token}) but {n_in} input(s) have {per} slots "
+                             "each (their bucket). Use expand_prompt to pad each span to its bucket.")
+
+    def var_span(self, visual) -> int:
+        """The fewest real visual tokens of a span: the base view's (images) or the pooled frames' (videos)."""
+        return visual.num_slots - 1 if visual.video else self.cfg.vision.num_features
+
+    def at_tau(self, visual: OnevisionVisual, tau: float) -> OnevisionVisual:
+        if visual.video or abs(visual.tau - tau) <= 1e-12:
+            return visual
+        parts = [image_layout(self.cfg, int(w), int(h), visual.num_slots, tau) for w, h in np.asarray(visual.sizes)]
+        return dataclasses.replace(visual, content=jnp.asarray(np.stack([p[4] for p in parts])), tau=float(tau))
+
+    def padding_content(self, visual: OnevisionVisual, image_sizes, tau: float, geometry: str):
+        if visual.video:
+            return visual.content  # frames are squashed to S x S: no padding
+        return super().padding_content(visual, image_sizes, tau, geometry)
+
+    def image_views(self, visual: OnevisionVisual):
+        """Images: the base view and the tile grid; a video: one view, its pooled frames in order. Newlines and
+        empty slots are never kept."""
+        if visual.video:
+            return ImageViews((visual.view, visual.local), (visual.num_slots - 1,), visual.view >= 0)
+        return super().image_views(visual)
+
+    def max_content_tokens(self) -> int:
+        """The most content tokens one image can have: base view + the longest packed tile grid, newlines
+        excluded."""
+        return self.cfg.vision.grid ** 2 + max(r * c for _, r, c in self.cfg.packed_shapes())
+
+
+def expand_prompt(input_ids, attention_mask, visual: OnevisionVisual, cfg: LlavaOnevisionConfig,
+                  pad_id: int | None = None):
+    """A processor's prompt (each placeholder expanded to the input's real token count, one image or video per
+    sample) -> the prompt with each span padded to N slots. Returns numpy (input_ids int[B, T'], attention_mask)."""
+    token = cfg.video_token_id if visual.video else cfg.image_token_id
+    return llava_next.expand_prompt(input_ids, attention_mask, visual, dataclasses.replace(cfg, image_token_id=token),
+                                    pad_id=pad_id)
