@@ -220,9 +220,8 @@ class PruneSpec:
         if unknown:
             raise ValueError(f"{m.name} has no option {', '.join(map(repr, unknown))}; its options: "
                              f"{', '.join(m.option_defaults()) or 'none'}.")
-        opts = {**m.option_defaults(), **opts}
         object.__setattr__(self, "options", tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                                         for k, v in opts.items())))
+                                                         for k, v in opts.items())))  # the ones given
         if self.decode not in DECODES:
             raise ValueError(f"decode must be 'fast' or 'released', got {self.decode!r}.")
         mode, reselect = m.decode if self.decode == "released" else ("remove", "prefill")
@@ -236,30 +235,35 @@ class PruneSpec:
             raise ValueError(f"{m.name} scores no token, so debiasing does not apply to it; pass "
                              "debias=jd.Debias() (--debias off).")
 
-    def option(self, name: str):
-        return dict(self.options)[name]
+    def resolved_options(self, family: str | None = None) -> dict:
+        """Every option: the ones given, over the method's defaults for the model family (``option_family``)."""
+        return {**methods.get(self.method).option_defaults(family), **dict(self.options)}
+
+    def option(self, name: str, family: str | None = None):
+        return self.resolved_options(family)[name]
 
     @property
     def pad_candidates(self) -> bool:
         """Whether zero-scored padding stays a top-k candidate (the releases except FastV's)."""
         return methods.get(self.method).pad_candidates
 
-    def encoder(self, n_visual: int) -> EncoderStage | None:
+    def encoder(self, n_visual: int, family: str | None = None) -> EncoderStage | None:
         """The method's encoder stage for an image of ``n_visual`` tokens (None: the decoder sees all N)."""
         m = methods.get(self.method)
-        return None if m.encoder is None else m.encoder(self.keep, n_visual, dict(self.options))
+        return None if m.encoder is None else m.encoder(self.keep, n_visual, self.resolved_options(family))
 
-    def schedule(self, n_visual: int, num_layers: int) -> tuple[Stage, ...]:
+    def schedule(self, n_visual: int, num_layers: int, family: str | None = None) -> tuple[Stage, ...]:
         """The decoder stages, checked against the model: layers in 1..L-1 increasing, keeps decreasing and
         within what remains."""
-        return self._checked(n_visual, num_layers)[1]
+        return self._checked(n_visual, num_layers, family)[1]
 
-    def _checked(self, n_visual: int, num_layers: int) -> tuple[EncoderStage | None, tuple[Stage, ...]]:
+    def _checked(self, n_visual: int, num_layers: int, family: str | None = None
+                 ) -> tuple[EncoderStage | None, tuple[Stage, ...]]:
         """(the encoder stage or None, the decoder stages), both checked against the model."""
         m = methods.get(self.method)
         stages = tuple(self.stages) if self.stages is not None else m.stages(
-            self.keep, self.layer, n_visual, num_layers, dict(self.options))
-        enc = self.encoder(n_visual)
+            self.keep, self.layer, n_visual, num_layers, self.resolved_options(family))
+        enc = self.encoder(n_visual, family)
         if enc is not None:
             enc.check(n_visual, self.method)
         prev_layer, prev = 0, n_visual if enc is None else enc.size
@@ -275,11 +279,12 @@ class PruneSpec:
     def bucketed(self, keep: int, most: int) -> int:
         return min(bucket(keep, self.buckets + (most,)), most)
 
-    def plan(self, n_visual: int, num_layers: int) -> tuple[Plan, tuple[int, ...]]:
+    def plan(self, n_visual: int, num_layers: int, family: str | None = None) -> tuple[Plan, tuple[int, ...]]:
         """(the static ``Plan``, the real budget of each stage: the encoder stage's first if any). The plan has
         every bucketed count rounded up, so requests whose budgets share buckets share one compiled program; the
-        real counts are passed at run time and mask the surplus slots."""
-        enc, stages = self._checked(n_visual, num_layers)
+        real counts are passed at run time and mask the surplus slots. ``family``: the model's option family
+        (``VisualModel.option_family``: the defaults a release publishes for that model; None: the base ones)."""
+        enc, stages = self._checked(n_visual, num_layers, family)
         limits = () if enc is None else (enc.budget,)
         if enc is not None:
             enc = enc.shaped(lambda k, most: self.bucketed(k, most or n_visual))

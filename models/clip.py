@@ -152,6 +152,8 @@ class ClipEncoderLayer(nnx.Module):
 class ClipVisionTower(nnx.Module):
     """pixel_values float[B, C, H, W] (NCHW, as the HF processor gives) -> features float[B, P', D]."""
 
+    cls_tokens = 1  # leading tokens a merging stage never merges (CLS)
+
     def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
+import jax
 import jax.numpy as jnp
+
+from jaxdebias.methods import EncoderInputs
 
 from jaxdebias.models import layers
 from jaxdebias.models.interventions import TriangleMix, VarContext, VarSpec, var_context
@@ -73,6 +76,16 @@ class VisualModel(Protocol):
         """One token per sample at each layer's next slot: (logits float32[B, V], cache)."""
 
 
+def sample_keys(pixel_values):
+    """uint32[B]: a hash of each image's pixel values (float32 bits, position-weighted): seeds a per-image random
+    stream that depends neither on the batch the image is in nor on the text around it (nor on the tokens
+    generated so far)."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(pixel_values, jnp.float32), jnp.uint32)
+    bits = bits.reshape(bits.shape[0], -1)
+    weights = jnp.arange(bits.shape[1], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, axis=1, dtype=jnp.uint32)
+
+
 class LlavaFamily:
     """What ``Llava``, ``LlavaNext`` and ``VideoLlava`` share, written once: the full forward, one decode step and
     the intervention checks. A subclass provides ``cfg``, ``language_model``, ``embed``, ``check_inputs``,
@@ -97,6 +110,31 @@ class LlavaFamily:
     def var_span(self, pixel_values) -> int:
         """The fewest real visual tokens a prompt's span holds: VAR reads the T - span rows after them."""
         return self.num_visual(pixel_values)
+
+    def option_family(self, pixel_values=None) -> str:
+        """Whose published method defaults apply (``Method.family_options``): the model's ``model_type``."""
+        return self.model_type
+
+    def for_encoder(self, pixel_values, encoder, method: str = ""):
+        """The inputs ready for a plan's encoder stage (host side; LLaVA-OneVision lays out its merged views)."""
+        return pixel_values
+
+    def encoder_stage(self, encoder, pixel_values, debias, limit, method: str):
+        """Runs a plan's encoder stage on one single-view image per sample. debias: the prefill's debias step
+        (``debias(0, raw, raster, valid)``, ``debias.candidates``); limit: int32[] the run-time budget.
+        Returns (block, its projected features float[B, M, D], the visual input its raster indexes)."""
+        if self.image_views(pixel_values).views is not None:
+            raise ValueError(f"{method}'s encoder stage runs on one CLIP view (LLaVA-1.5); on a multi-view "
+                             "LLaVA-NeXT image or a Video-LLaVA video use a decoder-side method.")
+        n = self.num_visual(pixel_values)
+        B = jnp.shape(pixel_values)[0]
+        raster, ones = jnp.broadcast_to(jnp.arange(n), (B, n)), jnp.ones((B, n), bool)
+        inputs = EncoderInputs(self.vision_tower, pixel_values, n, self.cfg.vision.grid,
+                               lambda raw: debias(0, raw, raster, ones), debias.candidates(0, raster, ones), limit,
+                               sample_keys(pixel_values))
+        block = encoder.encode(inputs)
+        dtype = self.cfg.text.dtype
+        return block, self.multi_modal_projector(block.h.astype(dtype)).astype(dtype), pixel_values
 
     def forward(self, input_ids, pixel_values, attention_mask=None, position_ids=None, *, taps: Taps = Taps(),
                 var: VarSpec | None = None, triangle: TriangleMix | None = None) -> Output:

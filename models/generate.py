@@ -192,12 +192,16 @@ def prepare(model: VisualModel, batch: Batch, prune: jd.PruneSpec | None = None,
         if triangle is not None:
             raise ValueError("TriangleMix runs on dense prefills only; drop prune=... or triangle=....")
         check_one_image(model, input_ids, batch.pixel_values)
-        plan, limits = prune.plan(n, num_layers)  # validates layers and keeps, with the method's message
+        plan, limits = prune.plan(n, num_layers, model.option_family(batch.pixel_values))  # checked, with the
+                                                                                               # method's message
         if prune.debias.pad_tau is not None and batch.image_sizes is None:
             raise ValueError("Padding suppression (Debias pad_tau) needs batch.image_sizes, the original "
                              "(width, height) of each image.")
         if plan.pad_tau is not None:  # LLaVA-NeXT's images carry their padding mask: at the plan's threshold
             batch = dataclasses.replace(batch, pixel_values=model.at_tau(batch.pixel_values, plan.pad_tau))
+        if plan.encoder is not None:  # LLaVA-OneVision lays out the views its encoder stage leaves
+            batch = dataclasses.replace(batch, pixel_values=model.for_encoder(batch.pixel_values, plan.encoder,
+                                                                                  plan.method))
     sizes = np.ones((B, 2), np.int32) if batch.image_sizes is None else np.asarray(batch.image_sizes,
                                                                                    np.int32).reshape(B, 2)
     arrays = [jnp.asarray(input_ids), jax.tree.map(jnp.asarray, batch.pixel_values),  # pixels or AnyresImages

@@ -39,12 +39,14 @@ import functools
 import json
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxdebias as jd
+from jaxdebias.methods import Block, EncoderInputs
 from jaxdebias.models import llava_next
 from jaxdebias.models.family import ImageViews
 from jaxdebias.models.llama import LlamaConfig
@@ -131,9 +133,10 @@ class LlavaOnevisionConfig(LlavaNextConfig):
                    video_token_id=int(d.get("video_token_id", d.get("video_token_index", 151647))),
                    max_tiles=int(aspect[len("anyres_max_"):]))
 
-    def packed(self, rows: int, cols: int) -> tuple[int, int]:
-        """The tile grid's (rows, cols) after the anyres_max downscale of an unpadded rows x cols grid."""
-        g = self.vision.grid
+    def packed(self, rows: int, cols: int, grid: int | None = None) -> tuple[int, int]:
+        """The tile grid's (rows, cols) after the anyres_max downscale of an unpadded rows x cols grid (``grid``:
+        the side of one view's features, the tower's by default)."""
+        g = grid or self.vision.grid
         ratio = math.sqrt(rows * cols / (self.max_tiles * g ** 2))
         if ratio > 1.1:
             return int(rows // ratio), int(cols // ratio)
@@ -173,6 +176,16 @@ class LlavaOnevisionConfig(LlavaNextConfig):
         """N of a video span: frames x pooled grid, then one newline."""
         return frames * self.pooled ** 2 + 1
 
+    def merged_grid(self, kept: int) -> int:
+        """The side of a view whose features an encoder stage cut to ``kept`` (iLLaVA: 361 -> 19): the release
+        lays the kept tokens out as a square grid, so ``kept`` must be a square."""
+        side = math.isqrt(kept)
+        if kept < 1 or side * side != kept:
+            raise ValueError(f"An encoder stage leaves {kept} tokens of each {self.vision.grid}x{self.vision.grid} "
+                             "view; LLaVA-OneVision packs them as a square grid (as iLLaVA's release does), so that "
+                             "must be a square (729 - 4 x 92 = 361 = 19^2). Choose vit_layers and vit_r to match.")
+        return side
+
 
 def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """torch's bilinear (align_corners=False) along one axis: (index int[n_out, 2], weight float32[n_out, 2])."""
@@ -204,12 +217,15 @@ class OnevisionVisual(AnyresImages):
 
     weight: jax.Array = None
     video: bool = dataclasses.field(default=False, metadata={"static": True})
+    grid: int = dataclasses.field(default=27, metadata={"static": True})  # side of each view's features
+    merged: Any = None  # ``for_encoder``: the layout of the views an encoder stage leaves (an OnevisionVisual)
 
 
 
-def image_layout(cfg: LlavaOnevisionConfig, width: int, height: int, slots: int, tau: float):
-    """One image's span (numpy, length ``slots``): (source [N, K], weight [N, K], view, local, content)."""
-    g, tile = cfg.vision.grid, cfg.vision.image_size
+def image_layout(cfg: LlavaOnevisionConfig, width: int, height: int, slots: int, tau: float, grid: int | None = None):
+    """One image's span (numpy, length ``slots``): (source [N, K], weight [N, K], view, local, content); ``grid``:
+    the side of each view's features (the tower's, or what an encoder stage left)."""
+    g, tile = grid or cfg.vision.grid, cfg.vision.image_size
     m = jd.pad_mask_anyres(width, height, grid_pinpoints=[list(p) for p in cfg.grid_pinpoints], tile=tile, grid=g,
                            tau=tau, newline=False)
     th, tw = m.best_resolution
@@ -218,7 +234,7 @@ def image_layout(cfg: LlavaOnevisionConfig, width: int, height: int, slots: int,
     r0, c0 = (th // tile * g - rows) // 2, (tw // tile * g - cols) // 2  # unpad_image cuts both sides equally
     y, x = np.meshgrid(np.arange(rows) + r0, np.arange(cols) + c0, indexing="ij")
     grid_src = ((1 + (y // g) * tiles_x + x // g) * g * g + (y % g) * g + (x % g)).reshape(-1)  # unpadded raster
-    pr, pc = cfg.packed(rows, cols)
+    pr, pc = cfg.packed(rows, cols, g)
     if (pr, pc) == (rows, cols):
         index = np.zeros((rows, cols, TAPS), np.int64)
         index[..., 0] = np.arange(rows * cols).reshape(rows, cols)
@@ -249,17 +265,23 @@ def image_layout(cfg: LlavaOnevisionConfig, width: int, height: int, slots: int,
     return src, w, view, local, content
 
 
-def video_layout(cfg: LlavaOnevisionConfig, frames: int):
-    """A video's span (numpy): (source [N, K], weight [N, K], view, local, content) with N = ``video_slots``."""
-    g, p = cfg.vision.grid, cfg.pooled
+def video_layout(cfg: LlavaOnevisionConfig, frames: int, slots: int | None = None, grid: int | None = None):
+    """A video's span (numpy): (source [N, K], weight [N, K], view, local, content), N = ``slots`` (default
+    ``video_slots``); ``grid``: the side of each frame's features (the tower's, or what an encoder stage left)."""
+    g = grid or cfg.vision.grid
+    p = -(-g // 2)
     index, weight = resample_taps(g, g, p, p)  # [p, p, K] into one frame's G * G raster
-    src = (np.arange(frames)[:, None, None, None] * g * g + index[None]).reshape(-1, TAPS)
     n = frames * p * p
-    src = np.concatenate([src, np.full((1, TAPS), NEWLINE)]).astype(np.int32)
-    w = np.concatenate([np.broadcast_to(weight[None], (frames,) + weight.shape).reshape(-1, TAPS),
-                        np.zeros((1, TAPS), np.float32)])
-    view = np.where(np.arange(n + 1) < n, 0, -1).astype(np.int32)
-    local = np.where(np.arange(n + 1) < n, np.arange(n + 1), 0).astype(np.int32)
+    slots = n + 1 if slots is None else slots
+    if n + 1 > slots:
+        raise ValueError(f"A {frames}-frame video needs {n + 1} visual slots, more than the {slots} given.")
+    src = np.full((slots, TAPS), EMPTY, np.int32)
+    src[:n] = (np.arange(frames)[:, None, None, None] * g * g + index[None]).reshape(-1, TAPS)
+    src[n] = NEWLINE
+    w = np.zeros((slots, TAPS), np.float32)
+    w[:n] = np.broadcast_to(weight[None], (frames,) + weight.shape).reshape(-1, TAPS)
+    view = np.where(np.arange(slots) < n, 0, -1).astype(np.int32)
+    local = np.where(np.arange(slots) < n, np.arange(slots), 0).astype(np.int32)
     return src, w, view, local, view >= 0
 
 
@@ -289,10 +311,54 @@ class LlavaOnevision(LlavaNext):
         sizes = np.full((px.shape[0], 2), cfg.vision.image_size, np.int32)
         return self._visual(jnp.asarray(px), jnp.asarray(sizes), [part] * px.shape[0], 0.5, video=True)
 
-    def _visual(self, pixels, sizes, parts, tau, *, video):
+    def _visual(self, pixels, sizes, parts, tau, *, video, grid=None):
         src, w, view, local, content = (jnp.asarray(np.stack(p)) for p in zip(*parts))
-        return OnevisionVisual(pixels, sizes, src, view, local, content, tau=float(tau),
-                               base=0 if video else self.cfg.vision.grid ** 2, weight=w, video=video)
+        g = grid or self.cfg.vision.grid
+        return OnevisionVisual(pixels, sizes, src, view, local, content, tau=float(tau), base=0 if video else g * g,
+                               weight=w, video=video, grid=g)
+
+    def option_family(self, visual=None) -> str:
+        """iLLaVA's release publishes other defaults for videos than for images."""
+        return "llava_onevision_video" if getattr(visual, "video", False) else "llava_onevision"
+
+    def for_encoder(self, visual: OnevisionVisual, encoder, method: str = "this method") -> OnevisionVisual:
+        """The inputs with the layout of the views an encoder stage leaves (each view's kept tokens as a square
+        grid, packed as OneVision packs a view: iLLaVA's release), over the stage's ``size`` slots."""
+        kept = encoder.view_tokens(self.cfg.vision.num_features)
+        if kept is None:
+            raise ValueError(f"{method}'s encoder stage runs on one single-view image (it reads a CLS token or one "
+                             "view's raster); LLaVA-OneVision has no CLS token and several views or frames. Use "
+                             "iLLaVA (merges in every view) or a decoder-side method (fastv, pdrop, sparsevlm, himap, "
+                             "tokencarve).")
+        g, slots = self.cfg.merged_grid(kept), encoder.size
+        if visual.video:
+            parts = [video_layout(self.cfg, visual.pixels.shape[1], slots, g)] * visual.pixels.shape[0]
+        else:
+            parts = [image_layout(self.cfg, int(w), int(h), slots, visual.tau, g) for w, h in np.asarray(visual.sizes)]
+        return dataclasses.replace(visual, merged=self._visual(visual.pixels, visual.sizes, parts, visual.tau,
+                                                               video=visual.video, grid=g))
+
+    def encoder_stage(self, encoder, visual: OnevisionVisual, debias, limit, method: str):
+        """An encoder stage in every view (or frame) on its own (iLLaVA's release on OneVision), the kept tokens
+        packed by the merged layout ``for_encoder`` made. Returns (block over its slots, projected features, the
+        merged layout)."""
+        if visual.merged is None:
+            raise ValueError(f"{method}'s encoder stage needs the inputs laid out for it: "
+                             "model.for_encoder(visual, plan.encoder) (generate does this).")
+        I, V = visual.pixels.shape[:2]
+        views = visual.pixels.reshape((I * V,) + visual.pixels.shape[2:])
+        n = self.cfg.vision.num_features
+        ones = jnp.ones((I * V, n), bool)
+        inputs = EncoderInputs(self.vision_tower, views, n, self.cfg.vision.grid, lambda raw: raw, ones, limit,
+                               jnp.zeros((I * V,), jnp.uint32))
+        block = encoder.encode(inputs)  # [I * V, kept] in raster order
+        dtype = self.cfg.text.dtype
+        feats = self.multi_modal_projector(block.h.astype(dtype)).astype(dtype)
+        merged = visual.merged
+        h = self.packed_features(feats.reshape(I, -1, feats.shape[-1]), merged)
+        kind = merged.slot_kind
+        span = jnp.broadcast_to(jnp.arange(merged.num_slots), kind.shape)
+        return Block(h, kind != EMPTY, span), h, merged
 
     def image_features(self, visual: OnevisionVisual):
         """The span features float[I, N, D]: each slot's taps of the projected view (or frame) features, summed
@@ -303,7 +369,11 @@ class LlavaOnevision(LlavaNext):
         px = visual.pixels
         I, V = px.shape[:2]
         feats = self.vision_tower(px.reshape((I * V,) + px.shape[2:])).astype(self.cfg.text.dtype)
-        feats = self.multi_modal_projector(feats).reshape(I, -1, self.cfg.text.hidden_size)  # [I, V*G*G, D]
+        return self.packed_features(self.multi_modal_projector(feats).reshape(I, -1, self.cfg.text.hidden_size),
+                                    visual)
+
+    def packed_features(self, feats, visual: OnevisionVisual):
+        """feats float[I, V * G * G, D] projected view features -> the span float[I, N, D] by the layout."""
         picked = jax.vmap(lambda f, s: f[s])(feats, jnp.clip(visual.source, 0))  # [I, N, K, D]
         out = jnp.einsum("inkd,ink->ind", picked, visual.weight.astype(picked.dtype))
         kind = visual.source[..., 0]
@@ -361,8 +431,12 @@ class LlavaOnevision(LlavaNext):
         """Images: the base view and the tile grid; a video: one view, its pooled frames in order. Newlines and
         empty slots are never kept."""
         if visual.video:
-            return ImageViews((visual.view, visual.local), (visual.num_slots - 1,), visual.view >= 0)
-        return super().image_views(visual)
+            frames = visual.pixels.shape[1]
+            return ImageViews((visual.view, visual.local), (frames * (-(-visual.grid // 2)) ** 2,), visual.view >= 0)
+        views = super().image_views(visual)
+        if visual.grid != self.cfg.vision.grid:  # iLLaVA's merged views: the release's span counts newlines too
+            return views._replace(selectable=visual.slot_kind != EMPTY)
+        return views
 
     def max_content_tokens(self) -> int:
         """The most content tokens one image can have: base view + the longest packed tile grid, newlines

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxdebias as jd
-from jaxdebias.methods import EncoderInputs, StageInputs
+from jaxdebias.methods import StageInputs
 from jaxdebias.models import layers
-from jaxdebias.models.family import VisualModel
+from jaxdebias.models.family import VisualModel, sample_keys  # noqa: F401 (sample_keys: its old home)
 from jaxdebias.models.interventions import TriangleMix, VarSpec
 from jaxdebias.models.layers import Taps
 from jaxdebias.models.llama import KVCache, rope_inv_freq
@@ -96,16 +96,6 @@ class _DebiasStep:
         return debiased
 
 
-def sample_keys(pixel_values):
-    """uint32[B]: a hash of each image's pixel values (float32 bits, position-weighted): seeds a per-image random
-    stream that depends neither on the batch the image is in nor on the text around it (nor on the tokens
-    generated so far)."""
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(pixel_values, jnp.float32), jnp.uint32)
-    bits = bits.reshape(bits.shape[0], -1)
-    weights = jnp.arange(bits.shape[1], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-    return jnp.sum(bits * weights, axis=1, dtype=jnp.uint32)
-
-
 def prefill(model: VisualModel, input_ids, pixel_values, real, image_sizes, instruction_pos, limits,
             plan: Plan | None, extra: int, var: VarSpec | None = None, triangle: TriangleMix | None = None
             ) -> Prefill:
@@ -135,17 +125,15 @@ def prefill(model: VisualModel, input_ids, pixel_values, real, image_sizes, inst
     seq = Seq(h, layers.default_positions(real), real, is_img, raster, jnp.broadcast_to(jnp.arange(T), (B, T)),
               vslots[:, 0], n)
     if encoder is not None:
-        if views is not None:
-            raise ValueError(f"{plan.method}'s encoder stage runs on one CLIP view (LLaVA-1.5); on a multi-view "
-                             "LLaVA-NeXT image or a Video-LLaVA video use a decoder-side method.")
-        grid_raster, ones = jnp.broadcast_to(jnp.arange(n), (B, n)), jnp.ones((B, n), bool)
-        inputs = EncoderInputs(model.vision_tower, pixel_values, n, cfg.vision.grid,
-                               lambda raw: debias(0, raw, grid_raster, ones), debias.candidates(0, grid_raster, ones),
-                               limits[0], sample_keys(pixel_values))
         with jax.named_scope(f"encoder_stage_{type(encoder).__name__}"):
-            block = encoder.encode(inputs)
-            block_h = model.multi_modal_projector(block.h.astype(dtype)).astype(dtype)
+            block, block_h, span_input = model.encoder_stage(encoder, pixel_values, debias, limits[0], plan.method)
         kept.append((block.span, block.valid & (block.span >= 0), block.span))
+        if span_input is not pixel_values:  # the block has its own layout (LLaVA-OneVision's merged views)
+            n = model.num_visual(span_input)
+            views, view_sizes, selectable = model.image_views(span_input)
+            if plan.pad_tau is not None:
+                content = model.padding_content(span_input, image_sizes, plan.pad_tau, plan.pad_geometry)
+            debias = _DebiasStep(plan, content, n, views, view_sizes)
         image_pos = jd.gather_tokens(seq.pos, vslots)
         seq = replace_visual(seq, block_h, block.valid, block.span, block_positions(image_pos, block.span),
                              plan.positions if not stages else "reindex")  # the decoder's image is the block

@@ -135,6 +135,8 @@ class SiglipVisionTower(nnx.Module):
     """pixel_values float[B, C, H, W] (NCHW, as the HF processor gives, H = W = image_size) -> features
     float[B, P, D] (``hidden_states[feature_layer]``: every patch in raster order, no post_layernorm)."""
 
+    cls_tokens = 0  # no CLS: every token is a merge candidate
+
     def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size

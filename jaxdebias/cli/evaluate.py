@@ -47,7 +47,7 @@ def setting(bench: str, spec: jd.PruneSpec | None, var: VarSpec | None, max_new_
     if spec is not None:
         d = spec.debias
         pruning = {"method": spec.method, "keep": spec.keep, "layer": spec.layer, "positions": spec.positions,
-                   "stages": None if spec.stages is None else repr(spec.stages), "options": dict(spec.options),
+                   "stages": None if spec.stages is None else repr(spec.stages), "options": spec.resolved_options(),
                    "debias": {"curve": repr(d.curve), "pad_tau": d.tau_for(spec.method),
                               "task": d.task if d.curve == "released" else None,
                               "geometry": d.geometry_for(spec.method), "every_stage": d.every_stage},

@@ -167,6 +167,11 @@ class EncoderStage(abc.ABC):
     def check(self, n: int, method: str) -> None:
         """Raises a ValueError when the stage cannot run on an image of ``n`` tokens."""
 
+    def view_tokens(self, p: int) -> int | None:
+        """The tokens this stage leaves of each ``p``-token view when it runs on every view (or frame) of a
+        multi-view input by itself (LLaVA-OneVision); None: it runs on one single-view image only."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -184,7 +189,9 @@ class Method:
       positions; ("mask", "every_token") FastV's mask mode re-selecting for every new token; ("remove",
       "every_token") no cache, the whole pruned prefill rerun per token (HiMAP).
     debias: whether the debias step applies (False for baselines that score nothing); options: the method's
-      own settings and their defaults (``PruneSpec(options=...)``); budget: what ``keep`` means for it."""
+      own settings and their defaults (``PruneSpec(options=...)``); family_options: ((model family, options),
+      ...) the defaults a release publishes for another model (``VisualModel.option_family``: e.g. iLLaVA's
+      "llava_onevision"), over ``options``; budget: what ``keep`` means for it."""
 
     name: str
     source: str
@@ -200,9 +207,11 @@ class Method:
     decode: tuple = ("remove", "prefill")
     debias: bool = True
     options: tuple = ()
+    family_options: tuple = ()
 
-    def option_defaults(self) -> dict:
-        return dict(self.options)
+    def option_defaults(self, family: str | None = None) -> dict:
+        """The option defaults for a model family (None: the base ones, LLaVA-1.5's)."""
+        return {**dict(self.options), **dict(dict(self.family_options).get(family, ()))}
 
 
 def no_stages(keep, layer, n, num_layers, options) -> tuple:

@@ -8,10 +8,14 @@ layer k - 1 orders the visual tokens, the r + 1 least attended merge into the (N
 remain at their positions in the merged sequence; decoding continues from the pruned caches, after the prompt's
 last position (the merged prompt is shorter than the placeholders it came from).
 
-OneVision's release: SigLIP layers 5-8 merge 92 each (729 -> 361), the LLM stage keeps 70%. LLaVA-1.5 (ours, no
+OneVision's release (the defaults on ``jaxdebias.models.llava_onevision``, its option families
+"llava_onevision" and "llava_onevision_video"): images - SigLIP layers 5-8 merge 92 each in every view (729 ->
+361, a 19 x 19 grid the anyres packing then lays out), the LLM stage at layer 8 keeps 70% of each image's span
+(newlines included, as the release counts it); videos - layers 3-6, the LLM stage at layer 2. LLaVA-1.5 (ours, no
 release): CLIP layers 5-8 merge 72 each (576 -> 288, CLS never merged), and ``keep`` sets how many of the 288 the
-LLM stage keeps - or, with the option ``llm_r`` (the release's ``illava_llm_r``, e.g. OneVision's 0.70), the
-release's own count: ``illava_llm_count`` merged away (0.70 on 288: 86 merged, 202 kept), ``keep`` then unused.
+LLM stage keeps - or, with the option ``llm_r`` (the release's ``illava_llm_r``), the release's own count per
+sample: ``illava_llm_count`` of its real span tokens merged away (0.70 on 288: 86 merged, 202 kept), ``keep`` then
+unused.
 
 Axes: B batch, P tower tokens, N tokens of the span, D width, H heads.
 """
@@ -29,7 +33,8 @@ from jaxdebias.methods.base import Block, EncoderInputs, EncoderStage, Method, S
 
 # hulianyuyy/iLLaVA@4068149; 0-based layers. Published OneVision image defaults (README):
 ONEVISION_VIT_LAYERS, ONEVISION_VIT_R = (5, 6, 7, 8), 92  # illava_vit_k/_r: SigLIP 729 -> 361
-ONEVISION_LLM_LAYER, ONEVISION_LLM_R = 8, 0.70  # illava_llm_k/_r (video: k = 2)
+ONEVISION_LLM_LAYER, ONEVISION_LLM_R = 8, 0.70  # illava_llm_k/_r
+ONEVISION_VIDEO_VIT_LAYERS, ONEVISION_VIDEO_LLM_LAYER = (3, 4, 5, 6), 2  # video benchmarks (README), r 92, 0.70
 # OURS for LLaVA-1.5 (no release): the same layers of CLIP-L/336's 23 that run, r scaled to 576 patches (72/576
 # vs 92/729 per layer): 576 -> 288 patches, CLS never merged; the LLM stage layer as OneVision's.
 LLAVA15_VIT_LAYERS, LLAVA15_VIT_R = (5, 6, 7, 8), 72
@@ -49,29 +54,41 @@ class EncoderMerge(EncoderStage):
                              "lower the option vit_r.")
 
     def encode(self, inp: EncoderInputs) -> Block:
-        merge = functools.partial(illava_encoder_merge, r=self.r, protected=1)
+        merge = functools.partial(illava_encoder_merge, r=self.r, protected=inp.tower.cls_tokens)
         feats, raster = inp.tower.with_merges(inp.pixels, self.layers, merge)
         return Block(feats, jnp.ones(raster.shape, bool), raster)
+
+    def view_tokens(self, p: int) -> int:
+        """Each view keeps p - len(layers) r tokens (SigLIP on OneVision: 729 -> 361)."""
+        return p - len(self.layers) * self.r
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeStage(Stage):
-    """The tokens beyond ``keep`` and the last kept one merge into it (weights 1 .. r + 1)."""
+    """The tokens beyond ``keep`` and the last kept one merge into it (weights 1 .. r + 1). With ``llm_r`` (the
+    release's rule) each sample keeps its own count of its real span tokens (``illava_llm_count``), at most
+    ``keep``."""
 
+    llm_r: float | None = None
     bucketed = False
     maskable = False
 
     def select(self, inp: StageInputs) -> Block:
+        if self.llm_r is not None:
+            idx, valid, merged = illava_llm_merge_counted(inp.h, inp.scores, inp.valid, self.llm_r, self.slots)
+            return Block(merged, valid, idx)
         idx, merged = illava_llm_merge(inp.h, inp.scores, inp.h.shape[1] - self.slots, valid=inp.valid)
         return Block(merged, jnp.take_along_axis(inp.valid, idx, axis=1), idx)
 
 
 def stages(keep: int, layer: int | None, n: int, num_layers: int, options: dict) -> tuple[Stage, ...]:
-    if options.get("llm_r") is not None:  # the release's rule: a kept fraction (or a merged count) of the span
-        enc = encoder(keep, n, options)
-        m = n if enc is None else enc.size
-        keep = m - illava_llm_count(m, options["llm_r"])
-    return (MergeStage(LLM_LAYER if layer is None else layer, keep, "last", "tap"),)
+    layer = options["llm_layer"] if layer is None else layer
+    if options.get("llm_r") is None:
+        return (MergeStage(layer, keep, "last", "tap"),)
+    enc = encoder(keep, n, options)  # the release's rule: a kept fraction (or a merged count) of each span
+    m = n if enc is None else enc.size
+    most = max(k - illava_llm_count(k, options["llm_r"]) for k in range(1, m + 1))
+    return (MergeStage(layer, most, "last", "tap", llm_r=float(options["llm_r"])),)
 
 
 def encoder(keep: int, n: int, options: dict) -> EncoderStage | None:
@@ -83,7 +100,14 @@ METHOD = Method("illava", "hulianyuyy/iLLaVA@4068149", stages, encoder=encoder,
                 budget="tokens the LLM stage keeps of what the encoder stage leaves (288 on LLaVA-1.5); with option "
                        "llm_r, the release's fraction instead",
                 positions="original", pad_tau=0.5,
-                options=(("vit_layers", LLAVA15_VIT_LAYERS), ("vit_r", LLAVA15_VIT_R), ("llm_r", None)))
+                options=(("vit_layers", LLAVA15_VIT_LAYERS), ("vit_r", LLAVA15_VIT_R), ("llm_r", None),
+                         ("llm_layer", LLM_LAYER)),
+                family_options=(
+                    ("llava_onevision", (("vit_layers", ONEVISION_VIT_LAYERS), ("vit_r", ONEVISION_VIT_R),
+                                         ("llm_r", ONEVISION_LLM_R), ("llm_layer", ONEVISION_LLM_LAYER))),
+                    ("llava_onevision_video", (("vit_layers", ONEVISION_VIDEO_VIT_LAYERS), ("vit_r", ONEVISION_VIT_R),
+                                               ("llm_r", ONEVISION_LLM_R),
+                                               ("llm_layer", ONEVISION_VIDEO_LLM_LAYER)))))
 
 
 def _weighted_rows(x, rows, w):
@@ -160,3 +184,30 @@ def illava_llm_merge(x, scores, r: int, valid=None):
     return kept, jnp.take_along_axis(x, kept[..., None], axis=1)
 
 
+
+
+def illava_llm_merge_counted(x, scores, valid, llm_r: float, slots: int):
+    """``illava_llm_merge`` with the release's count per sample: each sample b merges r_b = ``illava_llm_count``
+    (n_b, llm_r) of its n_b valid tokens (by descending score: the r_b + 1 lowest merge into the (n_b - r_b)-th
+    with weights 1 .. r_b + 1) and keeps k_b = n_b - r_b; invalid tokens rank last and never count.
+
+    x: float[B, N, D]; scores: float[B, N]; valid: bool[B, N]; llm_r: the release's illava_llm_r; slots: static
+    >= every k_b. Returns (kept int32[B, slots] ascending (0 where unused), used bool[B, slots], features
+    float[B, slots, D] in x.dtype)."""
+    x, scores, valid = jnp.asarray(x), jnp.asarray(scores), jnp.asarray(valid, bool)
+    B, N, _ = x.shape
+    table = jnp.asarray([n - illava_llm_count(n, llm_r) if n else 0 for n in range(N + 1)], jnp.int32)  # k(n)
+    n_b = jnp.sum(valid, axis=1)
+    k_b = table[n_b]  # [B]
+    idx = jax.lax.top_k(jnp.where(valid, scores.astype(jnp.float32), -jnp.inf), N)[1]  # [B, N] descending
+    rank = jnp.arange(N)[None, :]
+    w = jnp.where((rank >= k_b[:, None] - 1) & (rank < n_b[:, None]), rank - k_b[:, None] + 2, 0).astype(
+        jnp.float32)  # 1 .. r_b + 1 over the group, the target first
+    target = jnp.take_along_axis(idx, jnp.maximum(k_b - 1, 0)[:, None], axis=1)[:, 0]
+    merged = _weighted_rows(x, idx, w)
+    rows = jnp.arange(B)
+    x = x.at[rows, target].set(jnp.where((k_b > 0)[:, None], merged.astype(x.dtype), x[rows, target]))
+    kept = jnp.sort(jnp.where(rank < k_b[:, None], idx, N), axis=1)[:, :slots]
+    used = kept < N
+    kept = jnp.where(used, kept, 0).astype(jnp.int32)
+    return kept, used, jnp.take_along_axis(x, kept[..., None], axis=1)
