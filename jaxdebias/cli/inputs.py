@@ -188,7 +188,7 @@ class LoadedModel:
         if not 0 < spec.keep <= n:
             raise UserError(f"--keep must be in 1..{n} (the visual tokens of {self.keep_scope}), got {spec.keep}.")
         try:
-            spec.plan(n, self.model.cfg.text.num_layers)
+            spec.plan(n, self.model.cfg.text.num_layers, self.model.option_family())  # its release's defaults
             spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task
         except (ValueError, KeyError) as e:
             raise UserError(str(e).strip("'\"")) from None
