@@ -178,3 +178,61 @@ def test_keep_all_is_unpruned_and_visionzip_is_refused(pair):
     with pytest.raises(ValueError, match="no CLS token"):
         generate(ours, batch, prune=jd.PruneSpec("visionzip", keep=20), max_new_tokens=1)
     assert illava.ONEVISION_VIT_R == 92
+
+
+def _flops(model, visual, spec, T):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdebias.models import generate as gen
+    from jaxdebias.models import sequence
+
+    n = model.num_visual(visual)
+    shape, limits = (None, ()) if spec is None else spec.plan(n, model.cfg.text.num_layers)
+    ids = np.full((1, T), 5)
+    ids[:, 10:10 + n] = model.cfg.image_token_id
+    g, st = nnx.split(model)
+    lowered = gen.prefill_step.lower(g, st, jnp.asarray(ids), jax.tree.map(jnp.asarray, visual),
+                                     jnp.ones((1, T), bool), jnp.ones((1, 2), jnp.int32), None,
+                                     sequence.limits_array(limits), jax.random.key(0), plan=shape, extra=64,
+                                     temperature=0.0)
+    return lowered.compile().cost_analysis()["flops"], shape
+
+
+def test_prefill_flops_fall_as_the_analytic_count_says():
+    """FastV on a OneVision span (168/14 views: 12 x 12 patches; one tile: 144 + 12 x 13 = 300 slots): layers 2..5
+    run on T - N + K tokens."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdebias.models.llama import LlamaConfig
+    from jaxdebias.models.llava_onevision import LlavaOnevision, LlavaOnevisionConfig
+    from jaxdebias.models.siglip import SiglipVisionConfig
+
+    D, F = 256, 688
+    cfg = LlavaOnevisionConfig(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                                  image_size=168),
+                               LlamaConfig(vocab_size=1000, hidden_size=D, intermediate_size=F, num_layers=6,
+                                           num_heads=4, num_kv_heads=4, qkv_bias=True), grid_pinpoints=((168, 168),))
+    model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
+    model = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model)
+    visual = model.images([np.zeros((2, 3, 168, 168), np.float32)], [(300, 300)])
+    n = model.num_visual(visual)
+    assert n == 300
+    T = n + 64
+
+    def key_columns(Ts):  # rows.causal_attention: <= 4 row blocks of >= 128 rows, block [a, b) sees keys [0, b)
+        size = max(128, -(-Ts // 4))
+        return sum(min(size, Ts - a) * min(Ts, a + size) for a in range(0, Ts, size))
+
+    def layer_flops(Ts):  # projections (q, k, v, o), the SwiGLU MLP, QK^T + PV over the computed key columns
+        return 2 * Ts * (4 * D * D + 3 * D * F) + 2 * 2 * key_columns(Ts) * D
+
+    dense, _ = _flops(model, visual, None, T)
+    for keep in (64,):
+        pruned, shape = _flops(model, visual, jd.PruneSpec("fastv", keep=keep, layer=2), T)
+        Ts = T - n + shape.stages[0].slots
+        ratio = (dense - pruned) / (4 * (layer_flops(T) - layer_flops(Ts)))
+        assert 0.97 < ratio < 1.06, ratio
