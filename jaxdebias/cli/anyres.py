@@ -118,6 +118,15 @@ class NextLoadedModel(LoadedModel):
     def content_mask(self, size, tau: float = 0.5) -> np.ndarray:
         return content_mask(self.model, size, tau)
 
+    @property
+    def view_sizes(self) -> tuple[int, int]:
+        """The raster lengths of a per-view calibration (``view_sizes``)."""
+        return view_sizes(self.model)
+
+    def image_views(self, request: Request, slots: int, tau: float = 0.5):
+        """(view, local, content) of a request's image over ``slots`` span slots (``image_views``)."""
+        return image_views(self.model, request.size, slots, tau)
+
     def request(self, image, question: str) -> Request:
         """Base view + tiles; ``letterboxed`` holds the base view (for figures)."""
         pixels, base, size, count = preprocess(image, self.model.cfg, self.image_mean, self.image_std)

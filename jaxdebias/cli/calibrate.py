@@ -9,7 +9,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxdebias as jd
-from jaxdebias.cli import anyres
 from jaxdebias.cli.figures import figure_curve
 from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, prune_spec
 from jaxdebias.cli.runner import Runner
@@ -81,11 +80,11 @@ def _calibrate_views(loaded, runner, rows, image_dir, out, spec, form, pad_tau, 
     """LLaVA-NeXT: one ``jd.Calibration`` per view (the base view, the tile grid), each over its own raster
     (``jd.view_rasters``: the index restarts in each view), padding and newlines excluded. The file's "curve" is
     of form "views" (both curves; ``--curve FILE`` applies each to its view)."""
-    sizes = anyres.view_sizes(loaded.model)
+    sizes = loaded.view_sizes
     cals = [jd.Calibration.init(n) for n in sizes]
     for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating",
                                       disable=not progress):
-        view, local, content = anyres.image_views(loaded.model, request.size, result.scores.shape[1], pad_tau)
+        view, local, content = loaded.image_views(request, result.scores.shape[1], pad_tau)
         parts = jd.view_rasters(result.scores[i][None], view[None], local[None], sizes, valid=content[None])
         cals = [c.update(x, ok) for c, (x, ok) in zip(cals, parts)]
     curves = [c.fit(form) for c in cals]

@@ -17,13 +17,14 @@ from jaxdebias import UserError
 from jaxdebias.cli.anyres import NextLoadedModel
 from jaxdebias.cli.images import CLIP_MEAN, CLIP_STD
 from jaxdebias.cli.inputs import HFTokenizer, LoadedModel
+from jaxdebias.cli.onevision import OnevisionLoadedModel
 from jaxdebias.cli.video import VideoLoadedModel
 from jaxdebias.convert.load import load
 from jaxdebias.convert.source import ConversionError
 from jaxdebias.toy import model as toy
 
 FAMILIES: dict[str, type[LoadedModel]] = {"llava": LoadedModel, "llava_next": NextLoadedModel,
-                                          "video_llava": VideoLoadedModel}
+                                          "video_llava": VideoLoadedModel, "llava_onevision": OnevisionLoadedModel}
 
 
 def default_model() -> LoadedModel:
