@@ -264,15 +264,12 @@ def recompute_generate(model: VisualModel, batch: Batch, prune: jd.PruneSpec, *,
     """Generation without a KV cache, as HiMAP's release decodes: every new token reruns the whole pruned prefill
     on the prompt and the tokens generated so far (which join the text rows that vote), so both stages re-select
     at every token. The prompt is bucketed with room for the new tokens: one compiled program serves every step.
-    Needs right-padded (or unpadded) prompts. Returns a ``Result`` whose ``kept`` / ``scores`` are the last
+    Each new token goes after its prompt's last real slot (left or right padding, masked span slots). Returns a ``Result`` whose ``kept`` / ``scores`` are the last
     step's and whose ``logits`` are the first step's (the prompt's)."""
     input_ids = np.asarray(batch.input_ids)
     real = (np.ones(input_ids.shape, bool) if batch.attention_mask is None
             else np.asarray(batch.attention_mask).astype(bool))
-    n_real = real.sum(1)
-    if not (real == (np.arange(real.shape[1])[None] < n_real[:, None])).all():
-        raise ValueError("reselect='every_token' with mode='remove' recomputes the prompt for every token and "
-                         "appends each new token after the prompt: right-pad the batch (or pass no padding).")
+    end = np.where(real.any(1), real.shape[1] - np.argmax(real[:, ::-1], axis=1), 0)  # after each last real slot
     room = jd.bucket(input_ids.shape[1] + max_new_tokens, prompt_buckets, then_every=prompt_buckets[-1])
     pad = ((0, 0), (0, room - input_ids.shape[1]))
     input_ids = np.pad(input_ids, pad, constant_values=model.cfg.pad_token_id)
@@ -296,6 +293,6 @@ def recompute_generate(model: VisualModel, batch: Batch, prune: jd.PruneSpec, *,
             done = done | (tok == eos)
         tokens.append(tok.astype(np.int32))
         rows = np.arange(len(input_ids))
-        input_ids[rows, n_real], real[rows, n_real] = tok, True
-        n_real = n_real + 1
+        input_ids[rows, end], real[rows, end] = tok, True  # positions come from the mask: any padding works
+        end = end + 1
     return _result(model, batch, prep, np.stack(tokens, 1), out, first_logits)

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 from jaxdebias.convert import from_hf  # noqa: E402
 from jaxdebias.models.generate import Batch, generate  # noqa: E402
 from jaxdebias.models.llava_next import image_tokens  # noqa: E402
-from jaxdebias.models.llava_onevision import (LlavaOnevision, LlavaOnevisionConfig, bilinear_taps,  # noqa: E402
-                                              expand_prompt)
+from jaxdebias.models.llava_onevision import LlavaOnevision, LlavaOnevisionConfig, expand_prompt  # noqa: E402
+from jaxdebias.models.onevision_layout import bilinear_taps  # noqa: E402
 
 from .hf_tiny_onevision import (IMAGE_TOKEN, VIDEO_TOKEN, hf_token_count, make_hf_onevision,  # noqa: E402
                                 onevision_prompts, tiles, video_prompts)
