@@ -108,6 +108,10 @@ class NextLoadedModel(LoadedModel):
                 "excluded, so that each image's span holds the budget")
 
     @property
+    def span_sizes(self) -> tuple[int, ...]:
+        return tuple(self.model.cfg.slots(b) for b in self.model.cfg.tile_buckets)
+
+    @property
     def calibration_keep(self) -> int:
         return self.model.cfg.vision.grid ** 2  # any budget: only the first stage's scores are wanted
 

@@ -189,6 +189,12 @@ class LoadedModel:
             raise UserError(f"--keep must be in 1..{n} (the visual tokens of {self.keep_scope}), got {spec.keep}.")
         try:
             spec.plan(n, self.model.cfg.text.num_layers, self.model.option_family())  # its release's defaults
+            for m in self.span_sizes:  # every span a batch may have (a budget that fits one may not fit all)
+                try:
+                    spec.plan(m, self.model.cfg.text.num_layers, self.model.option_family())
+                except ValueError as e:
+                    raise ValueError(f"{str(e).rstrip('.')} (on a span of {m} slots, as images of its tile bucket "
+                                     "are laid out).") from None
             spec.debias.curve_for(spec.method)  # a released curve must exist for this method and task
         except (ValueError, KeyError) as e:
             raise UserError(str(e).strip("'\"")) from None
@@ -202,6 +208,11 @@ class LoadedModel:
                           "trend is its own - fit one with `jaxdebias calibrate` and pass --curve curve.json "
                           "(or --curve online).", stacklevel=2)
         return spec
+
+    @property
+    def span_sizes(self) -> tuple[int, ...]:
+        """The visual span lengths a batch may have beyond ``n_visual`` (LLaVA-NeXT's tile buckets); none here."""
+        return ()
 
     @property
     def released_curves_fit(self) -> bool:

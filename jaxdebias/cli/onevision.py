@@ -132,8 +132,8 @@ class OnevisionLoadedModel(anyres.NextLoadedModel):
                             "(or --debias pad, paper or before: no curve).")
         if spec.method in CLS_METHODS:
             raise UserError(f"{spec.method} selects tokens by the CLS token's attention in the vision tower; "
-                            "LLaVA-OneVision's SigLIP tower has no CLS token. Use a decoder-side method: fastv, "
-                            "pdrop, sparsevlm, himap or tokencarve.")
+                            "LLaVA-OneVision's SigLIP tower has no CLS token. Use illava (merges in every view) or "
+                            "a decoder-side method: fastv, pdrop, sparsevlm, himap or tokencarve.")
         return super().check(spec)
 
     def content_mask(self, size, tau: float = 0.5) -> np.ndarray:
