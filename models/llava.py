@@ -37,6 +37,23 @@ from jaxdebias.models.llama import LlamaConfig, LlamaModel
 from jaxdebias.models.rows import slot_mask
 
 
+def hf_config_dict(hf, model_type: str, name: str, note: str = "") -> dict:
+    """A transformers config (object, dict, or a path to a config.json / checkpoint directory) as a dict, checked to
+    be ``model_type`` with the Linear-GELU-Linear projector every port here runs."""
+    if isinstance(hf, (str, os.PathLike)):
+        path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
+        with open(path) as f:
+            hf = json.load(f)
+    d = dict(hf if isinstance(hf, dict) else hf.to_dict())
+    if d.get("model_type") != model_type:
+        raise ValueError(f"Not a {name} config: model_type is {d.get('model_type')!r}, expected {model_type!r}{note}.")
+    act = d.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"Unsupported projector_hidden_act {act!r}: this port's projector is Linear-GELU-Linear "
+                         "(exact erf GELU, 'gelu').")
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     vision: ClipVisionConfig = ClipVisionConfig()
@@ -61,18 +78,7 @@ class LlavaConfig:
     @classmethod
     def from_hf_config(cls, hf, dtype=jnp.float32) -> LlavaConfig:
         """From a transformers LlavaConfig, its dict, or a path to a config.json / checkpoint directory."""
-        if isinstance(hf, (str, os.PathLike)):
-            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
-            with open(path) as f:
-                hf = json.load(f)
-        d = hf if isinstance(hf, dict) else hf.to_dict()
-        if d.get("model_type") != "llava":
-            raise ValueError(f"Not a LLaVA config: model_type is {d.get('model_type')!r}, expected 'llava' "
-                             "(LLaVA-NeXT, Video-LLaVA and OneVision are separate ports).")
-        act = d.get("projector_hidden_act", "gelu")
-        if act != "gelu":
-            raise ValueError(f"Unsupported projector_hidden_act {act!r}: this port's projector is Linear-GELU-Linear "
-                             "(exact erf GELU, 'gelu').")
+        d = hf_config_dict(hf, "llava", "LLaVA", " (LLaVA-NeXT, Video-LLaVA and OneVision are separate ports)")
         vision = ClipVisionConfig.from_hf_config(
             d["vision_config"], feature_layer=d.get("vision_feature_layer", -2),
             select_strategy=d.get("vision_feature_select_strategy", "default"), dtype=dtype, param_dtype=dtype)

@@ -25,8 +25,6 @@ Sizes: ``image_sizes`` here are (width, height), as everywhere in this package; 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +35,7 @@ import jaxdebias as jd
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.family import ImageViews
 from jaxdebias.models.llama import LlamaConfig
-from jaxdebias.models.llava import Llava, LlavaConfig
+from jaxdebias.models.llava import Llava, LlavaConfig, hf_config_dict
 
 NEWLINE, EMPTY = -1, -2  # ``AnyresImages.source`` codes: an image_newline token, a padded (masked) slot
 
@@ -62,14 +60,7 @@ class LlavaNextConfig(LlavaConfig):
     @classmethod
     def from_hf_config(cls, hf, dtype=jnp.float32) -> LlavaNextConfig:
         """From a transformers LlavaNextConfig, its dict, or a path to a config.json / checkpoint directory."""
-        if isinstance(hf, (str, os.PathLike)):
-            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
-            with open(path) as f:
-                hf = json.load(f)
-        d = dict(hf if isinstance(hf, dict) else hf.to_dict())
-        if d.get("model_type") != "llava_next":
-            raise ValueError(f"Not a LLaVA-NeXT config: model_type is {d.get('model_type')!r}, expected "
-                             "'llava_next'.")
+        d = hf_config_dict(hf, "llava_next", "LLaVA-NeXT")
         if d.get("vision_feature_select_strategy", "default") != "default":
             raise ValueError("LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported: the anyres "
                              "layout here drops CLS from every view ('default', as llava-v1.6 does).")

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +46,7 @@ from jaxdebias.methods import Block, EncoderInputs
 from jaxdebias.models import llava_next
 from jaxdebias.models.family import ImageViews
 from jaxdebias.models.llama import LlamaConfig
+from jaxdebias.models.llava import hf_config_dict
 from jaxdebias.models.llava_next import EMPTY, NEWLINE, LlavaNext, LlavaNextConfig
 from jaxdebias.models.onevision_layout import OnevisionVisual, image_layout, video_layout
 from jaxdebias.models.siglip import SiglipVisionConfig, SiglipVisionTower
@@ -97,18 +96,7 @@ class LlavaOnevisionConfig(LlavaNextConfig):
     def from_hf_config(cls, hf, dtype=jnp.float32) -> LlavaOnevisionConfig:
         """From a transformers LlavaOnevisionConfig, its dict, or a path to a config.json / checkpoint directory.
         Keys a config.json leaves out take transformers' defaults."""
-        if isinstance(hf, (str, os.PathLike)):
-            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
-            with open(path) as f:
-                hf = json.load(f)
-        d = dict(hf if isinstance(hf, dict) else hf.to_dict())
-        if d.get("model_type") != "llava_onevision":
-            raise ValueError(f"Not a LLaVA-OneVision config: model_type is {d.get('model_type')!r}, expected "
-                             "'llava_onevision'.")
-        act = d.get("projector_hidden_act", "gelu")
-        if act != "gelu":
-            raise ValueError(f"Unsupported projector_hidden_act {act!r}: this port's projector is Linear-GELU-Linear "
-                             "(exact erf GELU, 'gelu').")
+        d = hf_config_dict(hf, "llava_onevision", "LLaVA-OneVision")
         aspect = str(d.get("vision_aspect_ratio", "anyres_max_9"))
         if not aspect.startswith("anyres_max_") or not aspect[len("anyres_max_"):].isdigit():
             raise ValueError(f"vision_aspect_ratio {aspect!r}: this port runs 'anyres_max_<N>' packing.")

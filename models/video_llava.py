@@ -23,8 +23,6 @@ image array (rank 4), a video array (rank 5) or an (images, videos) pair.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +34,7 @@ from jaxdebias.models.family import ImageViews, LlavaFamily
 from jaxdebias.models.interventions import TriangleMix, VarSpec
 from jaxdebias.models.layers import Output, Taps
 from jaxdebias.models.llama import LlamaConfig, LlamaModel
-from jaxdebias.models.llava import Projector
+from jaxdebias.models.llava import Projector, hf_config_dict
 
 
 FRAME_TRENDS = ("frame", "video")
@@ -95,18 +93,7 @@ class VideoLlavaConfig:
     def from_hf_config(cls, hf, dtype=jnp.float32, frames: int = 8) -> VideoLlavaConfig:
         """From a transformers VideoLlavaConfig, its dict, or a path to a config.json / checkpoint directory.
         ``frames``: frames per video (the config does not store it; ``video_seq_length`` / 257 when present)."""
-        if isinstance(hf, (str, os.PathLike)):
-            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
-            with open(path) as f:
-                hf = json.load(f)
-        d = hf if isinstance(hf, dict) else hf.to_dict()
-        if d.get("model_type") != "video_llava":
-            raise ValueError(f"Not a Video-LLaVA config: model_type is {d.get('model_type')!r}, expected "
-                             "'video_llava'.")
-        act = d.get("projector_hidden_act", "gelu")
-        if act != "gelu":
-            raise ValueError(f"Unsupported projector_hidden_act {act!r}: this port's projector is Linear-GELU-Linear "
-                             "(exact erf GELU, 'gelu').")
+        d = hf_config_dict(hf, "video_llava", "Video-LLaVA")
         vision = ClipVisionConfig.from_hf_config(
             d["vision_config"], feature_layer=d.get("vision_feature_layer", -2),
             select_strategy=d.get("vision_feature_select_strategy", "default"), dtype=dtype, param_dtype=dtype)
