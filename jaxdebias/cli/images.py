@@ -21,8 +21,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def default_image_path() -> str:
-    """An image shipped with the package: a toy-world scene (``jaxdebias.toy.scenes``, split "test", index 2) of
-    618 x 348, letterboxed, so padding suppression has work to do."""
+    """An image shipped with the package: a toy-world scene (``jaxdebias.toy.scenes``, seed 0, split "test", index
+    6) of 405 x 304, letterboxed, so padding suppression has work to do, and chosen by a stated rule
+    (``python -m jaxdebias.toy.default_scene``) as one where the toy model shows the recency trend its curve
+    corrects."""
     return str(resources.files("jaxdebias") / "assets" / "default.png")
 
 

@@ -8,6 +8,7 @@ import pytest
 import jaxdebias as jd
 from jaxdebias.cli import demo, families, inputs
 from jaxdebias.cli.run import run
+from jaxdebias.toy.curves import own_curve
 
 
 def test_demo_debiasing_recovers_the_planted_object():
@@ -28,15 +29,26 @@ def test_cli_demo_and_bad_keep():
 
 
 def test_run_on_the_embedded_default(tmp_path):
+    from jaxdebias.cli.main import _debias, build_parser
+
     lines = []
-    spec = jd.PruneSpec("fastv", keep=64, debias=inputs.parse_debias("pad", 0.5, None, "gqa"))
+    # `jaxdebias run --decode fast`: the defaults (FastV keep 128, padding + the toy's own curve), decoding on the
+    # shortened cache (the first-stage scores and slopes do not depend on --decode; the released one masks instead)
+    args = build_parser().parse_args(["run", "--decode", "fast"])
+    spec = inputs.prune_spec(args.method, args.keep, _debias(args), args.decode)
+    assert "calibrated curve" in inputs.describe(spec)
     s = run(spec, out_dir=str(tmp_path), max_new_tokens=3, log=lines.append)
     assert any("toy LLaVA-1.5" in line for line in lines)
     for f in s["figures"]:
         assert os.path.getsize(f) > 5000  # a real PNG with content
-    assert s["kept"] == {"pruned": 64, "pruned + debiased": 64}
-    assert s["padding_kept"]["pruned + debiased"] == 0  # the letterbox rows of the 618x348 image are never kept
+    assert s["kept"] == {"pruned": 128, "pruned + debiased": 128}
+    assert s["padding_kept"]["pruned"] > 0  # the letterbox rows of the 405x304 scene draw some selections...
+    assert s["padding_kept"]["pruned + debiased"] == 0  # ...and with debiasing none
     saved = json.load(open(tmp_path / "run.json"))
+    # the shipped scene shows the recency trend the toy's FastV curve corrects (jaxdebias.toy.default_scene):
+    # the printed slope is flatter after debiasing
+    assert abs(saved["bias_after"]["slope"]) < abs(saved["bias_before"]["slope"])
+    assert saved["bias_before"]["slope"] >= own_curve("fastv")["b"] > 0
     assert set(saved["answers"]) == {"unpruned", "pruned", "pruned + debiased"}
     assert all(a in ("yes", "no") for a in saved["answers"].values())  # the toy model answers its question
     assert saved["stage_lengths"]["pruned"][1][2] < saved["stage_lengths"]["unpruned"][0][2]
