@@ -21,6 +21,8 @@ from jaxdebias.masks import GEOMETRIES
 from jaxdebias.methods import EncoderStage, Stage
 from jaxdebias.prune import DEFAULT_BUCKETS, bucket
 
+BEYOND_BUCKETS = 64  # past the largest bucket, keep counts round up to multiples of this
+
 POSITIONS = ("original", "reindex")
 DECODES = ("fast", "released")
 PRESETS = ("paper", "before", "after")
@@ -183,7 +185,7 @@ class PruneSpec:
     layer: the stage layer for the single-stage methods (FastV, TokenCarve: 2; iLLaVA: 8).
     stages: an explicit ``Stage`` tuple, overriding the method's schedule.
     debias: a ``Debias``; positions: "original" / "reindex" (default: the method's).
-    buckets: keep counts are rounded up to these (static shapes).
+    buckets: keep counts are rounded up to these (static shapes); past the largest, to multiples of 64.
     options: the method's own settings (``methods.get(m).options``), a dict, e.g. VisionZip's
       ``{"contextual": 10}``, iLLaVA's ``{"vit_layers": (5, 6, 7, 8), "vit_r": 72}``, random's ``{"seed": 0}``.
     decode: "fast" (the selection made at prefill serves every generated token, from the pruned caches) or
@@ -277,7 +279,10 @@ class PruneSpec:
         return enc, stages
 
     def bucketed(self, keep: int, most: int) -> int:
-        return min(bucket(keep, self.buckets + (most,)), most)
+        """``keep`` rounded up to a bucket, past the largest one to a multiple of ``BEYOND_BUCKETS`` (LLaVA-NeXT and
+        OneVision spans run to thousands of tokens: rounding a budget of 729 up to the whole span would save
+        nothing), never past ``most``."""
+        return min(bucket(keep, self.buckets, then_every=BEYOND_BUCKETS), most)
 
     def plan(self, n_visual: int, num_layers: int, family: str | None = None) -> tuple[Plan, tuple[int, ...]]:
         """(the static ``Plan``, the real budget of each stage: the encoder stage's first if any). The plan has
