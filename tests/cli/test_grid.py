@@ -2,23 +2,24 @@
 
 import csv
 import os
+import subprocess
+import sys
 
 import pytest
 
 import jaxdebias as jd
 from jaxdebias.cli import grid
-from jaxdebias.cli.main import main
 from jaxdebias.toy import bench as toy_bench
 from tests.cli.samples import tiny_model, write_pope
 
 
-def test_eval_grid_writes_one_summary(tmp_path, capsys):
+def test_eval_grid_writes_one_summary(tmp_path):
     data = write_pope(tmp_path / "pope")
     out = tmp_path / "grid"
-    # the command line's entry point in this process (a subprocess would import jax and load the model again)
-    code = main(["eval-grid", "--bench", "pope", "--data", str(data), "--out", str(out), "--methods",
-                 "fastv,VisionZip,pool", "--keep", "64", "--limit", "3", "--batch", "3", "--max-new-tokens", "2"])
-    assert code == 0, capsys.readouterr().err[-3000:]
+    r = subprocess.run([sys.executable, "-m", "jaxdebias", "eval-grid", "--bench", "pope", "--data", str(data),
+                        "--out", str(out), "--methods", "fastv,VisionZip,pool", "--keep", "64", "--limit", "3",
+                        "--batch", "3", "--max-new-tokens", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(x["method"], x["variant"]) for x in rows] == [
