@@ -91,6 +91,17 @@ class LlavaFamily:
     the intervention checks. A subclass provides ``cfg``, ``language_model``, ``embed``, ``check_inputs``,
     ``visual_token_id`` and ``num_visual`` (the span VAR edits)."""
 
+    @staticmethod
+    def check_prompt_shapes(input_ids, attention_mask=None) -> bool:
+        """Raises on input_ids that are not int[B, T] or a mask of another shape; returns whether the ids are
+        concrete (the value checks that follow are skipped for traced ids)."""
+        if jnp.ndim(input_ids) != 2:
+            raise ValueError(f"input_ids must be int[B, T], got shape {jnp.shape(input_ids)}.")
+        if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):
+            raise ValueError(f"attention_mask {jnp.shape(attention_mask)} must match input_ids "
+                             f"{jnp.shape(input_ids)}.")
+        return not isinstance(input_ids, jax.core.Tracer)
+
     def check_interventions(self, pixel_values, var: VarSpec | None, triangle: TriangleMix | None):
         """Raises on a VAR spec for a prompt without visual input, or a TriangleMix beyond the decoder's layers."""
         if var is not None and pixel_values is None:

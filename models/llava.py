@@ -133,12 +133,7 @@ class Llava(LlavaFamily, nnx.Module):
 
     def check_inputs(self, input_ids, pixel_values, attention_mask=None):
         """Eager checks with clear messages (skipped for traced values)."""
-        if jnp.ndim(input_ids) != 2:
-            raise ValueError(f"input_ids must be int[B, T], got shape {jnp.shape(input_ids)}.")
-        if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):
-            raise ValueError(f"attention_mask {jnp.shape(attention_mask)} must match input_ids "
-                             f"{jnp.shape(input_ids)}.")
-        if isinstance(input_ids, jax.core.Tracer):
+        if not self.check_prompt_shapes(input_ids, attention_mask):
             return
         n_tok = int(np.sum(np.asarray(input_ids) == self.cfg.image_token_id))
         n_img = 0 if pixel_values is None else int(jnp.shape(pixel_values)[0])

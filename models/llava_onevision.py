@@ -274,12 +274,7 @@ class LlavaOnevision(LlavaNext):
         if visual is not None and not isinstance(visual, OnevisionVisual):
             raise TypeError("LLaVA-OneVision takes OnevisionVisual (model.images(pixel_values, sizes) or "
                             "model.videos(pixel_values_videos)), not raw pixels.")
-        if jnp.ndim(input_ids) != 2:
-            raise ValueError(f"input_ids must be int[B, T], got shape {jnp.shape(input_ids)}.")
-        if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):
-            raise ValueError(f"attention_mask {jnp.shape(attention_mask)} must match input_ids "
-                             f"{jnp.shape(input_ids)}.")
-        if isinstance(input_ids, jax.core.Tracer):
+        if not self.check_prompt_shapes(input_ids, attention_mask):
             return
         ids = np.asarray(input_ids)
         vocab = self.cfg.text.vocab_size
