@@ -46,25 +46,33 @@ def calibrate(data_dir: str, out: str, *, method: str = "fastv", form: str = "ex
     rows, image_dir = read_any(data_dir, bench)
     rows = rows[:limit]
     check_rows(rows, image_dir)
+    if not rows:
+        raise jd.UserError(f"{data_dir} holds no questions to calibrate on.")
+    videos = {"video" in row for row in rows}
+    if len(videos) > 1:
+        raise jd.UserError(f"{data_dir} holds images and videos; a curve is fitted over one layout. Calibrate on "
+                           "an image benchmark and on a video benchmark apart.")
+    videos = videos.pop()
     loaded = resolve_model(model)
     spec = loaded.check(prune_spec(method, loaded.calibration_keep))  # only the first stage's scores are wanted
+    loaded.check_media(spec, videos)
     for row in rows:
         check_prompt_length(loaded, row["text"], 1, f"question {row['question_id']!r}")
     runner = Runner(loaded, spec, batch_size, devices=devices)
-    if loaded.view_curves:
+    if loaded.view_curves and not videos:
         return _calibrate_views(loaded, runner, rows, image_dir, out, spec, form, pad_tau, log, progress)
-    n = loaded.trend_length  # Video-LLaVA, trend per frame: one frame's tokens, each frame a sample of the trend
-    calibration = jd.Calibration.init(n)
+    calibration = None  # over the trend's positions (Video-LLaVA per frame: each frame a sample of the trend)
     for _, request, result, i in tqdm(runner(rows, image_dir, 1), total=len(rows), desc="calibrating",
                                       disable=not progress):
-        calibration = calibration.update(result.scores[i].reshape(-1, n),
-                                         loaded.content_mask(request.size, pad_tau).reshape(-1, n))
+        x, ok = loaded.trend_samples(request, result.scores[i], pad_tau)
+        calibration = (calibration or jd.Calibration.init(x.shape[1])).update(x, ok)
+    n = calibration.mean().shape[0]
     curve = calibration.fit(form)
     mean = np.asarray(calibration.mean())
     stats = {k: float(v) for k, v in jd.bias_strength(mean, np.asarray(calibration.count) > 0).items()
              if k != "pad_ratio"}
     record = {"curve": jd.curve_to_dict(curve), "method": spec.method, "form": form,
-              "samples": int(calibration.n_samples), "fit_of_mean": stats}
+              "samples": int(calibration.n_samples), "fit_of_mean": stats, "positions": n}
     record |= loaded.trend_record()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_json(out, record)

@@ -121,6 +121,7 @@ def _checked_model(model, spec, var, todo, image_dir, max_new_tokens) -> LoadedM
     loaded = resolve_model(model)
     if spec is not None:
         loaded.check(spec)
+        loaded.check_media(spec, videos=any("video" in r for r in todo))
     check_var(var, loaded)
     for r in todo:
         check_prompt_length(loaded, r["text"], max_new_tokens, f"question {r['question_id']!r}")

@@ -159,6 +159,7 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
     rows, image_dir = benchmarks.read_any(data_dir, bench)
     check_rows(rows[:limit], image_dir)
     loaded = resolve_model(model)
+    videos = loaded.media == "video" or any("video" in r for r in rows[:limit])
     task = task or bench
     plan = [("unpruned", "unpruned", None, None)] if unpruned else []
     for method in methods:
@@ -168,13 +169,14 @@ def evaluate_grid(bench: str, data_dir: str, out_dir: str, *, methods=GRID_METHO
             own = curve.get(method) if isinstance(curve, dict) else curve
             if preset == "after" and own is not None and debias.enabled:
                 debias = dataclasses.replace(debias, curve=own)
-            if loaded.media == "video":  # centre-cropped frames: no letterbox padding ("before" is "paper")
+            if videos:  # video frames are not letterboxed: no padding to suppress ("before" is "paper")
                 debias = dataclasses.replace(debias, pad_tau=None, pad_geometry=None)
             if not debias.enabled:
                 debias = jd.Debias()  # nothing applies: the paper setting, whatever its task
             if not jd.methods.get(method).debias and preset != "paper":
                 continue
             spec = loaded.check(prune_spec(method, keep, debias, decode))
+            loaded.check_media(spec, videos)
             plan.append((method, preset, spec, seen.get(debias)))
             seen.setdefault(debias, preset)
     cells = []

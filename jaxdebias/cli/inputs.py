@@ -144,7 +144,8 @@ class LoadedModel:
     embedded: bool = False
     identity: dict = dataclasses.field(default_factory=dict)  # the checkpoint's, for run records
 
-    media = "image"  # what a request holds: "image" or "video"
+    media = "image"  # what a request holds: "image" or "video" (LLaVA-OneVision: either, "image" by default)
+    video_frames = 0  # the frames a video is sampled to; 0: the model answers no videos
     placeholder = "image_token_id"  # the config field of the prompt's placeholder (the tokenizer's image token)
     view_curves = False  # calibration fits one curve per view (LLaVA-NeXT) instead of one over the span
 
@@ -180,6 +181,26 @@ class LoadedModel:
     def trend_record(self) -> dict:
         """What a calibration file records about the trend's layout beyond the curve."""
         return {}
+
+    def trend_samples(self, request: Request, scores: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+        """One input's first-stage scores (float[N]) as samples of the positional trend a calibration fits:
+        (scores float[S, L], content bool[S, L]), L = ``trend_length`` (Video-LLaVA per frame: S = frames)."""
+        n = self.trend_length
+        return np.asarray(scores).reshape(-1, n), self.content_mask(request.size, tau).reshape(-1, n)
+
+    def check_media(self, spec: jd.PruneSpec, videos: bool) -> None:
+        """``spec`` against the kind of input it runs on (``videos``: videos, else images), once ``check`` passed;
+        UserError if they do not go together. Nothing beyond ``check`` here."""
+
+    def video_request(self, frames, question: str) -> Request:
+        """The request of a video (its ``video_frames`` frames, PIL) on a model that answers videos."""
+        raise UserError(f"{type(self.model).__name__} answers images, not videos: --video needs a Video-LLaVA or "
+                        "LLaVA-OneVision checkpoint. Ask about an image with --image.")
+
+    def frame_patches(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(patches int[F, P], cls int[F] or None): where each frame's patch tokens (raster order) and its CLS
+        token (None: frames have none) sit in a video's span of ``n`` slots. Models that answer videos only."""
+        raise UserError(f"{type(self.model).__name__} answers images, not videos.")
 
     def check(self, spec: jd.PruneSpec) -> jd.PruneSpec:
         """``spec`` checked against the model once, before anything runs: keep within the visual tokens of one

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="answer a prompt about an image, pruned and debiased, with figures")
     _add_model(p)
     p.add_argument("--image", help="image file (default: an image shipped with the package)")
-    p.add_argument("--video", help="a video as a folder of frames or an .npy [F, H, W, 3] (Video-LLaVA checkpoints)")
+    p.add_argument("--video", help="a video as a folder of frames or an .npy [F, H, W, 3] (Video-LLaVA and LLaVA-OneVision checkpoints)")
     p.add_argument("--prompt", default=None, help="default: a question the embedded toy model answers, "
                                                   "'What is in the picture?' with --checkpoint")
     p.add_argument("--max-new-tokens", type=_count, default=24)

@@ -114,7 +114,7 @@ class OnevisionLoadedModel(anyres.NextLoadedModel):
     positional curve per view (base view, tile grid). No curve was released for OneVision: ``--curve released``
     is refused (calibrate one), and so are methods that read the tower's CLS attention (SigLIP has none)."""
 
-    frames = video_eval.FRAMES  # frames sampled from a video (uniformly), as Video-LLaVA's evaluation samples
+    video_frames = video_eval.FRAMES  # frames sampled from a video (uniformly), as Video-LLaVA's evaluation samples
 
     @property
     def keep_scope(self) -> str:
@@ -135,6 +135,31 @@ class OnevisionLoadedModel(anyres.NextLoadedModel):
                             "LLaVA-OneVision's SigLIP tower has no CLS token. Use illava (merges in every view) or "
                             "a decoder-side method: fastv, pdrop, sparsevlm, himap or tokencarve.")
         return super().check(spec)
+
+    def check_media(self, spec: jd.PruneSpec, videos: bool) -> None:
+        """A video is one view (its pooled frames in order): a curve of one part per image view is refused."""
+        curve = spec.debias.curve
+        if videos and isinstance(curve, tuple) and curve and curve[0] == "views":
+            raise UserError("This curve has one part per image view (base view, tile grid: calibrated on images); "
+                            "a LLaVA-OneVision video is one view, its frames' pooled patches in order. Calibrate "
+                            "on a video benchmark (jaxdebias calibrate --bench msvd ...) or use --curve online.")
+
+    def _pooled(self) -> int:
+        """Patches of one video frame after the 2 x 2 pooling: ceil(G / 2) ** 2 (196 at G = 27)."""
+        return (-(-self.model.cfg.vision.grid // 2)) ** 2
+
+    def frame_patches(self, n: int) -> tuple[np.ndarray, None]:
+        """A video's span is its frames' pooled patches in order, then one newline: (patches int[F, P], None)."""
+        per = self._pooled()
+        return np.arange((n - 1) // per * per).reshape(-1, per), None
+
+    def trend_samples(self, request, scores, tau):
+        """A video is one sample of its frames' pooled patches in order (no padding; the newline left out); an
+        image, as ``LoadedModel`` (its views are calibrated apart: ``_calibrate_views``)."""
+        if not getattr(request, "video", False):
+            return super().trend_samples(request, scores, tau)
+        n = len(request.pixel_values) * self._pooled()
+        return np.asarray(scores)[None, :n], np.ones((1, n), bool)
 
     def content_mask(self, size, tau: float = 0.5) -> np.ndarray:
         """bool[N] over the image's span in its own tile bucket: True for the base view and the content patches of
@@ -164,7 +189,7 @@ class OnevisionLoadedModel(anyres.NextLoadedModel):
         ids, instruction = build_prompt(self.tokenizer, question, image_token_count(cfg, *size), cfg.image_token_id)
         return OnevisionRequest(ids, pixels, size, instruction, base)
 
-    def request_video(self, frames, question: str) -> OnevisionRequest:
+    def video_request(self, frames, question: str) -> OnevisionRequest:
         """A video's frames (PIL), each squashed to S x S; ``letterboxed`` holds the resized frames."""
         cfg = self.model.cfg
         side = cfg.vision.image_size
@@ -176,7 +201,7 @@ class OnevisionLoadedModel(anyres.NextLoadedModel):
         """An image row (its file or encoded bytes) or a video row (``frames`` frames of its video)."""
         if "video" in row:
             source = video_eval.video_source(media_dir, row["video"])
-            return self.request_video(video_eval.read_frames(source, self.frames), row["text"])
+            return self.video_request(video_eval.read_frames(source, self.video_frames), row["text"])
         return self.request(load_image(*row_image(row, media_dir)), row["text"])
 
     def batch(self, requests: list[OnevisionRequest]) -> Batch:

@@ -1,4 +1,4 @@
-"""``jaxdebias run``: one image (or, on Video-LLaVA, one video) answered unpruned, pruned and pruned + debiased,
+"""``jaxdebias run``: one image (or, on Video-LLaVA and LLaVA-OneVision, one video) answered unpruned, pruned and pruned + debiased,
 with figures and timings."""
 
 from __future__ import annotations
@@ -112,48 +112,51 @@ def run(spec: jd.PruneSpec, *, model: LoadedModel | str | None = None, image: st
 def run_video(spec: jd.PruneSpec, *, model: LoadedModel | str, video: str, prompt: str = "What happens in the video?",
               out_dir: str = "jaxdebias-out", max_new_tokens: int = 24, var: VarSpec | None = None,
               log=print) -> dict:
-    """``jaxdebias run`` for a video (a frames folder or an .npy array): answered unpruned, pruned by ``spec``
-    without its debiasing, and with it; writes ``kept.png`` (each frame's kept patches), ``curve.png`` (scores
-    by frame, CLS tokens excluded) and ``run.json`` in ``out_dir``. Returns the summary written to run.json."""
+    """``jaxdebias run`` for a video (a frames folder or an .npy array) on Video-LLaVA or LLaVA-OneVision: answered
+    unpruned, pruned by ``spec`` without its debiasing, and with it; writes ``kept.png`` (each frame's kept
+    patches), ``curve.png`` (mean patch score by frame; CLS tokens and newlines excluded) and ``run.json`` in
+    ``out_dir``. Returns the summary written to run.json."""
     if not os.path.exists(video):
         raise jd.UserError(f"--video {video} does not exist.")
     if not (os.path.isdir(video) or video.endswith(".npy")):
         raise jd.UserError(f"--video {video}: expected a folder of frame images or an .npy array [F, H, W, 3] (extract "
                         f"frames with: ffmpeg -i {video} frames/%05d.png).")
     loaded = resolve_model(model)
-    if loaded.media != "video":
-        raise jd.UserError("--video needs a Video-LLaVA checkpoint (model_type 'video_llava'); this one is "
-                        f"{type(loaded.model).__name__}. Use --image for image models.")
+    if not loaded.video_frames:
+        loaded.video_request([], prompt)  # the model's own refusal
     if spec.debias.pad_tau is not None:
         spec = dataclasses.replace(spec, debias=dataclasses.replace(spec.debias, pad_tau=None))
-        log("video frames are centre-cropped: no letterbox padding to suppress (the curve part of --debias runs)")
+        log("video frames are not letterboxed: no padding to suppress (the curve part of --debias runs)")
     loaded.check(spec)
+    loaded.check_media(spec, videos=True)
     check_var(var, loaded)
     check_prompt_length(loaded, prompt, max_new_tokens)
-    frames = video_eval.read_frames(video, loaded.model.cfg.frames)
-    request = loaded.request(frames, prompt)
+    frames = video_eval.read_frames(video, loaded.video_frames)
+    request = loaded.video_request(frames, prompt)
     batch = loaded.batch([request])
     results, seconds = _three_ways(loaded, batch, spec, var, max_new_tokens)
-    n, (F, per) = loaded.n_visual, loaded.model.frame_layout(batch.pixel_values)
+    n = results["pruned"].scores.shape[1]  # the video's span
+    patches, cls = loaded.frame_patches(n)
+    F, per = patches.shape
     kept = {k: np.asarray(jd.kept_mask(*results[k].kept[0], n))[0] for k in ("pruned", "pruned + debiased")}
     os.makedirs(out_dir, exist_ok=True)
     label = f"{spec.method} {spec.keep}"
     figures = [figure_frames(request.letterboxed, {label: kept["pruned"], f"{label} debiased":
-                                                   kept["pruned + debiased"]}, per, os.path.join(out_dir, "kept.png"))]
-    patches = lambda x: np.asarray(x).reshape(F, per)[:, 1:].reshape(F, -1)  # noqa: E731  frames as grid rows
+                                                   kept["pruned + debiased"]}, patches, cls,
+                             os.path.join(out_dir, "kept.png"))]
     r = results["pruned + debiased"]
     after = np.where(r.debiased[0] > 0, r.debiased[0], np.nan)
-    figures.append(frame_curve({"scores": patches(r.scores[0]), "debiased": patches(after)},
-                                os.path.join(out_dir, "curve.png"), f"{spec.method}: mean patch score by frame"))
+    figures.append(frame_curve({"scores": np.asarray(r.scores[0])[patches], "debiased": after[patches]},
+                               os.path.join(out_dir, "curve.png"), f"{spec.method}: mean patch score by frame"))
+    per_frame = {k: (v[patches].sum(1) + (v[cls] if cls is not None else 0)).tolist() for k, v in kept.items()}
     summary = {"answers": {k: loaded.decode(v.tokens[0]) for k, v in results.items()},
-               "kept": {k: int(v.sum()) for k, v in kept.items()},
-               "kept_per_frame": {k: v.reshape(F, per).sum(1).tolist() for k, v in kept.items()},
-               "frame_trend": loaded.model.cfg.frame_trend, "visual_tokens": n, "seconds": seconds,
-               "decode": spec.decode,
+               "kept": {k: int(v.sum()) for k, v in kept.items()}, "kept_per_frame": per_frame,
+               "visual_tokens": n, "frames": F, "seconds": seconds, "decode": spec.decode, "debias": describe(spec),
                "stage_lengths": {k: v.stage_lengths for k, v in results.items()}, "figures": figures}
+    summary |= loaded.trend_record()
     write_json(os.path.join(out_dir, "run.json"), summary)
     log(f"answer (pruned + debiased): {summary['answers']['pruned + debiased']!r}")
-    log(f"kept {spec.keep} of {n} visual tokens ({F} frames x {per}) with {spec.method}; per frame: "
-        f"{summary['kept_per_frame']['pruned']} without debias, {summary['kept_per_frame']['pruned + debiased']} with")
+    log(f"kept {spec.keep} of {n} visual tokens ({F} frames x {per} patches) with {spec.method}; per frame: "
+        f"{per_frame['pruned']} without debias, {per_frame['pruned + debiased']} with")
     _log_times(log, seconds, max_new_tokens)
     return summary

@@ -97,6 +97,19 @@ class VideoLoadedModel(LoadedModel):
         side = cfg.vision.image_size
         return Request(ids, pixels, (side, side), instruction, crops)
 
+    @property
+    def video_frames(self) -> int:
+        return self.model.cfg.frames
+
+    def video_request(self, frames, question: str) -> Request:
+        return self.request(frames, question)
+
+    def frame_patches(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each frame is its CLS token, then its P patches: (patches int[F, P], cls int[F])."""
+        cfg = self.model.cfg
+        index = np.arange(cfg.frames * cfg.frame_tokens).reshape(cfg.frames, cfg.frame_tokens)
+        return index[:, 1:], index[:, 0]
+
     def request_row(self, row, media_dir) -> Request:
         if "video" not in row:
             raise UserError(f"Question {row.get('question_id')} has no video; Video-LLaVA's evaluation answers "
@@ -116,24 +129,27 @@ def check_rows(rows, media_dir) -> None:
             video_eval.read_frames(video_eval.video_source(media_dir, row["video"]), video_eval.FRAMES)
 
 
-def figure_frames(crops, kept_by_name: dict, per_frame: int, path: str) -> str:
-    """Each frame with its kept patches clear and the rest shaded, one row per entry (name -> bool[F (P + 1)]);
-    a frame's CLS token (first of its P + 1) kept is noted in its title. Returns ``path``."""
+def figure_frames(crops, kept_by_name: dict, patches, cls, path: str) -> str:
+    """Each frame with its kept patches clear and the rest shaded, one row per entry (name -> bool[N] over the
+    video's span); ``patches`` int[F, P] and ``cls`` int[F] or None place each frame's tokens in the span (as
+    ``LoadedModel.frame_patches`` gives them); a kept CLS token is noted in its frame's title. Returns ``path``."""
     F = len(crops)
     fig = Figure(figsize=(1.7 * F, 1.9 * len(kept_by_name)))
     axes = np.asarray(fig.subplots(len(kept_by_name), F)).reshape(len(kept_by_name), F)
-    grid = int(round((per_frame - 1) ** 0.5))
+    grid = int(round(patches.shape[1] ** 0.5))
     side = crops[0].size[0]
     for r, (name, kept) in enumerate(kept_by_name.items()):
-        kept = np.asarray(kept, bool).reshape(F, per_frame)
+        kept = np.asarray(kept, bool)
         for f in range(F):
             ax = axes[r, f]
             ax.imshow(crops[f])
             shade = np.ones((grid, grid, 4)) * np.array([0, 0, 0, 0.6])
-            shade[kept[f, 1:].reshape(grid, grid)] = (0, 0, 0, 0)
+            shade[kept[patches[f]].reshape(grid, grid)] = (0, 0, 0, 0)
             ax.imshow(shade, extent=(0, side, side, 0), interpolation="nearest")
-            ax.set_title(f"{name if f == 0 else ''} f{f}: {int(kept[f].sum())}{' +CLS' if kept[f, 0] else ''}",
-                         fontsize=7, loc="left")
+            with_cls = cls is not None and kept[cls[f]]
+            count = int(kept[patches[f]].sum() + with_cls)
+            ax.set_title(f"{name if f == 0 else ''} f{f}: {count}{' +CLS' if with_cls else ''}", fontsize=7,
+                         loc="left")
             ax.axis("off")
     _save(fig, path)
     return path

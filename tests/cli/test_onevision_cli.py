@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import jaxdebias as jd
+
 from jaxdebias.cli import onevision
 from jaxdebias.cli.families import load_model
 from jaxdebias.cli.main import main
@@ -135,22 +137,22 @@ def test_video_frames_and_count_equal_the_processors(loaded, checkpoint, monkeyp
 
     proc = image_processor()
     frames = [picture(40, 30, 10 + f) for f in range(3)]
-    request = loaded.request_video(frames, "what happens?")
+    request = loaded.video_request(frames, "what happens?")
     assert request.video and request.pixel_values.shape == (3, 3, SIDE, SIDE)
     for f, frame in zip(request.pixel_values, frames):  # the video processor's steps on the PIL backend
         x = proc.resize(np.asarray(frame).transpose(2, 0, 1), SizeDict(height=SIDE, width=SIDE), resample=3)
         np.testing.assert_allclose(f, proc.normalize(proc.rescale(x, 1 / 255), MEAN, STD), rtol=0, atol=1e-6)
-    try:
-        from transformers import LlavaOnevisionVideoProcessor
-        ref = LlavaOnevisionVideoProcessor(size={"height": SIDE, "width": SIDE}, image_mean=MEAN, image_std=STD)(
-            videos=[np.stack([np.asarray(f) for f in frames])], return_tensors="np")["pixel_values_videos"][0]
-    except ImportError:  # the video processor needs torchvision; the same steps were checked above
-        ref = None
-    if ref is not None:  # torchvision's antialiased bicubic, not PIL's: equal up to the resampler's rounding
-        assert np.mean(np.abs(request.pixel_values - ref)) < 0.05
+    # transformers' LlavaOnevisionVideoProcessor (it needs torchvision, which has no CPU build here) resizes the
+    # uint8 frames with torchvision's resize, which on CPU calls this torch kernel on the uint8 tensor, then
+    # normalises (x - 255 mean) / (255 std) in float32: equal to our PIL bicubic up to one uint8 step in < 1%
+    video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).permute(0, 3, 1, 2).contiguous()
+    resized = torch.nn.functional.interpolate(video, size=[SIDE, SIDE], mode="bicubic", antialias=True)
+    ref = ((resized.float() - 127.5) / 127.5).numpy()
+    step = np.abs(request.pixel_values - ref) * 127.5
+    assert step.max() < 1.01 and np.mean(step > 0.01) < 0.01
     count = hf_processor(checkpoint, monkeypatch)._get_num_multimodal_tokens(video_sizes=[(3, SIDE, SIDE)])["num_video_tokens"][0]
     assert (request.input_ids == VIDEO_TOKEN).sum() == count == loaded.model.cfg.video_slots(3)
-    batch = loaded.batch([request, loaded.request_video(frames[:1] * 3, "and?")])
+    batch = loaded.batch([request, loaded.video_request(frames[:1] * 3, "and?")])
     assert batch.pixel_values.video and batch.pixel_values.num_slots == count
     with pytest.raises(Exception, match="mixes images and videos"):
         loaded.batch([request, loaded.request(picture(50, 40), "what?")])
@@ -239,3 +241,37 @@ def test_eval_grid_with_a_decoder_method(checkpoint, tmp_path, capsys):
     table = open(out / "summary.csv").read()
     assert table.count("tokencarve") == 1 and "online curve" in table
     assert len(open(out / "tokencarve-after" / "pope_answers.jsonl").readlines()) == 2
+
+
+def test_run_calibrate_and_eval_on_videos(checkpoint, tmp_path, capsys):
+    """`run --video`, `calibrate` over videos (one curve over the frames' pooled patches in order) and `eval`
+    with that curve; an image calibration's per-view curve is refused on videos."""
+    videos = write_video_bench(tmp_path / "videos")
+    frames = tmp_path / "frames.npy"
+    np.save(frames, np.random.default_rng(1).integers(0, 255, (10, 30, 40, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    assert main(["run", "--checkpoint", checkpoint, "--video", str(frames), "--prompt", "what happens?", "--method",
+                 "fastv", "--keep", "12", "--debias", "pad+curve", "--curve", "online", "--max-new-tokens", "2",
+                 "--decode", "fast", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "no padding to suppress" in capsys.readouterr().out
+    summary = json.load(open(out / "run.json"))
+    assert summary["frames"] == 8 and summary["visual_tokens"] == 8 * 9 + 1  # 5 x 5 pooled to 3 x 3, a newline
+    assert summary["kept"] == {"pruned": 12, "pruned + debiased": 12}
+    assert [sum(v) for v in summary["kept_per_frame"].values()] == [12, 12]  # the newline is never kept
+    assert all(os.path.getsize(f) > 2000 for f in summary["figures"])
+    curve = tmp_path / "video_curve.json"
+    assert main(["calibrate", "--checkpoint", checkpoint, "--data", str(videos), "--bench", "msvd", "--method",
+                 "fastv", "--batch", "2", "--out", str(curve)]) == 0, capsys.readouterr().err
+    record = json.load(open(curve))
+    assert record["positions"] == 72 and record["samples"] == 2 and "views" not in record["curve"]
+    eval_out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(videos), "--method", "fastv",
+            "--keep", "12", "--debias", "curve", "--max-new-tokens", "2", "--batch", "2", "--decode", "fast", "--out",
+            str(eval_out)]
+    assert main(args + ["--curve", str(curve)]) == 0, capsys.readouterr().err
+    assert len(open(eval_out / "merge.jsonl").readlines()) == 2
+    views = tmp_path / "views.json"
+    json.dump({"curve": jd.curve_to_dict((jd.ExpCurve(0.01), jd.ExpCurve(0.02)))}, open(views, "w"))
+    assert main(args[:-1] + [str(tmp_path / "eval2"), "--curve", str(views)]) == 2
+    assert "a LLaVA-OneVision video is one view" in capsys.readouterr().err
+    assert not (tmp_path / "eval2").exists()

@@ -102,7 +102,7 @@ def test_video_inputs_that_do_not_fit_exit_2(checkpoint, tmp_path, capsys):
     assert main(["run", "--video", str(tmp_path / "none"), "--checkpoint", checkpoint]) == 2
     assert "does not exist" in capsys.readouterr().err
     np.save(tmp_path / "v.npy", np.zeros((8, 28, 28, 3), np.uint8))
-    with pytest.raises(UserError, match="needs a Video-LLaVA checkpoint"):
+    with pytest.raises(UserError, match="--video needs a Video-LLaVA or LLaVA-OneVision checkpoint"):
         cli_run.run_video(jd.PruneSpec("fastv", keep=4), model=image_model(), video=str(tmp_path / "v.npy"))
 
 
