@@ -56,24 +56,34 @@ def figure_kept(letterboxed, kept_by_name: dict, path: str, content=None) -> str
     return path
 
 
-def figure_curve(series: dict, path: str, title: str) -> str:
-    """Mean score per grid row (raster order, top to bottom) over samples, one line per entry of ``series``
-    (name -> float[N] or float[B, N]; NaN marks excluded tokens, e.g. padding), normalised by its overall mean,
-    log scale. Returns ``path``."""
+def figure_profile(lines: dict, path: str, title: str, xlabel: str, ylabel: str = "mean score / overall mean",
+                   marker: bool = True) -> str:
+    """One line per entry of ``lines`` (name -> float[L], NaN left out), each divided by its own mean, on a log
+    scale: the shape of a score profile, whatever its level. Returns ``path``."""
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
-    for name, scores in series.items():
-        scores = np.asarray(scores, np.float64)
-        grid = grid_side(scores.shape[-1])
-        scores = scores.reshape(-1, grid, grid)
-        with warnings.catch_warnings():  # an all-padding grid row has no mean: NaN, left out of the line
-            warnings.simplefilter("ignore", RuntimeWarning)
-            rows = np.nanmean(scores, axis=(0, 2))
-        ax.plot(np.arange(grid), rows / max(np.nanmean(rows), 1e-12), marker="o", ms=3, label=name)
-    ax.set_xlabel("grid row (later in the sequence ->)")
-    ax.set_ylabel("mean score / overall mean")
+    for name, values in lines.items():
+        values = np.asarray(values, np.float64)
+        ax.plot(np.arange(values.size), values / max(np.nanmean(values), 1e-12), label=name,
+                **({"marker": "o", "ms": 3} if marker else {"lw": 1}))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     _save(fig, path)
     return path
+
+
+def figure_curve(series: dict, path: str, title: str) -> str:
+    """Mean score per grid row (raster order, top to bottom) over samples, one line per entry of ``series``
+    (name -> float[N] or float[B, N]; NaN marks excluded tokens, e.g. padding), normalised by its overall mean,
+    log scale. Returns ``path``."""
+    rows = {}
+    for name, scores in series.items():
+        scores = np.asarray(scores, np.float64)
+        grid = grid_side(scores.shape[-1])
+        with warnings.catch_warnings():  # an all-padding grid row has no mean: NaN, left out of the line
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rows[name] = np.nanmean(scores.reshape(-1, grid, grid), axis=(0, 2))
+    return figure_profile(rows, path, title, "grid row (later in the sequence ->)")

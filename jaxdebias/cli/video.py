@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 import jaxdebias as jd
 from jaxdebias.cli import images as image_files
-from jaxdebias.cli.figures import _save
+from jaxdebias.cli.figures import _save, figure_profile
 from jaxdebias.cli.inputs import LoadedModel, Request, build_prompt
 from jaxdebias.eval import video as video_eval
 from jaxdebias.eval.files import write_json
@@ -157,18 +157,8 @@ def figure_frames(crops, kept_by_name: dict, patches, cls, path: str) -> str:
 
 def frame_curve(series: dict, path: str, title: str) -> str:
     """Mean patch score per frame (float[F, P] per entry), normalised by its overall mean, log scale."""
-    fig = Figure(figsize=(6.4, 3.8))
-    ax = fig.subplots()
-    for name, scores in series.items():
-        means = np.nanmean(np.asarray(scores, np.float64), axis=1)
-        ax.plot(np.arange(len(means)), means / max(np.nanmean(means), 1e-12), marker="o", ms=3, label=name)
-    ax.set_xlabel("frame (later in the sequence ->)")
-    ax.set_ylabel("mean score / overall mean")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return path
+    means = {name: np.nanmean(np.asarray(scores, np.float64), axis=1) for name, scores in series.items()}
+    return figure_profile(means, path, title, "frame (later in the sequence ->)")
 
 
 def judge(bench: str, out_dir: str, *, complete=None, model: str = video_eval.JUDGE_MODEL, api_key: str | None = None,
@@ -196,15 +186,5 @@ def judge(bench: str, out_dir: str, *, complete=None, model: str = video_eval.JU
 def figure_by_index(series: dict, path: str, title: str) -> str:
     """Scores by token index (name -> float[N]), normalised by their mean, log scale: the calibration plot of a
     token layout that is not one square grid (a frame's CLS + patches, or a whole video)."""
-    fig = Figure(figsize=(6.4, 3.8))
-    ax = fig.subplots()
-    for name, scores in series.items():
-        scores = np.asarray(scores, np.float64)
-        ax.plot(np.arange(scores.size), scores / max(np.nanmean(scores), 1e-12), lw=1, label=name)
-    ax.set_xlabel("token index (CLS first in a frame; later in the sequence ->)")
-    ax.set_ylabel("score / mean")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return path
+    return figure_profile(series, path, title, "token index (later in the sequence ->)",
+                          "score / mean", marker=False)
