@@ -40,6 +40,7 @@ class ClipVisionConfig:
 
     @property
     def grid(self) -> int:
+        """Patches per side: image_size // patch_size (the remainder pixels are never read)."""
         return self.image_size // self.patch_size
 
     @property

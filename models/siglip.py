@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdebias.models import layers
-from jaxdebias.models.clip import ClipEncoderLayer
+from jaxdebias.models.clip import ClipEncoderLayer, ClipVisionConfig
 
 # transformers' SiglipVisionConfig defaults: a config.json written by save_pretrained leaves out values equal to
 # them (the published OneVision configs omit num_channels, hidden_act and layer_norm_eps).
@@ -43,7 +43,9 @@ HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(ClipVisionConfig):
+    """CLIP's tower config (``grid``, ``layers_run``) with SigLIP's defaults and checks: no CLS token."""
+
     hidden_size: int = 1152
     intermediate_size: int = 4304
     num_layers: int = 26
@@ -72,16 +74,6 @@ class SiglipVisionConfig:
             raise ValueError(f"vision_feature_select_strategy={self.select_strategy!r}: SigLIP has no CLS token, "
                              "and 'default' would drop its first patch (as transformers does); this port runs "
                              "'full' (every patch), as LLaVA-OneVision does.")
-
-    @property
-    def grid(self) -> int:
-        """Patches per side: image_size // patch_size (27 at 384/14; the remainder pixels are never read)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def layers_run(self) -> int:
-        """Encoder layers built and run: hidden_states has num_layers + 1 entries (the first is the embeddings)."""
-        return self.feature_layer % (self.num_layers + 1)
 
     @property
     def num_features(self) -> int:
