@@ -28,7 +28,8 @@ from jaxdebias.models import sequence
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
 from jaxdebias.models.llava_next import LlavaNext, LlavaNextConfig, expand_prompt, image_tokens
-from _timing import interleaved_times
+from _timing import compiled_prefill, interleaved_times
+from _timing import decoder_flops as analytic_flops
 
 SIZE = (1000, 1000)  # (width, height): 4 tiles at llava-v1.6's pinpoints, nothing unpadded
 
@@ -62,20 +63,8 @@ def main():
     batch = gen.Batch(ids, images, am, image_sizes=np.array([SIZE]))
     N, T = images.num_slots, ids.shape[1]
     buckets = (jd.bucket(T, (), then_every=512),)
-    graphdef, state = nnx.split(model)
-
-    def runner(spec):
-        prep = gen.prepare(model, batch, spec, prompt_buckets=buckets)
-        kw = dict(plan=prep.plan, extra=64, temperature=0.0)
-        args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
-        flops = gen.prefill_step.lower(*args_, **kw).compile().cost_analysis()["flops"]
-        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.plan, flops
-
-    def decoder_flops(shape):
-        total = 0
-        for start, stop, S in sequence.segments(buckets[0], shape, N, L):
-            total += (stop - start) * (2 * S * (4 * D * D + 3 * D * F) + 4 * S * (S + 64) * D)
-        return total
+    runner = lambda spec: compiled_prefill(model, batch, spec, buckets)  # noqa: E731
+    decoder_flops = lambda plan: analytic_flops(sequence.segments(buckets[0], plan, N, L), D, F)  # noqa: E731
 
     debias = jd.Debias(curve="online", pad_tau="released")
     runs = {"unpruned": runner(None)}

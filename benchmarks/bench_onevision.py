@@ -48,7 +48,8 @@ from jaxdebias.models.llama import LlamaConfig
 from jaxdebias.models.llava_next import image_tokens
 from jaxdebias.models.llava_onevision import LlavaOnevision, LlavaOnevisionConfig, expand_prompt
 from jaxdebias.models.siglip import SiglipVisionConfig
-from _timing import interleaved_times
+from _timing import compiled_prefill, interleaved_times
+from _timing import decoder_flops as analytic_flops
 
 # (width, height) at 384 px tiles, scaled with --image-size
 IMAGES = {"downscaled": (1500, 1100), "not downscaled": (1000, 700)}
@@ -115,7 +116,6 @@ def main():
                     max_position_embeddings=32768, tie_word_embeddings=True, dtype=dtype, param_dtype=dtype),
         grid_pinpoints=tuple((h * S, w * S) for h in range(1, 7) for w in range(1, 7)))
     model = LlavaOnevision(cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
     Dkv = cfg.text.num_kv_heads * 64
     rng = np.random.default_rng(0)
     debias = jd.Debias(curve="online", pad_tau="released")
@@ -148,20 +148,9 @@ def main():
         N, T = images.num_slots, ids.shape[1]
         buckets = (jd.bucket(T, (), then_every=512),)
 
-        def runner(spec):
-            prep = gen.prepare(model, batch, spec, prompt_buckets=buckets)
-            kw = dict(plan=prep.plan, extra=64, temperature=0.0)
-            args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
-            compiled = gen.prefill_step.lower(*args_, **kw).compile()
-            ca = compiled.cost_analysis()
-            ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-            return (lambda: compiled(*args_[1:])[0]), prep.plan, float(ca["flops"])
-
-        def decoder_flops(plan):
-            total = 0
-            for start, stop, Sq in sequence.segments(buckets[0], plan, N, L):
-                total += (stop - start) * (2 * Sq * (2 * D * D + 2 * D * Dkv + 3 * D * F) + 4 * Sq * (Sq + 64) * D)
-            return total
+        runner = lambda spec: compiled_prefill(model, batch, spec, buckets)  # noqa: E731
+        decoder_flops = lambda plan: analytic_flops(  # noqa: E731
+            sequence.segments(buckets[0], plan, N, L), D, F, Dkv)
 
         runs, settings, skipped = {"unpruned": runner(None)}, {}, {}
         family = model.option_family(images)

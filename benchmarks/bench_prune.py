@@ -30,9 +30,9 @@ from jaxdebias.models import generate as gen
 from jaxdebias.models import llava, sequence
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
-from _timing import interleaved_times, median_time
+from _timing import compiled_prefill, interleaved_times, median_time
+from _timing import decoder_flops as analytic_flops
 from accelerator import prune_spec
-from bench_video import xla_flops
 
 
 def main():
@@ -57,19 +57,8 @@ def main():
     ids = np.concatenate([[1], rng.integers(3, 31000, 5), [32000] * 576, rng.integers(3, 31000, args.text - 6)])[None]
     batch = gen.Batch(ids, rng.normal(size=(1, 3, 336, 336)).astype(np.float32), np.ones_like(ids),
                           image_sizes=np.array([[640, 480]]))
-    graphdef, state = nnx.split(model)
-
-    def runner(spec):
-        prep = gen.prepare(model, batch, spec)
-        args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
-        kw = dict(plan=prep.plan, extra=64, temperature=0.0)
-        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.plan, xla_flops(gen.prefill_step, *args_, **kw)
-
-    def decoder_flops(segs):
-        total = 0
-        for start, stop, S in segs:
-            total += (stop - start) * (2 * S * (4 * D * D + 3 * D * F) + 4 * S * (S + 64) * D)
-        return total
+    runner = lambda spec: compiled_prefill(model, batch, spec)  # noqa: E731
+    decoder_flops = lambda segs: analytic_flops(segs, D, F)  # noqa: E731
 
     dense_fn, dense_shape, x_dense = runner(None)
     Tb = jd.bucket(T, gen.PROMPT_BUCKETS)

@@ -25,20 +25,10 @@ from jaxdebias.models import sequence
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.llama import LlamaConfig
 from jaxdebias.models.video_llava import VideoLlava, VideoLlavaConfig
-from _timing import interleaved_times
+from _timing import compiled_prefill, interleaved_times
+from _timing import decoder_flops as analytic_flops
 
 KEEPS = (256, 512, 1024)
-
-
-def xla_flops(fn, *args, **kw):
-    """XLA's FLOP count of a jitted function's compiled program for these arguments (None where not given)."""
-    try:
-        ca = fn.lower(*args, **kw).compile().cost_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    f = (ca or {}).get("flops")
-    return float(f) if f and f > 0 else None
 
 
 def main():
@@ -67,17 +57,8 @@ def main():
     Tb = -(-T // 64) * 64
     videos = rng.normal(size=(1, cfg.frames, 3, 224, 224)).astype(np.float32)
     batch = gen.Batch(ids, videos, np.ones_like(ids))
-    graphdef, state = nnx.split(model)
-
-    def runner(spec):
-        prep = gen.prepare(model, batch, spec, prompt_buckets=(Tb,))
-        args_ = (graphdef, state, *prep.arrays, prep.limits, jax.random.key(0))
-        kw = dict(plan=prep.plan, extra=64, temperature=0.0)
-        return (lambda: gen.prefill_step(*args_, **kw)[0]), prep.plan, xla_flops(gen.prefill_step, *args_, **kw)
-
-    def decoder_flops(segs):
-        return sum((stop - start) * (2 * S * (4 * D * D + 3 * D * F_mlp) + 4 * S * (S + 64) * D)
-                   for start, stop, S in segs)
+    runner = lambda spec: compiled_prefill(model, batch, spec, (Tb,))  # noqa: E731
+    decoder_flops = lambda segs: analytic_flops(segs, D, F_mlp)  # noqa: E731
 
     dense_fn, dense_shape, x_dense = runner(None)
     f_dense = decoder_flops(sequence.segments(Tb, dense_shape, n, L))
