@@ -8,6 +8,15 @@ IMAGE_TOKEN = 150
 VOCAB = 151
 
 
+def converted(hf, path, **save_kw):
+    """(hf, ours): a transformers model saved with ``save_pretrained`` at ``path`` (``save_kw``: e.g. a
+    max_shard_size that writes several shards) and loaded through our converter."""
+    from jaxdebias.convert import from_hf
+
+    hf.save_pretrained(path, **save_kw)
+    return hf, from_hf(path)
+
+
 def make_hf_llava(kind: str, seed: int = 0):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

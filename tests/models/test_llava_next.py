@@ -7,10 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxdebias.convert import from_hf  # noqa: E402
 from jaxdebias.models.generate import Batch, generate  # noqa: E402
 from jaxdebias.models.llava_next import LlavaNext, expand_prompt, image_tokens  # noqa: E402
 
+from .hf_tiny import converted  # noqa: E402
 from .hf_tiny_next import make_hf_next, next_prompts  # noqa: E402
 
 SIZES = [(100, 60), (50, 130)]  # (width, height): 4 tiles (84 x 84) and 3 tiles (126 x 42), both unpadded
@@ -18,10 +18,7 @@ SIZES = [(100, 60), (50, 130)]  # (width, height): 4 tiles (84 x 84) and 3 tiles
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    hf = make_hf_next()
-    path = tmp_path_factory.mktemp("next")
-    hf.save_pretrained(path, max_shard_size="20KB")
-    return hf, from_hf(path)
+    return converted(make_hf_next(), tmp_path_factory.mktemp("next"), max_shard_size="20KB")
 
 
 def ours_inputs(model, ids, am, px, sizes_hw):

@@ -8,12 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxdebias.convert import from_hf  # noqa: E402
 from jaxdebias.models.generate import Batch, generate  # noqa: E402
 from jaxdebias.models.llava_next import image_tokens  # noqa: E402
 from jaxdebias.models.llava_onevision import LlavaOnevision, LlavaOnevisionConfig, expand_prompt  # noqa: E402
 from jaxdebias.models.onevision_layout import bilinear_taps  # noqa: E402
 
+from .hf_tiny import converted  # noqa: E402
 from .hf_tiny_onevision import (IMAGE_TOKEN, VIDEO_TOKEN, hf_token_count, make_hf_onevision,  # noqa: E402
                                 onevision_prompts, tiles, video_prompts)
 
@@ -24,10 +24,7 @@ SIZES = [(120, 118), (124, 90), (30, 70), (25, 60)]
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    hf = make_hf_onevision()
-    path = tmp_path_factory.mktemp("onevision")
-    hf.save_pretrained(path, max_shard_size="20KB")
-    return hf, from_hf(path)
+    return converted(make_hf_onevision(), tmp_path_factory.mktemp("onevision"), max_shard_size="20KB")
 
 
 def ours_inputs(model, ids, am, px, sizes_hw):

@@ -21,7 +21,8 @@ import jaxdebias as jd
 from jaxdebias.models import generate as gen
 from jaxdebias.models.llava_onevision import expand_prompt
 
-from .hf_tiny_onevision import IMAGE_TOKEN, onevision_prompts, video_prompts
+from .hf_tiny import converted
+from .hf_tiny_onevision import IMAGE_TOKEN, make_hf_onevision, onevision_prompts, video_prompts
 from .test_onevision_pruning import LAYERS, R, SIZES
 
 torch = pytest.importorskip("torch")
@@ -33,14 +34,7 @@ OPTIONS = {"vit_layers": LAYERS, "vit_r": R, "llm_layer": 2}
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """test_onevision_pruning's pair at seed 0: its seed 3 answers these prompts with one token repeated."""
-    from jaxdebias.convert import from_hf
-
-    from .hf_tiny_onevision import make_hf_onevision
-
-    hf = make_hf_onevision(seed=0)
-    path = tmp_path_factory.mktemp("onevision_decode")
-    hf.save_pretrained(path)
-    return hf, from_hf(path)
+    return converted(make_hf_onevision(seed=0), tmp_path_factory.mktemp("onevision_decode"))
 
 
 def image_batch(ours, hf, padding):

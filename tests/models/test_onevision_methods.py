@@ -11,6 +11,7 @@ import pytest
 import jaxdebias as jd
 from jaxdebias.models.generate import generate
 
+from .hf_tiny import converted
 from .hf_tiny_onevision import IMAGE_TOKEN, make_hf_onevision, onevision_prompts
 from .test_onevision_pruning import SIZES, batch_of
 from .test_pruning import kept_sets, np_raters, np_select, np_tokencarve
@@ -26,12 +27,7 @@ FAMILY = "llava_onevision"
 def tiny(tmp_path_factory):
     """Ours and transformers' tensors of one prompt batch (right padding); 4 decoder layers, so that SparseVLM's
     layer-2 stage (which prunes layer 2's output) fits."""
-    from jaxdebias.convert import from_hf
-
-    hf = make_hf_onevision(seed=3, layers=4)
-    path = tmp_path_factory.mktemp("onevision_methods")
-    hf.save_pretrained(path)
-    ours = from_hf(path)
+    hf, ours = converted(make_hf_onevision(seed=3, layers=4), tmp_path_factory.mktemp("onevision_methods"))
     batch, px, hw = batch_of(ours, hf)
     ids, am, _, _ = onevision_prompts(hf, SIZES, padding="right")
     with torch.no_grad():

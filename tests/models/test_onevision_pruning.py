@@ -14,7 +14,8 @@ from jaxdebias.models.llava_onevision import expand_prompt
 
 from tests.jaxdebias.test_illava_rules import ref_encoder_merge, ref_llm_merge
 
-from .hf_tiny_onevision import IMAGE_TOKEN, onevision_prompts, video_prompts
+from .hf_tiny import converted
+from .hf_tiny_onevision import IMAGE_TOKEN, make_hf_onevision, onevision_prompts, video_prompts
 
 torch = pytest.importorskip("torch")
 
@@ -25,14 +26,7 @@ ILLAVA = jd.PruneSpec("illava", keep=1, options={"vit_layers": LAYERS, "vit_r": 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from jaxdebias.convert import from_hf
-
-    from .hf_tiny_onevision import make_hf_onevision
-
-    hf = make_hf_onevision(seed=3)
-    path = tmp_path_factory.mktemp("onevision_prune")
-    hf.save_pretrained(path)
-    return hf, from_hf(path)
+    return converted(make_hf_onevision(seed=3), tmp_path_factory.mktemp("onevision_prune"))
 
 
 def batch_of(ours, hf, padding="right"):
