@@ -26,7 +26,6 @@ only by ``last_hidden_state`` (transformers' output of the same name); the atten
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,15 +48,10 @@ class SiglipVisionConfig(ClipVisionConfig):
     hidden_size: int = 1152
     intermediate_size: int = 4304
     num_layers: int = 26
-    num_heads: int = 16
     image_size: int = 384
-    patch_size: int = 14
-    num_channels: int = 3
     layer_norm_eps: float = 1e-6
     feature_layer: int = -1
     select_strategy: str = "full"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         if self.image_size < self.patch_size:
