@@ -8,6 +8,36 @@ IMAGE_TOKEN = 150
 VOCAB = 151
 
 
+def for_parity(model, vision_std: float | None = None):
+    """A freshly built transformers model (eval mode) made fit for parity tests: every parameter matters (biases
+    and norms moved off their init by N(0, 0.1); with ``vision_std`` the tower's matrices redrawn at that std),
+    eager attention, and generation that never stops at an eos or pad id. Returns ``model``."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif vision_std is not None and "vision_tower" in name and p.ndim > 1:
+                p.normal_(0, vision_std)
+    model.config._attn_implementation = "eager"
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def pad_prompts(seqs, padding: str):
+    """Token lists -> (input_ids int64[B, T], attention_mask int64[B, T]), padded with 0 on ``padding``'s side."""
+    T = max(map(len, seqs))
+    ids = np.zeros((len(seqs), T), np.int64)
+    am = np.zeros((len(seqs), T), np.int64)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if padding == "left" else slice(0, len(s))
+        ids[b, sl] = s
+        am[b, sl] = 1
+    return ids, am
+
+
 def converted(hf, path, **save_kw):
     """(hf, ours): a transformers model saved with ``save_pretrained`` at ``path`` (``save_kw``: e.g. a
     max_shard_size that writes several shards) and loaded through our converter."""
@@ -37,15 +67,7 @@ def make_hf_llava(kind: str, seed: int = 0):
     else:
         raise ValueError(kind)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # make biases and norms non-trivial so that every parameter matters
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.config._attn_implementation = "eager"
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return for_parity(LlavaForConditionalGeneration(cfg).eval())
 
 
 def prompts(cfg_patches: int = 9, seed: int = 1, padding: str = "left"):
@@ -56,13 +78,7 @@ def prompts(cfg_patches: int = 9, seed: int = 1, padding: str = "left"):
     seqs = []
     for pre, post in ((3, 7), (5, 2)):
         seqs.append([1] + list(rng.integers(3, 140, pre)) + [IMAGE_TOKEN] * cfg_patches + list(rng.integers(3, 140, post)))
-    T = max(map(len, seqs))
-    ids = np.zeros((2, T), np.int64)
-    am = np.zeros((2, T), np.int64)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if padding == "left" else slice(0, len(s))
-        ids[b, sl] = s
-        am[b, sl] = 1
+    ids, am = pad_prompts(seqs, padding)
     pixels = rng.normal(size=(2, 3, 42, 42)).astype(np.float32)
     pixels[1] = np.abs(pixels[1]) * 2  # different content
     return ids, am, pixels

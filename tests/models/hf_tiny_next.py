@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .hf_tiny import for_parity, pad_prompts
+
 IMAGE_TOKEN = 150
 VOCAB = 151
 PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42]]  # (height, width): 2, 2, 4 and 3 tiles of 42 px
@@ -22,15 +24,7 @@ def make_hf_next(seed: int = 0, layers: int = 3):
                          pad_token_id=0, sliding_window=4096, rope_theta=1e6, max_position_embeddings=4096)
     cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                           image_grid_pinpoints=PINPOINTS)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # make biases and norms non-trivial so that every parameter matters
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.config._attn_implementation = "eager"
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return for_parity(LlavaNextForConditionalGeneration(cfg).eval())
 
 
 def hf_token_count(hf, width: int, height: int) -> int:
@@ -60,13 +54,7 @@ def next_prompts(hf, sizes, seed: int = 1, padding: str = "left"):
         pre, post = (3, 7) if i % 2 == 0 else (5, 2)
         n = hf_token_count(hf, w, h)
         seqs.append([1] + list(rng.integers(3, 140, pre)) + [IMAGE_TOKEN] * n + list(rng.integers(3, 140, post)))
-    T = max(map(len, seqs))
-    ids = np.zeros((len(seqs), T), np.int64)
-    am = np.zeros((len(seqs), T), np.int64)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if padding == "left" else slice(0, len(s))
-        ids[b, sl] = s
-        am[b, sl] = 1
+    ids, am = pad_prompts(seqs, padding)
     V = 1 + max(tiles(hf, w, h) for w, h in sizes)
     px = np.zeros((len(sizes), V, 3, 42, 42), np.float32)
     for b, (w, h) in enumerate(sizes):

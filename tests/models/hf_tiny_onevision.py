@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .hf_tiny import for_parity, pad_prompts
+
 IMAGE_TOKEN, VIDEO_TOKEN = 150, 151
 VOCAB = 152
 SIDE = 32
@@ -26,17 +28,7 @@ def make_hf_onevision(seed: int = 0, layers: int = 3):
                        rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=False)
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                video_token_index=VIDEO_TOKEN, image_grid_pinpoints=PINPOINTS)
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # make every parameter matter: non-trivial biases and norms, larger random weights
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif "vision_tower" in name and p.ndim > 1:
-                p.normal_(0, 0.1)
-    model.config._attn_implementation = "eager"
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return for_parity(LlavaOnevisionForConditionalGeneration(cfg).eval(), vision_std=0.1)  # larger tower weights
 
 
 def tiles(hf, width: int, height: int) -> int:
@@ -56,17 +48,6 @@ def hf_token_count(hf, width: int, height: int) -> int:
     return int(lens[0])
 
 
-def _pad(seqs, padding):
-    T = max(map(len, seqs))
-    ids = np.zeros((len(seqs), T), np.int64)
-    am = np.zeros((len(seqs), T), np.int64)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if padding == "left" else slice(0, len(s))
-        ids[b, sl] = s
-        am[b, sl] = 1
-    return ids, am
-
-
 def onevision_prompts(hf, sizes, seed: int = 1, padding: str = "left"):
     """One prompt per image (sizes: (width, height)), placeholders expanded to the model's count, padded on the
     given side. Returns (input_ids int64[B, T], attention_mask, pixel_values float32[B, V, 3, 32, 32] (zero views
@@ -77,7 +58,7 @@ def onevision_prompts(hf, sizes, seed: int = 1, padding: str = "left"):
         pre, post = (3, 7) if i % 2 == 0 else (5, 2)
         seqs.append([1] + list(rng.integers(3, 140, pre)) + [IMAGE_TOKEN] * hf_token_count(hf, w, h)
                     + list(rng.integers(3, 140, post)))
-    ids, am = _pad(seqs, padding)
+    ids, am = pad_prompts(seqs, padding)
     V = 1 + max(tiles(hf, w, h) for w, h in sizes)
     px = np.zeros((len(sizes), V, 3, SIDE, SIDE), np.float32)
     for b, (w, h) in enumerate(sizes):
@@ -91,5 +72,5 @@ def video_prompts(batch: int, frames: int, seed: int = 2, padding: str = "left")
     rng = np.random.default_rng(seed)
     seqs = [[1] + list(rng.integers(3, 140, 2 + 2 * b)) + [VIDEO_TOKEN] * (frames * 9 + 1)
             + list(rng.integers(3, 140, 4)) for b in range(batch)]
-    ids, am = _pad(seqs, padding)
+    ids, am = pad_prompts(seqs, padding)
     return ids, am, rng.normal(size=(batch, frames, 3, SIDE, SIDE)).astype(np.float32)

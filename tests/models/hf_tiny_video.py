@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .hf_tiny import for_parity, pad_prompts
+
 IMAGE_TOKEN = 150
 VIDEO_TOKEN = 151
 VOCAB = 152
@@ -24,15 +26,7 @@ def make_hf_video_llava(seed: int = 0, text_layers: int = 3):
     cfg = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                            video_token_index=VIDEO_TOKEN, image_seq_length=PATCHES,
                            video_seq_length=FRAMES * FRAME_TOKENS)
-    model = VideoLlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # non-trivial biases and norms, and two towers that differ
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.config._attn_implementation = "eager"
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return for_parity(VideoLlavaForConditionalGeneration(cfg).eval())  # the two towers' biases differ
 
 
 def video_prompts(seed: int = 1, padding: str = "left", image: bool = False):
@@ -47,13 +41,7 @@ def video_prompts(seed: int = 1, padding: str = "left", image: bool = False):
         img = [IMAGE_TOKEN] * PATCHES + [7] if image and b == 0 else []
         seqs.append([1] + list(rng.integers(3, 140, pre)) + img + [VIDEO_TOKEN] * (FRAMES * FRAME_TOKENS)
                     + list(rng.integers(3, 140, post)))
-    T = max(map(len, seqs))
-    ids = np.zeros((2, T), np.int64)
-    am = np.zeros((2, T), np.int64)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if padding == "left" else slice(0, len(s))
-        ids[b, sl] = s
-        am[b, sl] = 1
+    ids, am = pad_prompts(seqs, padding)
     videos = rng.normal(size=(2, FRAMES, 3, 28, 28)).astype(np.float32)
     videos[1] = np.abs(videos[1]) * 2
     pixels = rng.normal(size=(1, 3, 28, 28)).astype(np.float32) if image else None
