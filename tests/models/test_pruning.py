@@ -2,6 +2,7 @@
 nothing pruned, a masked-attention reference, compile counts and FLOPs."""
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,7 @@ def hf_fastv_mask_mode(hf, x0, img, keep, steps, weights, fixed=False):
     from transformers import DynamicCache
 
     lm = hf.model.language_model
+    cache_kw = "cache" if "cache" in inspect.signature(lm.layers[0].forward).parameters else "past_key_values"
     cache, tokens, x, start, selections, margins = DynamicCache(), [], x0, 0, [], []
     neg = torch.finfo(x0.dtype).min
     for _ in range(steps):
@@ -113,7 +115,7 @@ def hf_fastv_mask_mode(hf, x0, img, keep, steps, weights, fixed=False):
             mask = torch.where(allowed, 0.0, neg)[None, None]
             seen = []
             hook = layer.self_attn.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
-            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, position_embeddings=pe)
+            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, **{cache_kw: cache})
             h = h[0] if isinstance(h, tuple) else h
             hook.remove()
             if i == 1 and fixed and selections:  # the prefill's selection serves every token
