@@ -8,8 +8,9 @@ Preprocessing equals transformers' ``LlavaOnevisionImageProcessor`` (its PIL bac
 torchvision): the base view is the image squashed to S x S (bicubic); the tiles are the image resized into its best
 pinpoint resolution keeping its aspect ratio (the scaled side rounded up), centred on black and cut into S x S tiles
 (``anyres.preprocess``, as LLaVA-NeXT's processor does); every view is rescaled by 1/255 and normalised with the
-checkpoint's mean and std (0.5 / 0.5 for llava-hf OneVision). Video frames are resized to S x S (bicubic, PIL: the
-torchvision video processor's antialiased resize differs by resampler rounding) and normalised the same way.
+checkpoint's mean and std (0.5 / 0.5 for llava-hf OneVision). Video frames equal ``LlavaOnevisionVideoProcessor``
+(torchvision-backed): each RGB uint8 frame squashed to S x S with torch's CPU uint8 antialiased bicubic, reproduced
+bit for bit in NumPy (``resample.resize_bicubic_aa``), then normalised in float32 as (x - 255 mean) / (255 std).
 
 The prompt is the llava-hf OneVision chat template for one user turn and the generation prompt,
 ``<|im_start|>user <image>\\n{question}<|im_end|><|im_start|>assistant\\n`` (``<video>`` for a video), with the
@@ -33,6 +34,7 @@ import jaxdebias as jd
 from jaxdebias.cli import anyres
 from jaxdebias.cli.images import load_image, row_image
 from jaxdebias.cli.inputs import Request
+from jaxdebias.cli.resample import resize_bicubic_aa
 from jaxdebias.eval import video as video_eval
 from jaxdebias.models.generate import Batch
 from jaxdebias.models.llava_next import EMPTY
@@ -68,12 +70,16 @@ def image_token_count(cfg: LlavaOnevisionConfig, width: int, height: int) -> int
 
 
 def preprocess_frames(frames, mean, std, side: int):
-    """Frames (PIL) -> (float32[F, 3, side, side], the resized frames): each squashed to side x side (bicubic),
-    rescaled by 1/255 (in float64, as transformers does) and normalised."""
-    m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    resized = [frame.convert("RGB").resize((side, side), Image.BICUBIC) for frame in frames]
-    pixels = [((np.asarray(f, np.float64) * (1 / 255)).astype(np.float32) - m) / s for f in resized]
-    return np.stack([p.transpose(2, 0, 1) for p in pixels]), resized
+    """Frames (PIL) -> (float32[F, 3, side, side], the resized frames as PIL images, for figures), as
+    ``LlavaOnevisionVideoProcessor`` computes them: each RGB uint8 frame squashed to side x side by torch's uint8
+    antialiased bicubic (``resample.resize_bicubic_aa``), then rescaled and normalised in one float32 step with the
+    rescale fused into mean and std (transformers' ``TorchvisionBackend.rescale_and_normalize``)."""
+    scale = np.float32(1.0 / (1 / 255))  # 1 / rescale_factor, multiplied into mean and std in float32
+    m255 = np.asarray(mean, np.float32) * scale
+    s255 = np.asarray(std, np.float32) * scale
+    resized = np.stack([resize_bicubic_aa(np.asarray(f.convert("RGB")), (side, side)) for f in frames])
+    pixels = (resized.astype(np.float32) - m255) / s255
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), [Image.fromarray(f) for f in resized]
 
 
 @dataclasses.dataclass

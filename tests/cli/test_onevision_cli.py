@@ -133,23 +133,19 @@ def test_images_and_prompts_equal_the_processors(loaded, checkpoint, monkeypatch
 
 
 def test_video_frames_and_count_equal_the_processors(loaded, checkpoint, monkeypatch):
-    from transformers.image_utils import SizeDict
-
-    proc = image_processor()
     frames = [picture(40, 30, 10 + f) for f in range(3)]
     request = loaded.video_request(frames, "what happens?")
     assert request.video and request.pixel_values.shape == (3, 3, SIDE, SIDE)
-    for f, frame in zip(request.pixel_values, frames):  # the video processor's steps on the PIL backend
-        x = proc.resize(np.asarray(frame).transpose(2, 0, 1), SizeDict(height=SIDE, width=SIDE), resample=3)
-        np.testing.assert_allclose(f, proc.normalize(proc.rescale(x, 1 / 255), MEAN, STD), rtol=0, atol=1e-6)
     # transformers' LlavaOnevisionVideoProcessor (it needs torchvision, which has no CPU build here) resizes the
-    # uint8 frames with torchvision's resize, which on CPU calls this torch kernel on the uint8 tensor, then
-    # normalises (x - 255 mean) / (255 std) in float32: equal to our PIL bicubic up to one uint8 step in < 1%
+    # uint8 frames [F, 3, H, W] with torchvision's resize, which on CPU calls this torch kernel on the uint8 tensor,
+    # then normalises in float32 with the rescale fused into mean and std (TorchvisionBackend.rescale_and_normalize)
     video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).permute(0, 3, 1, 2).contiguous()
     resized = torch.nn.functional.interpolate(video, size=[SIDE, SIDE], mode="bicubic", antialias=True)
-    ref = ((resized.float() - 127.5) / 127.5).numpy()
-    step = np.abs(request.pixel_values - ref) * 127.5
-    assert step.max() < 1.01 and np.mean(step > 0.01) < 0.01
+    mean, std = torch.tensor(MEAN) * (1.0 / (1 / 255)), torch.tensor(STD) * (1.0 / (1 / 255))
+    ref = resized.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None]).numpy()
+    np.testing.assert_array_equal(request.pixel_values, ref)
+    np.testing.assert_array_equal(np.stack([np.asarray(f) for f in request.letterboxed]),
+                                  resized.permute(0, 2, 3, 1).numpy())  # the frames the figures show
     count = hf_processor(checkpoint, monkeypatch)._get_num_multimodal_tokens(video_sizes=[(3, SIDE, SIDE)])["num_video_tokens"][0]
     assert (request.input_ids == VIDEO_TOKEN).sum() == count == loaded.model.cfg.video_slots(3)
     batch = loaded.batch([request, loaded.video_request(frames[:1] * 3, "and?")])
@@ -157,6 +153,20 @@ def test_video_frames_and_count_equal_the_processors(loaded, checkpoint, monkeyp
     with pytest.raises(Exception, match="mixes images and videos"):
         loaded.batch([request, loaded.request(picture(50, 40), "what?")])
 
+
+
+def test_frames_normalise_like_the_torchvision_backend():
+    # a mean and std that are not 0.5 (CLIP's), where the rescale fused into them in float32 matters
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    frames = [picture(50, 37, f) for f in range(2)]
+    pixels, resized = onevision.preprocess_frames(frames, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIDE)
+    video = torch.from_numpy(np.stack([np.asarray(f) for f in frames])).permute(0, 3, 1, 2).contiguous()
+    x = torch.nn.functional.interpolate(video, size=[SIDE, SIDE], mode="bicubic", antialias=True).to(torch.float32)
+    mean = torch.tensor(OPENAI_CLIP_MEAN) * (1.0 / (1 / 255))
+    std = torch.tensor(OPENAI_CLIP_STD) * (1.0 / (1 / 255))
+    np.testing.assert_array_equal(pixels, x.sub_(mean[:, None, None]).div_(std[:, None, None]).numpy())
+    assert [f.size for f in resized] == [(SIDE, SIDE)] * 2
 
 def test_run_on_an_image(checkpoint, tmp_path, capsys):
     image = tmp_path / "wide.png"
