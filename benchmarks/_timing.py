@@ -4,6 +4,9 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
+
+from jaxdebias.models import generate as gen
 
 
 def call_times(fn, repeats: int) -> list[float]:
@@ -56,10 +59,6 @@ def compiled_prefill(model, batch, spec, buckets=None, extra: int = 64):
     """(call, plan, XLA's FLOP count or None): the prefill of ``batch`` pruned by ``spec`` (None: unpruned),
     compiled for the prompt ``buckets`` (None: generate's) with ``extra`` decode slots; ``call()`` runs it and
     returns its first output."""
-    from flax import nnx
-
-    from jaxdebias.models import generate as gen
-
     graphdef, state = nnx.split(model)
     prep = gen.prepare(model, batch, spec, **({} if buckets is None else {"prompt_buckets": buckets}))
     kw = dict(plan=prep.plan, extra=extra, temperature=0.0)

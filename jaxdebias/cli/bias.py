@@ -13,7 +13,8 @@ from jaxdebias.cli.figures import figure_curve
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.calibrate import check_counts
 from jaxdebias.cli.images import check_rows
-from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, prune_spec
+from jaxdebias.cli.inputs import LoadedModel, check_prompt_length
+from jaxdebias.cli.specs import prune_spec
 from jaxdebias.cli.runner import Runner
 from jaxdebias.eval.benchmarks import read_any
 from jaxdebias.eval.files import write_json

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 import jaxdebias as jd
 from jaxdebias.cli.figures import figure_curve
-from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, prune_spec
+from jaxdebias.cli.inputs import LoadedModel, check_prompt_length
+from jaxdebias.cli.specs import prune_spec
 from jaxdebias.cli.runner import Runner
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.video import check_rows, figure_by_index

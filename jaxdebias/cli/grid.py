@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 import jaxdebias as jd
 from jaxdebias.cli.evaluate import evaluate
-from jaxdebias.cli.inputs import LoadedModel, describe, prune_spec
+from jaxdebias.cli.inputs import LoadedModel
+from jaxdebias.cli.specs import describe, prune_spec
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.video import check_rows
 from jaxdebias.eval import benchmarks

@@ -23,12 +23,12 @@ import sys
 import jax
 
 import jaxdebias as jd
-from jaxdebias.cli import demo, faults, families, grid, inputs, video
+from jaxdebias.cli import demo, faults, families, grid, specs, video
 from jaxdebias.cli.bias import bias_report
 from jaxdebias.cli.calibrate import FORMS, calibrate
 from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.grade import grade_mmvet
-from jaxdebias.cli.inputs import DEBIAS_MODES, parse_debias, prune_spec, var_spec
+from jaxdebias.cli.specs import DEBIAS_MODES, parse_debias, prune_spec, var_spec
 from jaxdebias.cli.run import run, run_video
 from jaxdebias.eval.benchmarks import BENCHES
 from jaxdebias.toy import bench
@@ -260,7 +260,7 @@ def _command(args) -> None:
                     limit=args.limit, batch_size=args.batch, pad_tau=args.pad_tau)
     elif args.command == "eval-grid":
         curve = None if args.curve in (None, "released") else (
-            "online" if args.curve == "online" else inputs.read_curve(args.curve))
+            "online" if args.curve == "online" else specs.read_curve(args.curve))
         if args.curve is None and args.checkpoint is None:  # the embedded model's own calibrated curves
             curve = {m: jd.curve_from_dict(toy_curves.own_curve(m)) for m in toy_curves.METHODS}
         benches = [b.strip() for b in args.bench.split(",") if b.strip()]

@@ -13,7 +13,8 @@ import jaxdebias as jd
 from jaxdebias.cli.families import resolve_model
 from jaxdebias.cli.figures import figure_curve, figure_kept
 from jaxdebias.cli.images import default_image_path, load_image
-from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, check_var, describe
+from jaxdebias.cli.inputs import LoadedModel, check_prompt_length, check_var
+from jaxdebias.cli.specs import describe
 from jaxdebias.cli.video import figure_frames, frame_curve
 from jaxdebias.eval import video as video_eval
 from jaxdebias.eval.files import write_json

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import jaxdebias as jd
-from jaxdebias.cli import demo, families, inputs
+from jaxdebias.cli import demo, families, inputs, specs
 from jaxdebias.cli.run import run
 from jaxdebias.toy.curves import own_curve
 
@@ -35,8 +35,8 @@ def test_run_on_the_embedded_default(tmp_path):
     # `jaxdebias run --decode fast`: the defaults (FastV keep 128, padding + the toy's own curve), decoding on the
     # shortened cache (the first-stage scores and slopes do not depend on --decode; the released one masks instead)
     args = build_parser().parse_args(["run", "--decode", "fast"])
-    spec = inputs.prune_spec(args.method, args.keep, _debias(args), args.decode)
-    assert "calibrated curve" in inputs.describe(spec)
+    spec = specs.prune_spec(args.method, args.keep, _debias(args), args.decode)
+    assert "calibrated curve" in specs.describe(spec)
     s = run(spec, out_dir=str(tmp_path), max_new_tokens=3, log=lines.append)
     assert any("toy LLaVA-1.5" in line for line in lines)
     for f in s["figures"]:

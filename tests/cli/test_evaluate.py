@@ -11,7 +11,7 @@ import jax
 import pytest
 
 import jaxdebias as jd
-from jaxdebias.cli import families, inputs
+from jaxdebias.cli import families, specs
 from jaxdebias.cli.calibrate import calibrate
 from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.runner import Runner
@@ -113,7 +113,7 @@ def test_calibrate_writes_a_curve_run_accepts(tmp_path):
                     progress=False, log=lambda *_: None, devices=jax.devices()[:1])
     assert rec["samples"] == 5 and rec["curve"]["form"] == "exp"
     assert os.path.getsize(tmp_path / "curve.png") > 5000
-    debias = inputs.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
+    debias = specs.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
     assert dict(debias.curve)["b"] == pytest.approx(rec["curve"]["b"])
 
 

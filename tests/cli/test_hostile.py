@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import jaxdebias as jd
-from jaxdebias.cli import faults, families, images, inputs, main as cli, runner
+from jaxdebias.cli import faults, families, images, inputs, main as cli, runner, specs
 from jaxdebias.eval.benchmarks import read_any
 from tests.cli.samples import write_pope
 
@@ -144,7 +144,7 @@ def test_curve_files_are_read_or_refused(content):
         with open(path, "wb") as f:
             f.write(content if isinstance(content, bytes) else json.dumps(content).encode())
         try:
-            curve = inputs.read_curve(path)
+            curve = specs.read_curve(path)
         except jd.UserError as e:
             assert path in str(e)
         else:
@@ -260,15 +260,15 @@ def checkpoint(tmp_path_factory):
 def test_var_dims_and_prompt_length_are_checked_against_the_model(checkpoint):
     loaded = families.load_model(checkpoint)
     width = loaded.model.cfg.text.hidden_size
-    inputs.check_var(inputs.var_spec(f"0,{width - 1}"), loaded)
+    inputs.check_var(specs.var_spec(f"0,{width - 1}"), loaded)
     with pytest.raises(jd.UserError, match=f"--var-dims 99999: the model's hidden size is {width}"):
-        inputs.check_var(inputs.var_spec("3,99999"), loaded)
+        inputs.check_var(specs.var_spec("3,99999"), loaded)
     with pytest.raises(jd.UserError, match="--var-layers"):
-        inputs.check_var(inputs.var_spec("3", layers="2,40"), loaded)
+        inputs.check_var(specs.var_spec("3", layers="2,40"), loaded)
     with pytest.raises(jd.UserError, match="indices >= 0"):
-        inputs.var_spec("3,-1")
+        specs.var_spec("3,-1")
     with pytest.raises(jd.UserError, match="--var-tau"):
-        inputs.var_spec("3", tau=float("nan"))
+        specs.var_spec("3", tau=float("nan"))
     inputs.check_prompt_length(loaded, "Is there a dog?", 8)
     with pytest.raises(jd.UserError, match=r"question 7.*past the model's 2048 positions"):
         inputs.check_prompt_length(loaded, "dog " * 3000, 8, "question 7")

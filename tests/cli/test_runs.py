@@ -12,7 +12,7 @@ import pytest
 
 import jaxdebias as jd
 from jaxdebias.cli.evaluate import evaluate
-from jaxdebias.cli.inputs import parse_debias
+from jaxdebias.cli.specs import parse_debias
 from tests.cli.samples import QUESTIONS, tiny_model, write_pope
 
 SPEC = jd.PruneSpec("fastv", keep=2, debias=jd.Debias(pad_tau=0.5))

@@ -163,7 +163,7 @@ def test_eval_grid_on_a_video_benchmark(checkpoint, tmp_path, capsys):
 
 def test_large_budgets_get_their_own_buckets():
     """A video keeps up to 2056 tokens: a CLI budget past 576 is rounded to the next large bucket, not the span."""
-    from jaxdebias.cli.inputs import prune_spec
+    from jaxdebias.cli.specs import prune_spec
 
     shape, limits = prune_spec("fastv", 1000).plan(2056, 32)
     assert shape.stages[0].slots == 1024 and limits[0] == 1000
