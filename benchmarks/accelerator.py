@@ -65,7 +65,7 @@ from jaxdebias.models import generate as gen
 from jaxdebias.models import llava
 from jaxdebias.models.clip import ClipVisionConfig
 from jaxdebias.models.interventions import TriangleAttention, TriangleMix, attend_split
-from jaxdebias.models.layers import default_positions
+from jaxdebias.models.layers import ShapeRngs, default_positions
 from jaxdebias.models.llama import DecoderLayer, LlamaConfig, rope_inv_freq
 from jaxdebias.models.rows import slot_mask
 from _timing import call_times, interleaved_times
@@ -349,7 +349,7 @@ def llava_rows(table: Table, name: str, cfg, args, dev, peak: float, bw: float):
     L = cfg.text.num_layers
     setting = f"unpruned, {N_VISUAL} visual + {TEXT} text tokens, batch 1, {jnp.dtype(cfg.text.dtype).name}"
     settings = {"prefill": setting, "decode": decode_setting(cfg)}
-    graphdef, abs_state, nbytes = abstract(lambda: llava.Llava(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state, nbytes = abstract(lambda: llava.Llava(cfg, rngs=ShapeRngs()))
     free = free_bytes(dev)
     if nbytes > 0.9 * free:
         why = f"does not fit: parameters need {gib(nbytes)}, {gib(free)} free"
@@ -513,7 +513,7 @@ def triangle_rows(table: Table, args, dev, peak: float, dtype):
     path = "splash" if dev.platform == "tpu" else "split"
     spec = TriangleMix(starting_layer=0, path=path, **overrides)
     pattern = f"n_init {spec.n_init}, n_local {spec.n_local}, n_last {spec.n_last}"
-    graphdef, abs_state, _ = abstract(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state, _ = abstract(lambda: DecoderLayer(cfg, rngs=ShapeRngs()))
     state = init_on_device(abs_state)
     kinds = {"dense": "attention: dense (XLA, the model's path)"}
     if dev.platform == "gpu":

@@ -24,6 +24,7 @@ from jaxdebias.convert.files import ConversionError, Source, list_weight_files, 
 from jaxdebias.convert import tables
 from jaxdebias.convert.source import detect_layout, plan, stream, warn_overflow
 from jaxdebias.models import llama, llava, llava_next, llava_onevision, video_llava
+from jaxdebias.models.layers import abstract
 from jaxdebias.models.siglip import SiglipVisionTower
 
 
@@ -123,10 +124,6 @@ def unused_paths(cfg):
         return text.tie_word_embeddings and path[-2:] == ("lm_head", "kernel")
 
     return unused
-
-
-def abstract(cls, cfg):
-    return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
 
 
 def target_shapes(model) -> dict[tuple, tuple]:

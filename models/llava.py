@@ -192,11 +192,6 @@ def layer_input(model: Llava, input_ids, pixel_values, attention_mask, layer: in
     return model.language_model.run_layers(h, layers.default_positions(real), mask, stop=layer, real=real).h
 
 
-def abstract_model(cfg: LlavaConfig) -> Llava:
-    """The model with ShapeDtypeStruct leaves: no memory is allocated (for counting, sharding, loading)."""
-    return nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
-
-
 def param_count(model: nnx.Module) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 

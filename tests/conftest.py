@@ -3,6 +3,7 @@ import shutil
 import tempfile
 
 import jax
+import pytest
 
 # Four fake CPU devices for the sharding tests; fp32 matmuls for parity against PyTorch.
 jax.config.update("jax_num_cpu_devices", 4)
@@ -23,3 +24,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAXDEBIAS_TEST_JIT_CACHE"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny toy checkpoint directory (``tests.cli.samples.tiny_checkpoint``: 4 x 4 patches, 4 decoder layers),
+    written once per test process, for tests that need a checkpoint but not the embedded default's behaviour."""
+    from tests.cli.samples import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint") / "tiny")

@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -9,6 +7,13 @@ import jaxdebias as jd
 from jaxdebias.cli import demo, families, inputs, specs
 from jaxdebias.cli.run import run
 from jaxdebias.toy.curves import own_curve
+from tests.cli.samples import cli_exit
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded default, loaded once for the checks below that read it (``run`` loads its own)."""
+    return families.default_model()
 
 
 def test_demo_debiasing_recovers_the_planted_object():
@@ -20,15 +25,15 @@ def test_demo_debiasing_recovers_the_planted_object():
     assert abs(r["padding + online per-sample fit"]["slope"]) < abs(r["padding only"]["slope"]) / 3
 
 
-def test_cli_demo_and_bad_keep():
-    ok = subprocess.run([sys.executable, "-m", "jaxdebias", "demo", "--keep", "32"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "object recall" in ok.stdout and "online per-sample fit" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "jaxdebias", "demo", "--keep", "600"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--keep must be in 1..576" in bad.stderr
+def test_cli_demo_and_bad_keep(capsys):
+    code, out, err = cli_exit(capsys, "demo", "--keep", "32")
+    assert code == 0, err
+    assert "object recall" in out and "online per-sample fit" in out
+    code, _, err = cli_exit(capsys, "demo", "--keep", "600")
+    assert code == 2 and "--keep must be in 1..576" in err
 
 
-def test_run_on_the_embedded_default(tmp_path):
+def test_run_on_the_embedded_default(tmp_path, embedded):
     from jaxdebias.cli.main import _debias, build_parser
 
     lines = []
@@ -37,7 +42,7 @@ def test_run_on_the_embedded_default(tmp_path):
     args = build_parser().parse_args(["run", "--decode", "fast"])
     spec = specs.prune_spec(args.method, args.keep, _debias(args), args.decode)
     assert "calibrated curve" in specs.describe(spec)
-    s = run(spec, out_dir=str(tmp_path), max_new_tokens=3, log=lines.append)
+    s = run(spec, out_dir=str(tmp_path), max_new_tokens=1, log=lines.append)  # a one-word answer: one token
     assert any("toy LLaVA-1.5" in line for line in lines)
     for f in s["figures"]:
         assert os.path.getsize(f) > 5000  # a real PNG with content
@@ -52,29 +57,29 @@ def test_run_on_the_embedded_default(tmp_path):
     assert set(saved["answers"]) == {"unpruned", "pruned", "pruned + debiased"}
     assert all(a in ("yes", "no") for a in saved["answers"].values())  # the toy model answers its question
     assert saved["stage_lengths"]["pruned"][1][2] < saved["stage_lengths"]["unpruned"][0][2]
-    loaded = families.default_model()
+    loaded = embedded
     tok = loaded.tokenizer.tokenizer
     ids, instr = inputs.build_prompt(loaded.tokenizer, "Is there a star?", 576)
     assert (ids == loaded.model.cfg.image_token_id).sum() == 576 and tok.decode([int(ids[instr])]) == "?"
     assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids.tolist()
 
 
-def test_run_bad_inputs_exit_2(tmp_path):
+def test_run_bad_inputs_exit_2(tmp_path, capsys):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "jaxdebias", "run", "--out", str(tmp_path / "o"), *args],
-                              capture_output=True, text=True)
+        code, _, err = cli_exit(capsys, "run", "--out", str(tmp_path / "o"), *args)
+        return code, err
 
-    r = run("--image", str(tmp_path / "missing.png"))
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    code, err = run("--image", str(tmp_path / "missing.png"))
+    assert code == 2 and "does not exist" in err
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    r = run("--image", str(tmp_path / "bad.png"))
-    assert r.returncode == 2 and "cannot be read" in r.stderr
-    r = run("--keep", "600")
-    assert r.returncode == 2 and "--keep must be in 1..576" in r.stderr
-    r = run("--checkpoint", str(tmp_path))
-    assert r.returncode == 2 and "is not a jaxdebias checkpoint" in r.stderr
-    r = run("--debias", "strong")
-    assert r.returncode == 2 and "--debias must be" in r.stderr
+    code, err = run("--image", str(tmp_path / "bad.png"))
+    assert code == 2 and "cannot be read" in err
+    code, err = run("--keep", "600")
+    assert code == 2 and "--keep must be in 1..576" in err
+    code, err = run("--checkpoint", str(tmp_path))
+    assert code == 2 and "is not a jaxdebias checkpoint" in err
+    code, err = run("--debias", "strong")
+    assert code == 2 and "--debias must be" in err
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
@@ -95,7 +100,7 @@ def test_var_flags_parse():
         _var(parsed("--var", "--var-dims", "1", "--var-p", "2.0"))
 
 
-def test_curves_belong_to_their_model():
+def test_curves_belong_to_their_model(embedded):
     """The embedded toy model debiases with its own calibrated curve (jaxdebias/assets/toy_curves.json), a
     checkpoint with the released one; a released curve on a model it was not fitted on warns."""
     from jaxdebias.cli.main import _debias, build_parser
@@ -111,7 +116,7 @@ def test_curves_belong_to_their_model():
     assert debias("--checkpoint", "ckpt").curve == "released"
     assert debias("--curve", "released").curve == "released"  # asked for: then it warns (below)
     assert debias("--method", "visionzip") == jd.Debias(pad_tau="released", task="gqa")  # no curve: padding only
-    loaded = families.default_model()
+    loaded = embedded
     with pytest.warns(UserWarning, match="fitted on LLaVA-1.5-7B.*jaxdebias calibrate"):
         loaded.check(jd.PruneSpec("fastv", keep=64, debias=jd.Debias(curve="released", pad_tau=0.5)))
     # the toy model's trend is its own: a calibrated slope near zero, not the 7B release's recency

@@ -1,4 +1,5 @@
-"""eval / calibrate on the embedded default model with tiny benchmark samples written by the test."""
+"""eval / calibrate with tiny benchmark samples written by the test, on a tiny checkpoint (the ``tiny_checkpoint``
+fixture; the embedded default where its own limits are the subject)."""
 
 import json
 import os
@@ -17,9 +18,21 @@ from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.cli.runner import Runner
 from jaxdebias.eval import benchmarks, metrics
 from jaxdebias.models.generate import generate
-from tests.cli.samples import write_pope
+from tests.cli.samples import cli_exit, write_pope
 
-SPEC = jd.PruneSpec("fastv", keep=64, debias=jd.Debias(pad_tau=0.5))
+SPEC = jd.PruneSpec("fastv", keep=4, debias=jd.Debias(pad_tau=0.5))  # 4 of the tiny checkpoint's 16 visual tokens
+
+# `jaxdebias eval` as `python -m jaxdebias` runs it, a second per batch slower: a SIGKILL lands between answers
+SLOW_EVAL = """import sys, time
+from jaxdebias.cli import runner
+generate = runner.generate
+def slow(*args, **kwargs):
+    time.sleep(1.0)
+    return generate(*args, **kwargs)
+runner.generate = slow
+from jaxdebias.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_pope_metrics_by_hand():
@@ -29,10 +42,12 @@ def test_pope_metrics_by_hand():
     assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5, "n": 4}
 
 
-def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
+def test_eval_interrupted_resumes_to_the_same_metric(tmp_path, tiny_checkpoint):
     data = write_pope(tmp_path / "pope")
     one = jax.devices()[:1]  # as the killed subprocess below runs (the test session has 4 fake devices)
-    full = evaluate("pope", str(data), str(tmp_path / "full"), spec=SPEC, batch_size=1, progress=False, devices=one)
+    tiny = families.load_model(tiny_checkpoint)  # the same checkpoint identity as the subprocess's --checkpoint
+    full = evaluate("pope", str(data), str(tmp_path / "full"), spec=SPEC, model=tiny, batch_size=1, progress=False,
+                    devices=one)
     lines = [json.loads(x) for x in open(tmp_path / "full" / "pope_answers.jsonl")]
     assert [x["question_id"] for x in lines] == list(range(5))
     assert set(lines[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
@@ -41,9 +56,9 @@ def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
 
     out = tmp_path / "resumed"
     answers = out / "pope_answers.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "jaxdebias", "eval", "--bench", "pope", "--data", str(data),
-                             "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad",
-                             "--decode", "fast"],
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVAL, "eval", "--bench", "pope", "--data", str(data),
+                             "--out", str(out), "--batch", "1", "--keep", "4", "--debias", "pad",
+                             "--decode", "fast", "--checkpoint", tiny_checkpoint],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -56,113 +71,119 @@ def test_eval_interrupted_resumes_to_the_same_metric(tmp_path):
     assert 2 <= written < 5, written  # really interrupted mid-way
     with open(answers, "a") as f:
         f.write('{"question_id": 4, "pro')  # and a torn line, as a kill during a write would leave
-    resumed = evaluate("pope", str(data), str(out), spec=SPEC, batch_size=1, progress=False, devices=one)
+    resumed = evaluate("pope", str(data), str(out), spec=SPEC, model=tiny, batch_size=1, progress=False, devices=one)
     assert resumed == full
     ids = [json.loads(x)["question_id"] for x in answers.read_text().splitlines()]
     assert sorted(ids) == list(range(5))  # nothing double-counted
 
     # an interruption simulated with a limit: 2 answers, then the full run answers the other 3 and scores all 5
     staged = tmp_path / "staged"
-    evaluate("pope", str(data), str(staged), spec=SPEC, batch_size=1, limit=2, progress=False, devices=one)
+    evaluate("pope", str(data), str(staged), spec=SPEC, model=tiny, batch_size=1, limit=2, progress=False,
+             devices=one)
     assert len((staged / "pope_answers.jsonl").read_text().splitlines()) == 2
-    assert evaluate("pope", str(data), str(staged), spec=SPEC, batch_size=1, progress=False, devices=one) == full
+    assert evaluate("pope", str(data), str(staged), spec=SPEC, model=tiny, batch_size=1, progress=False,
+                    devices=one) == full
     assert (staged / "pope_answers.jsonl").read_text() == (tmp_path / "full" / "pope_answers.jsonl").read_text()
 
 
-def test_eval_and_calibrate_bad_inputs(tmp_path):
+def test_eval_and_calibrate_bad_inputs(tmp_path, capsys):
+    """Exit 2 with the reason on stderr and nothing written (the command run in this process: the refusals come
+    before anything runs; `python -m jaxdebias` itself: tests/cli/test_hostile.py)."""
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "jaxdebias", *args], capture_output=True, text=True)
+        code, _, err = cli_exit(capsys, *args)
+        return code, err
 
     bad = write_pope(tmp_path / "nolabel", drop_field="label")
-    r = run("eval", "--bench", "pope", "--data", str(bad), "--out", str(tmp_path / "o1"))
-    assert r.returncode == 2 and "line 1: missing field(s) label" in r.stderr
+    code, err = run("eval", "--bench", "pope", "--data", str(bad), "--out", str(tmp_path / "o1"))
+    assert code == 2 and "line 1: missing field(s) label" in err
     missing = write_pope(tmp_path / "noimage")
     os.remove(missing / "images" / "c.png")
-    r = run("eval", "--bench", "pope", "--data", str(missing), "--out", str(tmp_path / "o2"))
-    assert r.returncode == 2 and "Image c.png of question 2 is missing" in r.stderr
+    code, err = run("eval", "--bench", "pope", "--data", str(missing), "--out", str(tmp_path / "o2"))
+    assert code == 2 and "Image c.png of question 2 is missing" in err
     good = write_pope(tmp_path / "good")
-    r = run("eval", "--bench", "pope", "--data", str(good), "--keep", "700", "--out", str(tmp_path / "o3"))
-    assert r.returncode == 2 and "--keep must be in 1..576 (the visual tokens of one image)" in r.stderr
-    r = run("calibrate", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.json"))
-    assert r.returncode == 2 and "is not a directory" in r.stderr
+    code, err = run("eval", "--bench", "pope", "--data", str(good), "--keep", "700", "--out", str(tmp_path / "o3"))
+    assert code == 2 and "--keep must be in 1..576 (the visual tokens of one image)" in err  # the embedded default's
+    code, err = run("calibrate", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.json"))
+    assert code == 2 and "is not a directory" in err
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "c.json"))
 
 
-def test_eval_truncated_image_stops_before_the_first_answer(tmp_path):
+def test_eval_truncated_image_stops_before_the_first_answer(tmp_path, capsys):
     """The 7th of 7 images is a truncated PNG: exit 2 naming it, on a line of its own, and no answer file (the
-    run used to write 6 answers first)."""
+    run used to write 6 answers first). The command runs in this process (the images are checked before a model
+    is loaded)."""
     questions = [(f"{name}.png", (320 + 10 * i, 240), f"Is there a {name} in the image?", "yes" if i % 2 else "no")
                  for i, name in enumerate(["ant", "bee", "cat", "dog", "eel", "fox", "gnu"])]
     data = write_pope(tmp_path / "pope", questions)
     png = (data / "images" / "gnu.png").read_bytes()
     (data / "images" / "gnu.png").write_bytes(png[:len(png) // 2])
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "jaxdebias", "eval", "--bench", "pope", "--data", str(data),
-                        "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert f"jaxdebias eval: error: Image {data / 'images' / 'gnu.png'} cannot be read" in r.stderr
-    assert any(line.startswith("jaxdebias eval: error:") for line in r.stderr.splitlines())  # its own line
+    code, _, err = cli_exit(capsys, "eval", "--bench", "pope", "--data", str(data), "--out", str(out), "--batch", "1",
+                         "--keep", "64", "--debias", "pad")
+    assert code == 2, err[-2000:]
+    assert f"jaxdebias eval: error: Image {data / 'images' / 'gnu.png'} cannot be read" in err
+    assert any(line.startswith("jaxdebias eval: error:") for line in err.splitlines())  # its own line
     assert not out.exists()  # no answer file, no metrics
 
 
-def test_calibrate_writes_a_curve_run_accepts(tmp_path):
+def test_calibrate_writes_a_curve_run_accepts(tmp_path, tiny_checkpoint):
     data = write_pope(tmp_path / "cal")
     os.rename(data / "llava_pope_test.jsonl", data / "questions.jsonl")
-    rec = calibrate(str(data), str(tmp_path / "curve.json"), method="fastv", form="exp", batch_size=2,
-                    progress=False, log=lambda *_: None, devices=jax.devices()[:1])
+    rec = calibrate(str(data), str(tmp_path / "curve.json"), method="fastv", form="exp", model=tiny_checkpoint,
+                    batch_size=2, progress=False, log=lambda *_: None, devices=jax.devices()[:1])
     assert rec["samples"] == 5 and rec["curve"]["form"] == "exp"
     assert os.path.getsize(tmp_path / "curve.png") > 5000
     debias = specs.parse_debias("pad+curve", 0.5, str(tmp_path / "curve.json"), "gqa")
     assert dict(debias.curve)["b"] == pytest.approx(rec["curve"]["b"])
 
 
-def test_bias_report(tmp_path):
+def test_bias_report(tmp_path, monkeypatch, capsys, tiny_checkpoint):
     data = write_pope(tmp_path / "b")
     os.rename(data / "llava_pope_test.jsonl", data / "questions.jsonl")
-    r = subprocess.run([sys.executable, "-m", "jaxdebias", "bias", "--data", str(data), "--out", str(tmp_path / "o"),
-                        "--batch", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: jax.devices()[:1])  # one CPU, as the command runs
+    code, _, err = cli_exit(capsys, "bias", "--data", str(data), "--out", str(tmp_path / "o"), "--batch", "2",
+                         "--checkpoint", tiny_checkpoint)
+    assert code == 0, err
     rep = json.load(open(tmp_path / "o" / "bias.json"))
-    assert rep["samples"] == 5 and len(rep["before"]["row_means"]) == 24
+    assert rep["samples"] == 5 and len(rep["before"]["row_means"]) == 4  # a mean per row of the 4 x 4 patch grid
     assert rep["after"]["pad_ratio"] == 0.0  # padding suppressed after debiasing
     assert rep["before"]["pad_ratio"] > 0
     assert os.path.getsize(tmp_path / "o" / "bias.png") > 5000
 
 
-def test_eval_splits_batches_over_devices(tmp_path):
+def test_eval_splits_batches_over_devices(tmp_path, tiny_checkpoint):
     """On 4 (fake) devices the batch is sharded over "data"; the prefill logits equal a single device's."""
     import numpy as np
 
     assert len(jax.devices()) >= 4
     data = write_pope(tmp_path / "multi")
-    runner = Runner(families.load_model(None), SPEC, 2, devices=jax.devices()[:4])
+    runner = Runner(families.load_model(tiny_checkpoint), SPEC, 2, devices=jax.devices()[:4])
     assert runner.batch_size == 4 and runner.mesh.shape["data"] == 4
     rows = benchmarks.read_any(str(data), "pope")[0][:4]
     batch = runner.loaded.batch(runner.requests(rows, str(data / "images")))
     sharded = generate(runner.loaded.model, batch, prune=SPEC, max_new_tokens=1, mesh=runner.mesh)
-    ref = generate(families.load_model(None).model, batch, prune=SPEC, max_new_tokens=1)
+    ref = generate(families.load_model(tiny_checkpoint).model, batch, prune=SPEC, max_new_tokens=1)
     np.testing.assert_allclose(sharded.logits, ref.logits, atol=1e-4)
-    m = evaluate("pope", str(data), str(tmp_path / "o"), spec=SPEC, batch_size=2, progress=False,
-                 devices=jax.devices()[:4])
+    m = evaluate("pope", str(data), str(tmp_path / "o"), spec=SPEC, model=tiny_checkpoint, batch_size=2,
+                 progress=False, devices=jax.devices()[:4])
     assert m["n"] == 5
 
 
-def test_eval_under_jax_distributed_equals_one_process(tmp_path):
+def test_eval_under_jax_distributed_equals_one_process(tmp_path, tiny_checkpoint):
     """Two processes joined by jax.distributed (as two hosts would be) split the questions, write their parts,
     and process 0 merges them: the same answer file and metric as one process."""
     import socket
 
     data = write_pope(tmp_path / "mh")
-    one = evaluate("pope", str(data), str(tmp_path / "one"), spec=SPEC, batch_size=1, progress=False,
-                   devices=jax.devices()[:1])
+    one = evaluate("pope", str(data), str(tmp_path / "one"), spec=SPEC, model=tiny_checkpoint, batch_size=1,
+                   progress=False, devices=jax.devices()[:1])
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     out = tmp_path / "two"
     procs = [subprocess.Popen([sys.executable, "-m", "jaxdebias", "eval", "--bench", "pope", "--data", str(data),
-                               "--out", str(out), "--batch", "1", "--keep", "64", "--debias", "pad", "--decode", "fast",
-                               "--distributed",
+                               "--out", str(out), "--batch", "1", "--keep", "4", "--debias", "pad", "--decode", "fast",
+                               "--checkpoint", tiny_checkpoint, "--distributed",
                                "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:

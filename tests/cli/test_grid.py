@@ -2,24 +2,31 @@
 
 import csv
 import os
-import subprocess
-import sys
 
+import jax
 import pytest
 
 import jaxdebias as jd
-from jaxdebias.cli import grid
+from jaxdebias.cli import families, grid
+from jaxdebias.cli import main as cli
 from jaxdebias.toy import bench as toy_bench
-from tests.cli.samples import tiny_model, write_pope
+from tests.cli.samples import write_pope
 
 
-def test_eval_grid_writes_one_summary(tmp_path):
+def eval_grid(monkeypatch, capsys, *argv) -> None:
+    """``jaxdebias eval-grid argv`` run in this process on one device, as the command runs on one CPU (the test
+    session has 4 fake devices, over which the batch would be sharded)."""
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: jax.devices()[:1])
+    code = cli.main(["eval-grid", *argv])
+    assert code == 0, capsys.readouterr().err[-3000:]
+
+
+def test_eval_grid_writes_one_summary(tmp_path, monkeypatch, capsys, tiny_checkpoint):
     data = write_pope(tmp_path / "pope")
     out = tmp_path / "grid"
-    r = subprocess.run([sys.executable, "-m", "jaxdebias", "eval-grid", "--bench", "pope", "--data", str(data),
-                        "--out", str(out), "--methods", "fastv,VisionZip,pool", "--keep", "64", "--limit", "3",
-                        "--batch", "3", "--max-new-tokens", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    eval_grid(monkeypatch, capsys, "--bench", "pope", "--data", str(data), "--out", str(out), "--methods",
+              "fastv,VisionZip,pool", "--keep", "4", "--limit", "3", "--batch", "3", "--max-new-tokens", "1",
+              "--checkpoint", tiny_checkpoint)
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(x["method"], x["variant"]) for x in rows] == [
@@ -31,8 +38,8 @@ def test_eval_grid_writes_one_summary(tmp_path):
     debias = {(x["method"], x["variant"]): x["debias"] for x in rows}
     assert debias["fastv", "paper"] == "off"
     assert debias["fastv", "before"] == "unpad mask, budget capped at the content"  # FastV.patch's unpad_mask
-    # the embedded toy model's own calibrated curve, not LLaVA-1.5-7B's released one
-    assert debias["fastv", "after"].startswith("pad 0.5, budget capped at the content + calibrated curve b ")
+    # a checkpoint's "after": the released curve of the benchmark (the embedded model's own curve: below)
+    assert debias["fastv", "after"] == "pad 0.5, budget capped at the content + released pope curve"
     assert debias["visionzip", "after"] == debias["visionzip", "before"] == "pad 0.5, budget capped at the content"
     markdown = (out / "summary.md").read_text()
     assert "| fastv |" in markdown and "| visionzip |" in markdown and "| unpruned |" in markdown
@@ -42,6 +49,17 @@ def test_eval_grid_writes_one_summary(tmp_path):
     for folder in ("unpruned", "fastv-paper", "fastv-before", "fastv-after", "visionzip-paper", "visionzip-before"):
         assert len((out / folder / "pope_answers.jsonl").read_text().splitlines()) == 3  # resumable cells
     assert not (out / "visionzip-after").exists()  # the same setting as its "before": not run twice
+
+    # on the embedded default (no --checkpoint), "after" is the embedded toy model's own calibrated curve, not
+    # LLaVA-1.5-7B's released one: one cell of the same command
+    own = tmp_path / "own"
+    eval_grid(monkeypatch, capsys, "--bench", "pope", "--data", str(data), "--out", str(own), "--methods", "fastv",
+              "--presets", "after", "--no-unpruned", "--keep", "64", "--limit", "1", "--batch", "1",
+              "--max-new-tokens", "1")
+    with open(own / "summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["method"], row["variant"], row["n"], row["decode"]) == ("fastv", "after", "1", "released")
+    assert row["debias"].startswith("pad 0.5, budget capped at the content + calibrated curve b ")
 
 
 def test_grid_table_plot_and_methods(tmp_path):
@@ -71,14 +89,16 @@ def test_grid_table_plot_and_methods(tmp_path):
         grid.parse_methods("fastv,nope")
 
 
-def test_eval_grid_over_several_benchmarks(tmp_path):
+def test_eval_grid_over_several_benchmarks(tmp_path, tiny_checkpoint):
     """--bench pope,gqa: --data holds a folder per benchmark (as toy-bench writes them), a grid per benchmark in
-    its own folder, and the radar over the benchmarks."""
+    its own folder, and the radar over the benchmarks. (The tiny checkpoint at the batch and budget of the test
+    above: the same compiled programs serve both.)"""
     for kind in ("pope", "gqa"):
         toy_bench.write_bench(str(tmp_path / "data" / kind), kind, 3, 0)
+    model = families.load_model(tiny_checkpoint)
     cells = grid.evaluate_grids(["pope", "gqa"], str(tmp_path / "data"), str(tmp_path / "out"), methods=("fastv",),
-                                keep=2, presets=("paper", "after"), model=tiny_model(), limit=2, max_new_tokens=1,
-                                progress=False, log=lambda *_: None)
+                                keep=4, presets=("paper", "after"), model=model, limit=2, batch_size=3,
+                                max_new_tokens=1, progress=False, log=lambda *_: None, devices=jax.devices()[:1])
     assert list(cells) == ["pope", "gqa"]
     for bench in ("pope", "gqa"):
         assert [(c["method"], c["variant"]) for c in cells[bench]] == [
@@ -87,4 +107,4 @@ def test_eval_grid_over_several_benchmarks(tmp_path):
     assert os.path.getsize(tmp_path / "out" / "radar.png") > 5000
     with pytest.raises(jd.UserError, match="one folder per benchmark; .* has no mme folder"):
         grid.evaluate_grids(["pope", "mme"], str(tmp_path / "data"), str(tmp_path / "out2"), methods=("fastv",),
-                            keep=2, model=tiny_model(), progress=False)
+                            keep=4, model=model, progress=False)

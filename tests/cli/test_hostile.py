@@ -246,11 +246,12 @@ def checkpoint(tmp_path_factory):
     NumPy into the model's abstract shapes (an eager initialisation costs ten seconds of small compilations)."""
     from flax import nnx
 
+    from jaxdebias.models.layers import abstract
     from jaxdebias.models.llava import Llava
     from jaxdebias.toy import model as toy_model, tokenizer
 
     tok = tokenizer.build()
-    graph, state = nnx.split(nnx.eval_shape(lambda: Llava(toy_model.config("tiny-deep", tok), rngs=nnx.Rngs(0))))
+    graph, state = nnx.split(abstract(Llava, toy_model.config("tiny-deep", tok)))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), state)
     return toy_model.save(nnx.merge(graph, state), tok, toy_model.hf_config("tiny-deep", tok),

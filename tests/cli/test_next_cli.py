@@ -61,7 +61,7 @@ def test_run_on_a_next_checkpoint(checkpoint, tmp_path, capsys):
     Image.new("RGB", (100, 60), (30, 160, 90)).save(image)
     out = tmp_path / "out"
     code = main(["run", "--checkpoint", checkpoint, "--image", str(image), "--prompt", "what?", "--method", "fastv",
-                 "--keep", "8", "--debias", "pad+curve", "--curve", "online", "--max-new-tokens", "3",
+                 "--keep", "8", "--debias", "pad+curve", "--curve", "online", "--max-new-tokens", "1",
                  "--decode", "fast", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     summary = json.load(open(out / "run.json"))
@@ -77,7 +77,7 @@ def test_eval_and_keep_checked_against_the_model(checkpoint, tmp_path, capsys):
     root = write_pope(tmp_path / "pope")
     out = tmp_path / "eval"
     args = ["eval", "--checkpoint", checkpoint, "--bench", "pope", "--data", str(root), "--method", "fastv",
-            "--debias", "pad+curve", "--curve", "online", "--max-new-tokens", "2", "--batch", "2", "--out", str(out)]
+            "--debias", "pad+curve", "--curve", "online", "--max-new-tokens", "1", "--batch", "2", "--out", str(out)]
     assert main(args + ["--keep", "28"]) == 2  # 9 base + the 2-tile bucket's 3 x 6 grid = 27 in every span
     assert "--keep must be in 1..27" in capsys.readouterr().err and not out.exists()
     assert main(args + ["--keep", "300"]) == 2
@@ -98,7 +98,7 @@ def test_calibrate_per_view_and_eval_with_the_curves(checkpoint, tmp_path, capsy
     assert views[0] != views[1]  # each view has its own fit
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", checkpoint, "--bench", "pope", "--data", str(root), "--method", "fastv",
-                 "--keep", "10", "--debias", "pad+curve", "--curve", str(curve), "--max-new-tokens", "2",
+                 "--keep", "10", "--debias", "pad+curve", "--curve", str(curve), "--max-new-tokens", "1",
                  "--out", str(out)]) == 0, capsys.readouterr().err
     assert len(open(out / "pope_answers.jsonl").readlines()) == 5
 

@@ -51,7 +51,7 @@ def test_run_on_a_video(checkpoint, tmp_path, capsys):
     frames = str(root / "MSVD_Zero_Shot_QA" / "videos" / "clip_a")
     out = tmp_path / "out"
     code = main(["run", "--checkpoint", checkpoint, "--video", frames, "--prompt", "what?", "--method", "fastv",
-                 "--keep", "16", "--debias", "curve", "--curve", "online", "--max-new-tokens", "3",
+                 "--keep", "16", "--debias", "curve", "--curve", "online", "--max-new-tokens", "1",
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     summary = json.load(open(out / "run.json"))
@@ -69,7 +69,7 @@ def test_eval_on_a_video_benchmark_and_judge(checkpoint, tmp_path, capsys):
     root = write_video_bench(tmp_path / "data")
     out = tmp_path / "eval"
     args = ["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--method", "fastv",
-            "--keep", "12", "--debias", "curve", "--curve", "online", "--max-new-tokens", "3", "--batch", "2",
+            "--keep", "12", "--debias", "curve", "--curve", "online", "--max-new-tokens", "1", "--batch", "2",
             "--out", str(out)]
     assert main(args) == 0, capsys.readouterr().err
     lines = [json.loads(x) for x in open(out / "merge.jsonl")]
@@ -119,7 +119,7 @@ def test_calibrate_per_frame_and_across_frames_then_eval_with_the_curve(checkpoi
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--keep", "8",
                  "--debias", "curve", "--curve", str(tmp_path / "frame.json"), "--frame-trend", "frame",
-                 "--max-new-tokens", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+                 "--max-new-tokens", "1", "--out", str(out)]) == 0, capsys.readouterr().err
     assert len(open(out / "merge.jsonl").readlines()) == 2
     with pytest.raises(UserError, match="--frame-trend applies to Video-LLaVA checkpoints"):
         families.with_frame_trend(image_model(), "video")
@@ -151,7 +151,7 @@ def test_eval_grid_on_a_video_benchmark(checkpoint, tmp_path, capsys):
     root = write_video_bench(tmp_path / "data")
     out = tmp_path / "grid"
     assert main(["eval-grid", "--checkpoint", checkpoint, "--bench", "msvd", "--data", str(root), "--methods",
-                 "fastv", "--keep", "8", "--curve", "online", "--max-new-tokens", "2", "--out", str(out)]) == 0, \
+                 "fastv", "--keep", "8", "--curve", "online", "--max-new-tokens", "1", "--out", str(out)]) == 0, \
         capsys.readouterr().err
     assert (out / "summary.csv").exists() and (out / "fastv-after" / "merge.jsonl").exists()
     # frames are centre-cropped: "before" (padding only) is the paper setting, not run twice

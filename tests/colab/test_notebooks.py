@@ -1,5 +1,6 @@
-"""The Colab notebooks run end to end on the embedded tiny model (cells tagged `colab` skipped), and their
-jupytext pairs agree."""
+"""The Colab notebooks run end to end (cells tagged `colab` skipped) on a tiny converted checkpoint (the
+``tiny_checkpoint`` fixture, through the notebooks' CHECKPOINT parameter, as on Colab), and their jupytext pairs
+agree."""
 
 import os
 import pathlib
@@ -30,14 +31,14 @@ def test_pairs_are_in_sync(name):
     assert [c.source for c in py.cells] == [c.source for c in nb.cells]
 
 
-def test_quickstart(tmp_path):
-    run_notebook("quickstart", tmp_path, 'OUT = "out"; KEEP = 64')
+def test_quickstart(tmp_path, tiny_checkpoint):
+    run_notebook("quickstart", tmp_path, f'CHECKPOINT = {tiny_checkpoint!r}; OUT = "out"; KEEP = 4')
     for fig in ("kept.png", "curve.png"):
         assert os.path.getsize(tmp_path / "out" / fig) > 5000
 
 
-def test_calibrate_and_eval(tmp_path):
-    nb = run_notebook("calibrate_and_eval", tmp_path, 'OUT = "out"; LIMIT = 4')
+def test_calibrate_and_eval(tmp_path, tiny_checkpoint):
+    nb = run_notebook("calibrate_and_eval", tmp_path, f'CHECKPOINT = {tiny_checkpoint!r}; OUT = "out"; LIMIT = 4; KEEP = 4')
     assert os.path.getsize(tmp_path / "out" / "comparison.png") > 5000
     assert os.path.getsize(tmp_path / "out" / "curve.png") > 5000
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

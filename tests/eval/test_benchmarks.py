@@ -1,21 +1,22 @@
 """Benchmark files in the LLaVA evaluation layout (written here, tiny): readers, official output formats, and
-metrics against hand-computed values; one end-to-end `eval` per benchmark on the embedded default model."""
+metrics against hand-computed values; one end-to-end `eval` per benchmark on a tiny checkpoint (the
+``tiny_checkpoint`` fixture, loaded once)."""
 
 import base64
 import csv
 import io
 import json
-import subprocess
-import sys
 
 import jax
 import pytest
 from PIL import Image
 
 import jaxdebias as jd
+from jaxdebias.cli import families
 from jaxdebias.cli.evaluate import evaluate
 from jaxdebias.eval import benchmarks, metrics
 from jaxdebias.eval.readers import SHORT
+from tests.cli.samples import cli_exit
 
 
 def _img(path, size=(320, 240), colour=(90, 140, 200)):
@@ -191,7 +192,12 @@ def write_pope(root):
 WRITERS = {"pope": write_pope, "mme": write_mme, "gqa": write_gqa, "textvqa": write_textvqa,
            "scienceqa": write_scienceqa, "mmbench": write_mmbench, "mmbench_cn": write_mmbench_cn,
            "mmvet": write_mmvet, "vqav2": write_vqav2, "vizwiz": write_vizwiz}
-SPEC = jd.PruneSpec("fastv", keep=64, debias=jd.Debias(pad_tau=0.5))
+SPEC = jd.PruneSpec("fastv", keep=4, debias=jd.Debias(pad_tau=0.5))  # 4 of the tiny checkpoint's 16 visual tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return families.load_model(tiny_checkpoint)
 
 
 def _answers_file(path, bench, data, texts):
@@ -258,10 +264,10 @@ def _check_export(bench, out, rows):
 
 
 @pytest.mark.parametrize("bench", list(WRITERS))
-def test_eval_end_to_end_writes_the_official_layout(tmp_path, bench):
+def test_eval_end_to_end_writes_the_official_layout(tmp_path, bench, tiny):
     data, _, _ = WRITERS[bench](tmp_path / bench)
     out = tmp_path / "out"
-    m = evaluate(bench, str(data), str(out), spec=SPEC, batch_size=4, max_new_tokens=2, progress=False,
+    m = evaluate(bench, str(data), str(out), spec=SPEC, model=tiny, batch_size=4, max_new_tokens=2, progress=False,
                  log=lambda *_: None, devices=jax.devices()[:1])
     rows, _ = benchmarks.get(bench).read(str(data))
     lines = [json.loads(x) for x in (out / f"{bench}_answers.jsonl").read_text().splitlines()]
@@ -283,11 +289,12 @@ def test_test_split_without_answers_writes_submission_and_no_metric(tmp_path):
         {"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "don't know"}]
 
 
-def test_bad_benchmark_files_exit_2_with_nothing_written(tmp_path):
+def test_bad_benchmark_files_exit_2_with_nothing_written(tmp_path, capsys):
+    """`jaxdebias eval` run in this process (the files are refused before a model is loaded; `python -m jaxdebias`
+    itself: tests/cli/test_hostile.py)."""
     def run(bench, data, out):
-        r = subprocess.run([sys.executable, "-m", "jaxdebias", "eval", "--bench", bench, "--data", str(data),
-                            "--out", str(out)], capture_output=True, text=True)
-        return r.returncode, r.stderr
+        code, _, err = cli_exit(capsys, "eval", "--bench", bench, "--data", str(data), "--out", str(out))
+        return code, err
 
     data, _, _ = write_gqa(tmp_path / "gqa")
     rows = [json.loads(x) for x in (data / "llava_gqa_testdev_balanced.jsonl").read_text().splitlines()]

@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxdebias.models import llava
 from jaxdebias.models import generate as gen
+from jaxdebias.models.layers import abstract
 from jaxdebias.models.llava import LlavaConfig
 
 torch = pytest.importorskip("torch")
@@ -32,8 +33,8 @@ def test_7b_parameter_count_reconciles_with_transformers():
         hf = LlavaForConditionalGeneration(hf_cfg)
     hf_count = sum(p.numel() for p in hf.parameters())
     assert hf_count == 7_063_427_072
-    ours = llava.param_count(llava.abstract_model(LlavaConfig.llava_1_5_7b()))
-    assert ours == llava.param_count(llava.abstract_model(LlavaConfig.from_hf_config(hf_cfg)))
+    ours = llava.param_count(abstract(llava.Llava, LlavaConfig.llava_1_5_7b()))
+    assert ours == llava.param_count(abstract(llava.Llava, LlavaConfig.from_hf_config(hf_cfg)))
     D, F = 1024, 4096
     last_vision_layer = 4 * (D * D + D) + (D * F + F) + (F * D + D) + 2 * (2 * D)  # never run by LLaVA
     post_layernorm = 2 * D  # CLIP's post-layernorm, never used by LLaVA

@@ -215,18 +215,22 @@ def test_compiles_once_per_tile_bucket(tiny):
 def test_var_works_on_the_anyres_span(tiny):
     """VAR on NeXT: sinks only among the real tokens (never the masked empty slots), p = 1 leaves the logits as
     they are, p = 0.6 moves them; with pruning it runs on the kept tokens."""
+    from flax import nnx
+
     from jaxdebias.models.interventions import VarSpec
 
+    # the forward jitted (one program per VAR setting) rather than dispatched op by op
+    forward = nnx.jit(lambda m, ids, px, am, var=None: m(ids, px, am, var=var), static_argnames="var")
     model, b = tiny["model"], tiny["batch"]
     real = np.asarray(b.attention_mask, bool)
-    base = np.asarray(model(b.input_ids, b.pixel_values, b.attention_mask).logits)[real]
+    base = np.asarray(forward(model, b.input_ids, b.pixel_values, b.attention_mask).logits)[real]
     keep = VarSpec(sink_dims="discover", p=1.0, tau=1.5, min_visual=0.0, rho=1.0)
-    out = model(b.input_ids, b.pixel_values, b.attention_mask, var=keep)
+    out = forward(model, b.input_ids, b.pixel_values, b.attention_mask, var=keep)
     np.testing.assert_allclose(np.asarray(out.logits)[real], base, atol=1e-5)
     assert out.sinks and all(not (np.asarray(s) & ~real).any() for s in out.sinks.values())
     assert any(np.asarray(s).any() for s in out.sinks.values())
     moved = VarSpec(sink_dims="discover", p=0.6, tau=1.5, min_visual=0.0, rho=1.0)
-    assert np.abs(np.asarray(model(b.input_ids, b.pixel_values, b.attention_mask, var=moved).logits)[real]
+    assert np.abs(np.asarray(forward(model, b.input_ids, b.pixel_values, b.attention_mask, var=moved).logits)[real]
                   - base).max() > 1e-4
     r = gen.generate(model, b, prune=jd.PruneSpec("fastv", keep=6, layer=2, buckets=BUCKETS), var=moved,
                      max_new_tokens=2, stop_at_eos=False)
@@ -244,7 +248,7 @@ def test_fastv_released_decode_reselects_per_view(tiny, debias):
     prep = gen.prepare(tiny["model"], tiny["batch"], spec)
     graphdef, state = nnx.split(tiny["model"])
     _, out = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0), plan=prep.plan,
-                              extra=16, temperature=0.0)
+                              extra=64, temperature=0.0, var=None, triangle=None)  # generate's call below: one program
     reselect = out.reselect
     S = out.cache.k[2].shape[1]
     rng = np.random.default_rng(1)

@@ -9,6 +9,7 @@ import pytest
 import jaxdebias as jd
 from jaxdebias.methods import illava
 from jaxdebias.models.generate import Batch, generate
+from jaxdebias.models.layers import abstract
 from jaxdebias.models.llava_next import EMPTY, NEWLINE
 from jaxdebias.models.llava_onevision import expand_prompt
 
@@ -199,7 +200,6 @@ def test_prefill_flops_fall_as_the_analytic_count_says():
     run on T - N + K tokens."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from jaxdebias.models.llama import LlamaConfig
     from jaxdebias.models.llava_onevision import LlavaOnevision, LlavaOnevisionConfig
@@ -210,7 +210,7 @@ def test_prefill_flops_fall_as_the_analytic_count_says():
                                                   image_size=168),
                                LlamaConfig(vocab_size=1000, hidden_size=D, intermediate_size=F, num_layers=6,
                                            num_heads=4, num_kv_heads=4, qkv_bias=True), grid_pinpoints=((168, 168),))
-    model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
+    model = abstract(LlavaOnevision, cfg)
     model = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model)
     visual = model.images([np.zeros((2, 3, 168, 168), np.float32)], [(300, 300)])
     n = model.num_visual(visual)

@@ -17,6 +17,7 @@ from jaxdebias.methods.sparsevlm import RecycleStage
 from jaxdebias.methods.tokencarve import CarveStage
 from jaxdebias.models import generate as gen
 from jaxdebias.models import layers, llava, sequence
+from jaxdebias.models.layers import abstract
 from jaxdebias.models.llama import rope_inv_freq
 from jaxdebias.models.rows import slot_mask
 
@@ -479,7 +480,7 @@ def test_tokencarve_lower_caches_hold_the_kept_tokens(tiny):
     prep = gen.prepare(model, batch(tiny), spec)
     graphdef, state = nnx.split(model)
     _, out = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0), plan=prep.plan,
-                              extra=64, temperature=0.0)
+                              extra=64, temperature=0.0, var=None, triangle=None)  # generate's call: its program
     cache = out.cache
     for b in range(2):
         img = np.nonzero(tiny["ids"][b] == IMAGE_TOKEN)[0]
@@ -631,11 +632,12 @@ def _flops(model, spec, T=640):
     lowered = gen.prefill_step.lower(g, st, jnp.asarray(ids), px, jnp.ones((B, T), bool), jnp.ones((B, 2), jnp.int32),
                                      None, sequence.limits_array(limits), jax.random.key(0), plan=shape,
                                      extra=64, temperature=0.0)
-    return lowered.compile().cost_analysis()["flops"], shape
+    # XLA's cost analysis of the program as lowered (what compiling would optimise; within 0.3 % of the compiled
+    # program's count here) costs no compilation
+    return lowered.cost_analysis()["flops"], shape
 
 
 def test_prefill_flops_match_the_analytic_count():
-    from flax import nnx
 
     from jaxdebias.models.clip import ClipVisionConfig
     from jaxdebias.models.llama import LlamaConfig
@@ -643,7 +645,7 @@ def test_prefill_flops_match_the_analytic_count():
     cfg = llava.LlavaConfig(ClipVisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
                             LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_layers=6,
                                         num_heads=8, num_kv_heads=8))
-    model = nnx.eval_shape(lambda: llava.Llava(cfg, rngs=nnx.Rngs(0)))
+    model = abstract(llava.Llava, cfg)
     model = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model)
     D, F, T = 512, 1376, 640  # the cache's 64 decode slots after the prompt are not attended by it
 

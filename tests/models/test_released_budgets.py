@@ -1,7 +1,8 @@
 """Every method at its released defaults and at budgets 64/128/192, on a tiny LLaVA with the full 24 x 24 grid (576
 image tokens), a letterboxed 640 x 427 image and the released curves: the kept sets, merged features and positions
 equal the release's rule re-derived in NumPy on transformers' tensors (``shared/reference/methods.md``), and the
-logits equal transformers' layers run on that pruned sequence.
+logits equal transformers' layers run on that pruned sequence. The methods that prune at layer 2 or in the encoder
+(FastV, TokenCarve, VisionZip) run on the same model with 3 decoder layers, the others on 21.
 
 The reference runs transformers' decoder layers one at a time (eager attention, weights captured by hooks) and
 applies each rule between layers. Later stages are driven by our earlier kept sets, so that a near-tie (float
@@ -26,10 +27,10 @@ IMAGE, W, H = 150, 640, 427
 PREFIX, SUFFIX = 5, 8
 FASTV_POLY = (1.0, 3.0152e-3, -1.45979e-5, 2.56911e-8)  # methods.md: 1/w = 1 + c1 i + c2 i^2 + c3 i^3
 LAYERS = 21  # PyramidDrop's last stage is layer 20
+SHALLOW = 3  # FastV's and TokenCarve's stage is layer 2
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory):
+def build(tmp_path_factory, layers):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from jaxdebias.convert import from_hf
@@ -38,7 +39,7 @@ def big(tmp_path_factory):
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
                                        image_size=336, patch_size=14),
-        text_config=LlamaConfig(vocab_size=151, hidden_size=32, intermediate_size=40, num_hidden_layers=LAYERS,
+        text_config=LlamaConfig(vocab_size=151, hidden_size=32, intermediate_size=40, num_hidden_layers=layers,
                                 num_attention_heads=2, num_key_value_heads=2, initializer_range=0.5, pad_token_id=0),
         image_token_id=IMAGE)
     hf = LlavaForConditionalGeneration(cfg).eval()
@@ -47,7 +48,7 @@ def big(tmp_path_factory):
         for layer in hf.model.language_model.layers:  # densities exp(-d^2) do not underflow in fp32
             layer.self_attn.o_proj.weight.mul_(0.05)
             layer.mlp.down_proj.weight.mul_(0.05)
-    path = tmp_path_factory.mktemp("big")
+    path = tmp_path_factory.mktemp(f"big{layers}")
     hf.save_pretrained(path)
     rng = np.random.default_rng(4)
     ids = np.concatenate([[1], rng.integers(3, 140, PREFIX - 1), [IMAGE] * 576, rng.integers(3, 140, SUFFIX)])[None]
@@ -63,8 +64,20 @@ def big(tmp_path_factory):
     reference = out.logits[0, -1].numpy()
     atol = 4 * float(np.abs(dense - reference).max()) + 1e-5
     assert atol < 1e-3 * np.abs(reference).max(), (atol, np.abs(reference).max())
-    return {"hf": hf, "ours": ours, "ids": ids, "px": px, "x0": out.hidden_states[0], "atol": atol,
+    return {"hf": hf, "ours": ours, "ids": ids, "px": px, "x0": out.hidden_states[0], "atol": atol, "layers": layers,
             "attn": [a[0].numpy() for a in out.attentions], "hidden": out.hidden_states}
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    return build(tmp_path_factory, LAYERS)
+
+
+@pytest.fixture(scope="module")
+def shallow(tmp_path_factory):
+    """The same model with the 3 decoder layers that the methods acting at layer 2 (FastV, TokenCarve) and in the
+    encoder (VisionZip) reach: a pruned program of 21 layers costs seconds more to compile."""
+    return build(tmp_path_factory, SHALLOW)
 
 
 def run(big, spec):
@@ -76,7 +89,7 @@ def recycled_sets(big, spec):
     prep = gen.prepare(big["ours"], Batch(big["ids"], big["px"], image_sizes=[[W, H]]), spec)
     graphdef, state = nnx.split(big["ours"])
     out = gen.prefill_step(graphdef, state, *prep.arrays, prep.limits, jax.random.key(0), plan=prep.plan,
-                           extra=64, temperature=0.0)[1]
+                           extra=64, temperature=0.0, var=None, triangle=None)[1]  # generate's call: its program
     return [np.sort(np.asarray(idx[0])[np.asarray(slot[0])]) for idx, slot in out.merged]
 
 
@@ -100,7 +113,7 @@ class Reference:
     """transformers' decoder run layer by layer on a sequence (hidden x [1, L, D], positions, image rows)."""
 
     def __init__(self, big):
-        self.hf, self.lm = big["hf"], big["hf"].model.language_model
+        self.hf, self.lm, self.layers = big["hf"], big["hf"].model.language_model, big["layers"]
         self.x = big["x0"]
         self.pos = np.arange(self.x.shape[1])
         self.image = PREFIX + np.arange(576)  # rows of the image tokens in the current sequence
@@ -150,7 +163,7 @@ class Reference:
         self.image = first + np.arange(m)
 
     def logits(self):
-        self.run_to(LAYERS)
+        self.run_to(self.layers)
         with torch.no_grad():
             return self.hf.lm_head(self.lm.norm(self.x[:, -1]))[0].numpy()
 
@@ -172,28 +185,28 @@ def released(method, keep, debiased=True):
 
 
 @pytest.mark.parametrize("keep,debiased", BUDGETS)
-def test_fastv(big, keep, debiased):
-    r = run(big, released("fastv", keep, debiased))
-    ref = Reference(big)
+def test_fastv(shallow, keep, debiased):
+    r = run(shallow, released("fastv", keep, debiased))
+    ref = Reference(shallow)
     last = ref.x.shape[1] - 1
     weights = 1 / np.polyval(FASTV_POLY[::-1], np.arange(576)) if debiased else np.ones(576)
     content = continuous_content(0.5, debiased)
-    scores = big["attn"][1][:, last, ref.image].mean(0) * weights * content
+    scores = shallow["attn"][1][:, last, ref.image].mean(0) * weights * content
     check_selection(kept(r, 0), scores, keep, content)  # FastV caps R at the content tokens
     ref.run_to(2)
     ref.keep(kept(r, 0))  # original positions
-    np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
+    np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=shallow["atol"])
 
 
-def test_fastv_before(big):
+def test_fastv_before(shallow):
     """The debias code's "before" setting: FastV.patch's ``unpad_mask`` (no threshold), the budget capped at its
     content, no curve."""
     from tests.jaxdebias.test_presets import ref_unpad_mask
 
-    r = run(big, jd.PruneSpec("fastv", keep=128, debias=jd.Debias.preset("before", "fastv")))
-    ref = Reference(big)
+    r = run(shallow, jd.PruneSpec("fastv", keep=128, debias=jd.Debias.preset("before", "fastv")))
+    ref = Reference(shallow)
     content = ref_unpad_mask(W, H)
-    scores = big["attn"][1][:, ref.x.shape[1] - 1, ref.image].mean(0) * content
+    scores = shallow["attn"][1][:, ref.x.shape[1] - 1, ref.image].mean(0) * content
     check_selection(kept(r, 0), scores, 128, content)
 
 
@@ -275,11 +288,11 @@ def test_himap(big, keep, debiased):
 
 
 @pytest.mark.parametrize("keep,debiased", BUDGETS)
-def test_tokencarve(big, keep, debiased):
-    r = run(big, released("tokencarve", keep, debiased))
-    ref = Reference(big)
+def test_tokencarve(shallow, keep, debiased):
+    r = run(shallow, released("tokencarve", keep, debiased))
+    ref = Reference(shallow)
     last = ref.x.shape[1] - 1
-    av = big["attn"][1][:, last, ref.image].mean(0) * exp_weights("tokencarve", debiased) \
+    av = shallow["attn"][1][:, last, ref.image].mean(0) * exp_weights("tokencarve", debiased) \
         * continuous_content(0.5, debiased)
     ref.run_to(2)
     x = ref.x[0, ref.image].numpy()  # layer 1's decoder output = layer 2's input, all 576 image rows
@@ -287,31 +300,31 @@ def test_tokencarve(big, keep, debiased):
     idx, feats = ref_carve(score, x, keep)
     np.testing.assert_array_equal(kept(r, 0), idx)
     ref.keep(np.asarray(idx), features=feats)  # original positions, merged features
-    np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=big["atol"])
+    np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=shallow["atol"])
 
 
 @pytest.mark.parametrize("keep", [64, 128, 192])
-def test_visionzip(big, keep):
+def test_visionzip(shallow, keep):
     """VisionZip has no debiased release: plain, at the split 54+10 / 108+20 / 162+30 (CLS first among the
     dominant tokens); the block replaces the image span at contiguous positions."""
     from tests.models.test_pruning import np_visionzip
 
-    r = run(big, jd.PruneSpec("visionzip", keep=keep))
+    r = run(shallow, jd.PruneSpec("visionzip", keep=keep))
     ctx = {64: 10, 128: 20, 192: 30}[keep]
-    tower = big["hf"].model.vision_tower
+    tower = shallow["hf"].model.vision_tower
     with torch.no_grad():
-        out = tower(torch.tensor(big["px"]), output_hidden_states=True, output_attentions=True)
+        out = tower(torch.tensor(shallow["px"]), output_hidden_states=True, output_attentions=True)
         layer = tower.encoder.layers[-2]
         x = layer.layer_norm1(out.hidden_states[-3])
         keys = layer.self_attn.k_proj(x).reshape(*x.shape[:2], layer.self_attn.num_heads, -1).mean(2).numpy()
         block, top = np_visionzip(out.attentions[-2][0].numpy(), out.hidden_states[-2][0].numpy(), keys[0],
                                   keep - ctx, ctx)
         np.testing.assert_array_equal(np.sort(result_raster(r)), np.sort(top))
-        ref = Reference(big)
-        proj = big["hf"].model.multi_modal_projector(torch.tensor(block)).numpy()
+        ref = Reference(shallow)
+        proj = shallow["hf"].model.multi_modal_projector(torch.tensor(block)).numpy()
         ref.keep(np.arange(len(block)) % 576, features=proj, positions="reindex")
     # the block also carries the CLIP tower's and projector's fp32 rounding: a floor of 3e-4 on logits of ~5
-    np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=max(big["atol"], 3e-4))
+    np.testing.assert_allclose(r.logits[0], ref.logits(), rtol=0, atol=max(shallow["atol"], 3e-4))
 
 
 def result_raster(result):
