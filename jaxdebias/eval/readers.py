@@ -34,6 +34,8 @@ def read_pope(data_dir):
 def read_gqa(data_dir):
     path = find_file(data_dir, ["questions.jsonl", "llava_gqa_testdev_balanced.jsonl"], "GQA question file")
     rows = jsonl(path, QUESTION_FIELDS)
+    for r in rows:  # an answer in the question file itself (as toy-bench writes them) is the truth it is scored on
+        check_fields(r, f"{path}, question {r['question_id']}", {"answer": str})
     truth = optional_file(data_dir, ["testdev_balanced_questions.json", "data/testdev_balanced_questions.json"])
     if truth:
         questions = read_json(truth, "GQA questions", dict)

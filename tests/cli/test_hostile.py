@@ -23,7 +23,7 @@ import zlib
 import jax
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -89,6 +89,8 @@ def _check_row(row, bench) -> None:
 @given(bench=st.sampled_from([None, "pope", "gqa", "mme", "textvqa", "vqav2", "vizwiz", "mmvet"]),
        lines=st.lists(_question_line(), min_size=1, max_size=4), newline=st.booleans(),
        truth=st.none() | _truth | st.binary(max_size=12))
+@example(bench="gqa", newline=False, truth=None,  # an answer of null in GQA's question file was read, then scored
+         lines=[b'{"question_id": 0, "image": "a.png", "text": "Is it?", "category": "random", "answer": null}'])
 def test_question_files_are_read_or_refused(bench, lines, newline, truth):
     with tempfile.TemporaryDirectory() as root:
         with open(os.path.join(root, "questions.jsonl"), "wb") as f:
