@@ -577,23 +577,24 @@ def test_pruned_logits_equal_masked_attention_reference(tiny):
     assert r.stage_lengths == [(0, 2, 64), (2, 4, 64 - 9 + 3)]  # the tokens are really gone after layer 2
 
 
-def test_fifty_requests_compile_once_per_bucket(tiny):
-    """50 requests of four methods with mixed prompt lengths, image shapes and budgets: one prefill program per
-    (prompt bucket, shape spec) and one decode program per (prompt bucket, per-layer cache sizes). The budgets are
-    drawn so that about a dozen programs serve the 50 requests (each compile costs seconds on a CPU): FastV's span
-    both budget buckets, VisionZip's share one, TokenCarve's and SparseVLM's are exact keeps (one and two)."""
+def test_mixed_requests_compile_once_per_bucket(tiny):
+    """32 requests of four methods with mixed prompt lengths, image shapes and budgets: one prefill program per
+    (prompt bucket, shape spec) and one decode program per (prompt bucket, per-layer cache sizes). The requests are
+    drawn so that eight programs serve them (each compile costs seconds on a CPU): FastV's prompts span both prompt
+    buckets and its budgets both budget buckets, the others' prompts fit the first; VisionZip's budgets share one
+    bucket, TokenCarve's and SparseVLM's are exact keeps (one and two)."""
     rng = np.random.default_rng(0)
     gen.prefill_step.clear_cache()  # other tests in this process may have compiled the same shapes
     gen.decode_step.clear_cache()
     p0, d0 = gen.prefill_step._cache_size(), gen.decode_step._cache_size()
     seen, caches, budgets = set(), set(), {}
     buckets = (4, 9)
-    for i in range(50):
-        extra = int(rng.integers(0, 70))  # prompt lengths 21..90: the 64 and 128 buckets
+    for i in range(32):
+        method = ["fastv", "visionzip", "tokencarve", "sparsevlm"][i % 4]
+        extra = int(rng.integers(0, 70 if method == "fastv" else 40))  # prompt lengths 21..90 / 21..60
         ids = np.concatenate([tiny["ids"][:, :1], rng.integers(3, 140, (2, extra)), tiny["ids"][:, 1:]], 1)
         am = np.concatenate([tiny["am"][:, :1], np.ones((2, extra), int), tiny["am"][:, 1:]], 1)
         sizes = rng.integers(50, 2000, (2, 2))
-        method = ["fastv", "visionzip", "tokencarve", "sparsevlm"][i % 4]
         keep = {"fastv": int(rng.integers(2, 10)),  # 2..9: both budget buckets
                 "visionzip": int(rng.integers(3, 5)),  # CLS + 1 contextual + 1..2 dominant: one bucket
                 "tokencarve": 4,  # exact keeps (one program per budget): one budget
@@ -613,7 +614,7 @@ def test_fifty_requests_compile_once_per_bucket(tiny):
         caches.add(tuple(r.stage_lengths))
         assert all((s.sum(1) <= keep).all() for _, s in r.kept)
     assert {m for _, m in {(p, s.method) for p, s in seen}} == {"fastv", "visionzip", "tokencarve", "sparsevlm"}
-    assert len(seen) <= 12 and {p for p, _ in seen} == {64, 128}
+    assert len(seen) <= 8 and {p for p, s in seen if s.method == "fastv"} == {64, 128}
     assert any(len(k) > 1 for k in budgets.values())  # different budgets in one bucket share a program
     assert gen.prefill_step._cache_size() - p0 == len(seen)
     assert gen.decode_step._cache_size() - d0 == len(caches) < len(seen)  # equal cache layouts share a decode
