@@ -27,7 +27,9 @@ class ShapeRngs:
     def __call__(self):
         return jax.random.key(0)
 
-    def __getattr__(self, stream: str):  # rngs.params(), rngs.dropout(), ...
+    def __getattr__(self, stream: str):  # rngs.params(), rngs.dropout(), ...; not copy's or pickle's dunders
+        if stream.startswith("_"):
+            raise AttributeError(stream)
         return self
 
 

@@ -52,9 +52,10 @@ def cli_exit(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def tiny_checkpoint(path, side: int = 56) -> str:
-    """A tiny toy checkpoint (the "tiny-deep" preset: 4 decoder layers 16 wide, the toy word tokenizer; at ``side``
-    56 px a 4 x 4 patch grid, so that letterboxed images have padding rows and columns) of random weights, drawn with
+def tiny_checkpoint(path, side: int | None = 56) -> str:
+    """A tiny toy checkpoint (the "tiny-deep" preset: 4 decoder layers 16 wide, 2048 positions, the toy word
+    tokenizer; at ``side`` 56 px a 4 x 4 patch grid, so that letterboxed images have padding rows and columns; None:
+    the preset's own 2 x 2) of random weights, drawn with
     NumPy into the model's abstract shapes (an eager initialisation costs seconds of small compilations), written
     as ``jaxdebias-convert`` writes one. It stands in for the embedded default where that model's own behaviour
     is not what a test checks: its 24 decoder layers cost seconds of compilation per program."""
@@ -68,7 +69,8 @@ def tiny_checkpoint(path, side: int = 56) -> str:
 
     tok = tokenizer.build()
     hf = toy_model.hf_config("tiny-deep", tok)
-    hf["vision_config"]["image_size"] = side
+    if side is not None:
+        hf["vision_config"]["image_size"] = side
     graph, state = nnx.split(abstract(Llava, LlavaConfig.from_hf_config(hf)))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), state)

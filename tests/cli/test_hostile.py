@@ -30,7 +30,7 @@ from PIL import Image
 import jaxdebias as jd
 from jaxdebias.cli import faults, families, images, inputs, main as cli, runner, specs
 from jaxdebias.eval.benchmarks import read_any
-from tests.cli.samples import write_pope
+from tests.cli.samples import cli_exit, tiny_checkpoint, write_pope
 
 HOSTILE = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LONG = "Look closely at every corner of the picture before you answer. " * 5  # answer lines of ~450 bytes
@@ -244,20 +244,8 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny toy checkpoint (2 x 2 patches, 4 decoder layers 16 wide, 2048 positions) of random weights, drawn with
-    NumPy into the model's abstract shapes (an eager initialisation costs ten seconds of small compilations)."""
-    from flax import nnx
-
-    from jaxdebias.models.layers import abstract
-    from jaxdebias.models.llava import Llava
-    from jaxdebias.toy import model as toy_model, tokenizer
-
-    tok = tokenizer.build()
-    graph, state = nnx.split(abstract(Llava, toy_model.config("tiny-deep", tok)))
-    rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), state)
-    return toy_model.save(nnx.merge(graph, state), tok, toy_model.hf_config("tiny-deep", tok),
-                          tmp_path_factory.mktemp("hostile") / "tiny")
+    """The tiny toy checkpoint at its preset's 2 x 2 patches (``samples.tiny_checkpoint``)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "tiny", side=None)
 
 
 def test_var_dims_and_prompt_length_are_checked_against_the_model(checkpoint):
@@ -281,11 +269,7 @@ def test_var_dims_and_prompt_length_are_checked_against_the_model(checkpoint):
 
 def refused(capsys, argv, out=None, match="") -> str:
     """Runs ``jaxdebias argv`` in-process: exit 2, exactly one line on stderr, nothing written under ``out``."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse's refusals
-        code = e.code
-    err = capsys.readouterr().err
+    code, _, err = cli_exit(capsys, *argv)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"jaxdebias {argv[0]}: error: ") and match in err, err
